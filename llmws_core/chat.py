@@ -1,0 +1,440 @@
+"""The chat service: sessions, generation jobs and their events, shared by both doors.
+
+A generation job writes its events into the session (sealed and flushed before
+anyone sees them); connected sockets *tail* the session. A dropped client does not
+stop the job unless its request said `on_disconnect: "cancel"`; a client that
+comes back replays what it missed, then tails live events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors, protocol
+from .config import Settings
+from .engine.backends.base import Backend, GenerationParams, GenerationResult, Message
+from .engine.manager import ModelManager
+from .sessions.store import Session, SessionStore
+
+logger = logging.getLogger("llmws.chat")
+
+# Room kept free for the reply when old turns are dropped to fit the context.
+REPLY_RESERVE_TOKENS = 256
+
+Subscriber = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Job:
+    """One inference request of one session."""
+
+    request_id: str
+    session_id: str
+    on_disconnect: str = "continue"
+    origin: object | None = None  # the connection that asked, for on_disconnect
+    cancel: threading.Event = field(default_factory=threading.Event)
+    task: asyncio.Task[None] | None = None
+    start_seq: int | None = None
+
+
+@dataclass
+class Chunk:
+    """A piece of a stateless generation: text, or the final result."""
+
+    text: str = ""
+    result: GenerationResult | None = None
+    tokens_in: int = 0
+    dropped_messages: int = 0
+
+
+class ChatService:
+    """Sessions, jobs and the model, behind both the WebSocket and HTTP doors."""
+
+    def __init__(self, settings: Settings, store: SessionStore, models: ModelManager) -> None:
+        self.settings = settings
+        self.store = store
+        self.models = models
+        self.jobs: dict[str, dict[str, Job]] = {}  # session id -> request id -> job
+        self._subscribers: dict[str, set[Subscriber]] = {}
+        self.metrics = Metrics()
+        self.closing = False
+
+    # ------------------------------------------------------------------ sessions
+
+    def open_session(self, session_id: str | None) -> tuple[Session, bool, str | None]:
+        """Return (session, resumed, notice). An unknown id is never silently swapped:
+        a new session is made and the notice says why."""
+        if session_id is None:
+            return self._new_session(), False, None
+        try:
+            session = self.store.get(session_id)
+        except errors.SessionExpired:
+            return self._new_session(), False, "That session expired; a new one was started."
+        except errors.SessionNotFound:
+            return self._new_session(), False, "No session with that id exists; a new one was started."
+        self._recover(session)
+        session.touch()
+        return session, True, None
+
+    def _new_session(self) -> Session:
+        session = self.store.create()
+        session.state.setdefault("history", [])
+        session.state.setdefault("config", {})
+        if self.settings.generation_defaults.system:
+            session.state["config"]["system"] = self.settings.generation_defaults.system
+        session.save_state()
+        return session
+
+    def _recover(self, session: Session) -> None:
+        """Close out a generation that a crash interrupted (once, at first load)."""
+        inflight = session.state.get("inflight")
+        if not inflight or session.id in self.jobs and inflight.get("request_id") in self.jobs[session.id]:
+            return
+        rid = inflight.get("request_id")
+        text = "".join(
+            e.get("data", "") for e in session.replay(0)
+            if e.get("type") == "token" and e.get("request_id") == rid
+        )
+        history = session.state.setdefault("history", [])
+        history.append({"role": "user", "content": inflight.get("user", "")})
+        history.append({"role": "assistant", "content": text})
+        session.state.pop("inflight", None)
+        self.emit(session, {
+            "type": "done", "request_id": rid, "total_tokens": inflight.get("tokens_out", 0),
+            "finish_reason": "interrupted",
+        })
+        session.save_state()
+        session.sync()
+        logger.info("session %s: closed out request %s interrupted by a restart", session.id, rid)
+
+    def subscribe(self, session: Session, after_seq: int, sink: Subscriber) -> list[dict[str, Any]]:
+        """Register `sink` for live events and return the backlog after `after_seq`.
+
+        Both happen without an await in between, so no event falls in a gap or
+        arrives twice."""
+        backlog = session.replay(after_seq)
+        self._subscribers.setdefault(session.id, set()).add(sink)
+        return backlog
+
+    def unsubscribe(self, session: Session, sink: Subscriber, origin: object | None = None) -> None:
+        subs = self._subscribers.get(session.id)
+        if subs is not None:
+            subs.discard(sink)
+            if not subs:
+                del self._subscribers[session.id]
+        if origin is not None:
+            for job in list(self.jobs.get(session.id, {}).values()):
+                if job.origin is origin and job.on_disconnect == "cancel":
+                    job.cancel.set()
+
+    def connected(self, session_id: str) -> bool:
+        return bool(self._subscribers.get(session_id))
+
+    def emit(self, session: Session, event: dict[str, Any]) -> dict[str, Any]:
+        """Seal and write the event (flushed to the OS), then hand it to every tail."""
+        stored = session.append(event)
+        for sink in list(self._subscribers.get(session.id, ())):
+            try:
+                sink(stored)
+            except Exception:  # one broken tail must not break the job
+                logger.exception("subscriber failed")
+        return stored
+
+    def send_transient(self, session: Session, event: dict[str, Any]) -> None:
+        """An event that is not buffered (queue positions): live tails only."""
+        for sink in list(self._subscribers.get(session.id, ())):
+            try:
+                sink(event)
+            except Exception:
+                logger.exception("subscriber failed")
+
+    # ------------------------------------------------------------------ config and state
+
+    def session_config(self, session: Session) -> dict[str, Any]:
+        return dict(session.state.get("config", {}))
+
+    def set_config(self, session: Session, data: protocol.GenerationConfig) -> dict[str, Any]:
+        cfg = session.state.setdefault("config", {})
+        cfg.update(data.model_dump(exclude_none=True))
+        session.save_state()
+        return self.effective_config(session)
+
+    def effective_config(self, session: Session | None, override: dict[str, Any] | None = None) -> dict[str, Any]:
+        cfg = self.settings.generation_defaults.model_dump()
+        if session is not None:
+            cfg.update(session.state.get("config", {}))
+        if override:
+            cfg.update({k: v for k, v in override.items() if v is not None})
+        return cfg
+
+    def reset(self, session: Session) -> None:
+        for job in self.jobs.get(session.id, {}).values():
+            job.cancel.set()
+        session.state["history"] = []
+        session.save_state()
+
+    def ack(self, session: Session, seq: int | None) -> int:
+        """Trim the buffer, but never inside a reply that is still being generated:
+        a crash would otherwise lose the text needed to close it out."""
+        limit = seq if seq is not None else session.last_seq
+        for job in self.jobs.get(session.id, {}).values():
+            if job.start_seq is not None:
+                limit = min(limit, job.start_seq - 1)
+        return session.ack(max(limit, session.acked_seq))
+
+    # ------------------------------------------------------------------ generation (shared)
+
+    def params_from(self, cfg: dict[str, Any]) -> GenerationParams:
+        return GenerationParams(
+            max_new_tokens=int(cfg["max_new_tokens"]),
+            temperature=float(cfg["temperature"]),
+            top_p=float(cfg["top_p"]),
+            top_k=int(cfg["top_k"]),
+            stop=list(cfg.get("stop") or []),
+            seed=cfg.get("seed"),
+            repeat_penalty=float(cfg.get("repeat_penalty") or 1.0),
+        )
+
+    @staticmethod
+    def fit_history(
+        backend: Backend, messages: list[Message], reserve: int
+    ) -> tuple[list[Message], int, int]:
+        """Drop the oldest non-system turns until the prompt leaves `reserve` tokens.
+
+        Returns (messages, tokens_in, number of messages dropped). The newest
+        message is never dropped; if it alone does not fit, ContextTooLong."""
+        max_ctx = backend.info.max_context
+        dropped = 0
+        msgs = list(messages)
+        n = backend.count_tokens(msgs)
+        while n + reserve > max_ctx:
+            first = next((i for i, m in enumerate(msgs[:-1]) if m.get("role") != "system"), None)
+            if first is None:
+                break
+            # Drop a whole turn (user + following assistant) so roles stay alternating.
+            count = 2 if first + 1 < len(msgs) - 1 and msgs[first + 1].get("role") == "assistant" else 1
+            del msgs[first : first + count]
+            dropped += count
+            n = backend.count_tokens(msgs)
+        if n + 1 > max_ctx:
+            raise errors.ContextTooLong(n, max_ctx)
+        return msgs, n, dropped
+
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        *,
+        cancel: threading.Event,
+        on_queued: Callable[[int], None] | None = None,
+        trim_history: bool = True,
+        on_ready: Callable[[int, int], None] | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """Stream a reply: waits its FIFO turn, fits the context, runs the backend in a
+        worker thread, yields text chunks and finally a Chunk with the result.
+
+        If the consumer stops iterating, the generation is cancelled."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+        started = time.perf_counter()
+        async with self.models.use(on_queued) as backend:
+            if cancel.is_set():
+                yield Chunk(result=GenerationResult("cancelled", 0, 0))
+                return
+            reserve = min(params.max_new_tokens, REPLY_RESERVE_TOKENS) if trim_history else 1
+            msgs, n_in, dropped = await asyncio.to_thread(
+                self.fit_history, backend, list(messages), reserve
+            )
+            if on_ready:
+                on_ready(n_in, dropped)
+            yield Chunk(tokens_in=n_in, dropped_messages=dropped)
+            first_token: list[float] = []
+
+            def on_token(text: str) -> None:
+                if not first_token:
+                    first_token.append(time.perf_counter())
+                loop.call_soon_threadsafe(queue.put_nowait, Chunk(text=text))
+
+            def run() -> None:
+                try:
+                    result = backend.generate(msgs, params, on_token, cancel.is_set)
+                except BaseException as exc:  # handed to the loop, raised there
+                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+                else:
+                    loop.call_soon_threadsafe(queue.put_nowait, Chunk(result=result))
+
+            self.metrics.requests += 1
+            worker = loop.run_in_executor(None, run)
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.result is not None:
+                        self.metrics.record(item.result, started, first_token)
+                        yield item
+                        return
+                    yield item
+            finally:
+                cancel.set() if not worker.done() else None
+                await asyncio.shield(worker)
+
+    # ------------------------------------------------------------------ session jobs (WebSocket)
+
+    def submit(self, session: Session, msg: protocol.Inference, origin: object | None = None) -> Job:
+        """Start an inference job in `session`; its events go to the session."""
+        if self.closing:
+            raise errors.Busy("The server is shutting down.")
+        jobs = self.jobs.setdefault(session.id, {})
+        if len(jobs) >= self.settings.limits.max_queued_per_session:
+            raise errors.Busy("This session already has the maximum number of requests in flight.")
+        rid = msg.request_id or uuid.uuid4().hex
+        if rid in jobs:
+            raise errors.BadRequest("A request with that request_id is already running.", request_id=rid)
+        if msg.prompt is None and not msg.messages:
+            raise errors.BadRequest("inference needs a prompt or messages.", request_id=rid)
+        job = Job(rid, session.id, msg.on_disconnect, origin)
+        jobs[rid] = job
+        job.task = asyncio.create_task(self._run_job(session, job, msg))
+        return job
+
+    def cancel(self, session: Session, request_id: str | None) -> list[str]:
+        jobs = self.jobs.get(session.id, {})
+        targets = [request_id] if request_id else list(jobs)
+        found = [rid for rid in targets if rid in jobs]
+        for rid in found:
+            jobs[rid].cancel.set()
+        if request_id and not found:
+            raise errors.NotFound("No running request with that request_id.", request_id=request_id)
+        return found
+
+    def _build_messages(self, session: Session, msg: protocol.Inference, cfg: dict[str, Any]) -> tuple[list[Message], list[Message]]:
+        """(full prompt messages, the new turn's messages to keep in history)."""
+        new = protocol.prompt_to_messages(msg.prompt)
+        if msg.messages:
+            new = [m.model_dump(exclude_none=True) for m in msg.messages] + new
+        system = next((m["content"] for m in new if m["role"] == "system"), None) or cfg.get("system")
+        turn = [m for m in new if m["role"] != "system"]
+        history = list(session.state.get("history", []))
+        msgs: list[Message] = [{"role": "system", "content": system}] if system else []
+        return msgs + history + turn, turn
+
+    async def _run_job(self, session: Session, job: Job, msg: protocol.Inference) -> None:
+        rid = job.request_id
+        try:
+            override = msg.config.model_dump(exclude_none=True) if msg.config else {}
+            cfg = self.effective_config(session, override)
+            params = self.params_from(cfg)
+            messages, turn = self._build_messages(session, msg, cfg)
+            user_text = "\n".join(str(m.get("content") or "") for m in turn if m["role"] == "user")
+            if msg.mode == "improve":
+                from .improve import improve_job  # the improvement pipeline (HTTP issue)
+
+                await improve_job(self, session, job, messages, turn, params)
+                return
+            text_parts: list[str] = []
+            tokens_out = 0
+
+            def queued(pos: int) -> None:
+                self.send_transient(session, {"type": "queued", "request_id": rid, "position": pos})
+
+            async for chunk in self.generate(messages, params, cancel=job.cancel, on_queued=queued):
+                if chunk.result is not None:
+                    res = chunk.result
+                    history = session.state.setdefault("history", [])
+                    history.extend(turn)
+                    history.append({"role": "assistant", "content": "".join(text_parts)})
+                    self._cap_history(session)
+                    session.state.pop("inflight", None)
+                    self.emit(session, {
+                        "type": "done", "request_id": rid, "total_tokens": res.tokens_out,
+                        "tokens_in": res.tokens_in, "finish_reason": res.finish_reason,
+                    })
+                    session.save_state()
+                    await asyncio.to_thread(session.sync)
+                    return
+                if chunk.text:
+                    text_parts.append(chunk.text)
+                    tokens_out += 1
+                    self.emit(session, {"type": "token", "request_id": rid, "data": chunk.text})
+                    continue
+                # The first chunk: the prompt fits; announce the start.
+                if chunk.dropped_messages:
+                    self._drop_oldest(session, chunk.dropped_messages)
+                    self.emit(session, {
+                        "type": "warning", "request_id": rid, "code": "history_truncated",
+                        "message": f"The conversation no longer fits the model's context; the oldest {chunk.dropped_messages} messages were dropped.",
+                        "dropped_messages": chunk.dropped_messages,
+                    })
+                session.state["inflight"] = {"request_id": rid, "user": user_text}
+                session.save_state()
+                started = self.emit(session, {
+                    "type": "start", "request_id": rid, "tokens_in": chunk.tokens_in,
+                    "max_tokens": params.max_new_tokens, "prompt": user_text,
+                })
+                job.start_seq = started["seq"]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            session.state.pop("inflight", None)
+            body = errors.to_wire(exc, rid)
+            try:
+                self.emit(session, body)
+                session.save_state()
+            except Exception:
+                logger.exception("could not record an error event for session %s", session.id)
+        finally:
+            self.jobs.get(session.id, {}).pop(rid, None)
+            if not self.jobs.get(session.id):
+                self.jobs.pop(session.id, None)
+
+    def _drop_oldest(self, session: Session, count: int) -> None:
+        history = session.state.get("history", [])
+        del history[: min(count, len(history))]
+
+    def _cap_history(self, session: Session) -> None:
+        history = session.state.get("history", [])
+        limit = self.settings.sessions.max_history_messages
+        if len(history) > limit:
+            del history[: len(history) - limit]
+
+    async def drain(self, timeout: float) -> None:
+        """Let running jobs finish for up to `timeout` seconds, then cancel the rest."""
+        self.closing = True
+        tasks = [j.task for js in self.jobs.values() for j in js.values() if j.task]
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for js in self.jobs.values():
+            for j in js.values():
+                j.cancel.set()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+
+class Metrics:
+    """Counters and histograms both doors report (Prometheus at /metrics)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.tokens_out = 0
+        self.tokens_in = 0
+        self.ttft: list[float] = []
+        self.decode_rates: list[float] = []
+
+    def record(self, result: GenerationResult, started: float, first_token: list[float]) -> None:
+        self.tokens_out += result.tokens_out
+        self.tokens_in += result.tokens_in
+        now = time.perf_counter()
+        if first_token:
+            self.ttft.append(first_token[0] - started)
+            if result.tokens_out > 1 and now > first_token[0]:
+                self.decode_rates.append((result.tokens_out - 1) / (now - first_token[0]))
+        del self.ttft[:-1000], self.decode_rates[:-1000]

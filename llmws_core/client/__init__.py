@@ -1,0 +1,1 @@
+"""Clients: the async library and the prompt-toolkit REPL."""

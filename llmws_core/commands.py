@@ -1,0 +1,162 @@
+"""Handlers of the WebSocket messages, one small function each.
+
+Answers to pure queries (`pong`, `status`, `resources`, `models_list`, ...) go
+to the asking socket only. Anything that changes state or reports on a job is
+emitted into the session, so a client that reconnects sees how it went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import errors, protocol
+from .sessions.store import Session
+
+if TYPE_CHECKING:
+    from .ws import Connection
+
+logger = logging.getLogger("llmws.commands")
+
+
+def _rid(msg: Any) -> dict[str, Any]:
+    return {"request_id": msg.request_id} if getattr(msg, "request_id", None) else {}
+
+
+def _require_admin(conn: Connection) -> None:
+    if not conn.is_admin:
+        raise errors.Forbidden("This action needs the admin key.")
+
+
+async def inference(conn: Connection, session: Session, msg: protocol.Inference) -> None:
+    conn.app.chat.submit(session, msg, origin=conn)
+
+
+async def ack(conn: Connection, session: Session, msg: protocol.Ack) -> None:
+    seq = conn.app.chat.ack(session, msg.seq)
+    conn.send({"type": "ack_received", "seq": seq})
+
+
+async def cancel(conn: Connection, session: Session, msg: protocol.Cancel) -> None:
+    conn.app.chat.cancel(session, msg.request_id)
+
+
+async def config(conn: Connection, session: Session, msg: protocol.Config) -> None:
+    cfg = conn.app.chat.set_config(session, msg.data)
+    conn.app.chat.emit(session, {"type": "config_ack", "config": cfg, **_rid(msg)})
+
+
+async def list_models(conn: Connection, session: Session, msg: protocol.ListModels) -> None:
+    models = await asyncio.to_thread(conn.app.models.list_models)
+    conn.send({"type": "models_list", "models": models, **_rid(msg)})
+
+
+async def switch_model(conn: Connection, session: Session, msg: protocol.SwitchModel) -> None:
+    _require_admin(conn)
+    app = conn.app
+    entry = app.models.resolve(msg.model_path)
+    rid = _rid(msg)
+
+    async def run() -> None:
+        def progress(info: dict[str, Any]) -> None:
+            app.chat.emit(session, {"type": "model_loading", **info, **rid})
+
+        try:
+            await app.models.load(entry, progress)
+        except Exception as exc:
+            app.chat.emit(session, errors.to_wire(exc, msg.request_id))
+            return
+        app.broadcast({"type": "model_switched", "model": app.models.model_info(), "max_context": app.models.max_context}, origin=session, extra=rid)
+
+    app.spawn(run())
+
+
+async def download_model(conn: Connection, session: Session, msg: protocol.DownloadModel) -> None:
+    _require_admin(conn)
+    app = conn.app
+    rid = _rid(msg)
+
+    def on_event(event: dict[str, Any]) -> None:
+        app.chat.emit(session, {**event, **rid})
+
+    await app.downloads.start(msg.repo, msg.target_dir, on_event, filename=msg.filename)
+
+
+async def cancel_download(conn: Connection, session: Session, msg: protocol.CancelDownload) -> None:
+    _require_admin(conn)
+    if not conn.app.downloads.cancel(msg.job_id):
+        raise errors.NotFound("No running download with that job_id.")
+
+
+async def delete_model(conn: Connection, session: Session, msg: protocol.DeleteModel) -> None:
+    _require_admin(conn)
+    app = conn.app
+    loaded = app.models.entry.path if app.models.entry else None
+    entry = await asyncio.to_thread(app.models.dirs.delete, msg.model_name, loaded)
+    app.chat.emit(session, {"type": "model_deleted", "model_name": entry.name, "path": entry.rel_path, **_rid(msg)})
+
+
+async def estimate_model(conn: Connection, session: Session, msg: protocol.EstimateModel) -> None:
+    from .engine.memory import estimate_for_entry
+
+    entry = conn.app.models.resolve(msg.model_path)
+    est = await asyncio.to_thread(estimate_for_entry, entry)
+    conn.send({"type": "model_estimate", "model": entry.name, **est.public(), **_rid(msg)})
+
+
+async def get_resources(conn: Connection, session: Session, msg: protocol.GetResources) -> None:
+    from .engine.resources import snapshot
+
+    model = conn.app.models.model_info()
+    snap = await asyncio.to_thread(snapshot, model)
+    snap["max_context"] = conn.app.models.max_context
+    conn.send({"type": "resources", **snap, **_rid(msg)})
+
+
+async def reset(conn: Connection, session: Session, msg: protocol.Reset) -> None:
+    conn.app.chat.reset(session)
+    conn.app.chat.emit(session, {"type": "reset_done", **_rid(msg)})
+
+
+async def get_status(conn: Connection, session: Session, msg: protocol.GetStatus) -> None:
+    app = conn.app
+    conn.send({
+        "type": "status",
+        "session_id": session.id,
+        "model": app.models.model_info(),
+        "loading": app.models.loading,
+        "max_context": app.models.max_context,
+        "queue_depth": app.models.queue.depth,
+        "running": app.models.queue.running,
+        "requests": sorted(app.chat.jobs.get(session.id, {})),
+        "last_seq": session.last_seq,
+        "acked_seq": session.acked_seq,
+        "history_messages": len(session.state.get("history", [])),
+        "connections": app.connection_count,
+        "uptime_s": round(time.monotonic() - app.started, 1),
+        **_rid(msg),
+    })
+
+
+async def ping(conn: Connection, session: Session, msg: protocol.Ping) -> None:
+    conn.send({"type": "pong", **_rid(msg)})
+
+
+HANDLERS = {
+    "inference": inference,
+    "ack": ack,
+    "cancel": cancel,
+    "config": config,
+    "list_models": list_models,
+    "switch_model": switch_model,
+    "download_model": download_model,
+    "cancel_download": cancel_download,
+    "delete_model": delete_model,
+    "estimate_model": estimate_model,
+    "get_resources": get_resources,
+    "reset": reset,
+    "get_status": get_status,
+    "ping": ping,
+}

@@ -1,0 +1,354 @@
+"""Process lifecycle: build the services, start both servers on one event loop,
+handle signals, and shut down gracefully.
+
+Shutdown order: stop accepting, let running generations reach a safe point
+(up to `server.drain_seconds`), flush and fsync every session, then close the
+sockets with 1001 (going away) so clients know to resume elsewhere or later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection, serve
+
+from . import __version__, commands, errors
+from .chat import ChatService
+from .config import Settings, describe_settings, load_settings
+from .engine.manager import ModelManager
+from .sessions.crypto import Sealer, load_or_create_master_key
+from .sessions.store import Session, SessionStore
+from .ws import Connection, is_loopback, make_origin_check
+
+logger = logging.getLogger("llmws.daemon")
+
+
+class App:
+    """Everything one daemon process owns."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        var = settings.var_dir
+        for sub in ("sessions", "keys", "models", "logs"):
+            (var / sub).mkdir(parents=True, exist_ok=True)
+        sealer = Sealer(load_or_create_master_key(var / "keys"))
+        self.store = SessionStore(var / "sessions", sealer, ttl_seconds=settings.sessions.ttl_seconds)
+        self.models = ModelManager(settings)
+        self.chat = ChatService(settings, self.store, self.models)
+        self._downloads: Any = None
+        self.handlers = dict(commands.HANDLERS)
+        self.started = time.monotonic()
+        self.connection_count = 0
+        self.per_ip: dict[str, int] = {}
+        self.ws_port: int | None = None
+        self.http_port: int | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        sec = settings.security
+        self.keys_required = sec.require_api_key or not is_loopback(settings.server.host)
+        if self.keys_required and not (sec.api_keys or sec.admin_keys):
+            raise SystemExit(
+                "LLMWS refuses to listen beyond loopback without an API key: set security.api_keys "
+                "(or LLMWS_API_KEYS) or bind 127.0.0.1."
+            )
+
+    @property
+    def downloads(self) -> Any:
+        """The download manager, built on first use (it imports huggingface_hub)."""
+        if self._downloads is None:
+            from .engine.download import DownloadManager
+
+            limits = self.settings.limits
+            self._downloads = DownloadManager(
+                self.models.dirs,
+                max_concurrent=limits.max_downloads,
+                min_free_bytes=limits.min_free_disk_mb * 2**20,
+            )
+        return self._downloads
+
+    # ------------------------------------------------------------------ helpers for handlers
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def broadcast(self, event: dict[str, Any], origin: Session | None = None, extra: dict[str, Any] | None = None) -> None:
+        """Emit `event` into every session with a connected client (and the origin's)."""
+        targets = {sid for sid in self.chat._subscribers}
+        if origin is not None:
+            targets.add(origin.id)
+        for sid in targets:
+            try:
+                session = self.store.get(sid)
+            except errors.LLMWSError:
+                continue
+            body = dict(event)
+            if origin is not None and sid == origin.id and extra:
+                body.update(extra)
+            self.chat.emit(session, body)
+
+    def welcome(self, session: Session, resumed: bool) -> dict[str, Any]:
+        return {
+            "type": "welcome",
+            "protocol": 1,
+            "server": f"llmws/{__version__}",
+            "session_id": session.id,
+            "resumed": resumed,
+            "model": self.models.model_info(),
+            "max_context": self.models.max_context,
+            "last_seq": session.last_seq,
+            "acked_seq": session.acked_seq,
+            "config": self.chat.effective_config(session),
+            "history_messages": len(session.state.get("history", [])),
+            "http_port": self.http_port,
+        }
+
+    def origin_allowed(self, origin: str) -> bool:
+        sec = self.settings.security
+        if origin == "null":
+            return sec.allow_file_origin
+        if origin in sec.allowed_origins:
+            return True
+        if self.http_port:
+            own = {f"http://{h}:{self.http_port}" for h in ("127.0.0.1", "localhost", "[::1]", self.settings.server.host)}
+            if origin in own:
+                return True
+        return False
+
+    # ------------------------------------------------------------------ connections
+
+    async def handle(self, ws: ServerConnection) -> None:
+        peer = ws.remote_address[0] if ws.remote_address else "?"
+        self.connection_count += 1
+        self.per_ip[peer] = self.per_ip.get(peer, 0) + 1
+        try:
+            await Connection(self, ws).run()
+        except Exception:
+            logger.exception("connection handler crashed")
+            await ws.close(1011, "internal error")
+        finally:
+            self.connection_count -= 1
+            self.per_ip[peer] -= 1
+            if not self.per_ip[peer]:
+                del self.per_ip[peer]
+
+    # ------------------------------------------------------------------ background work
+
+    async def fsync_loop(self) -> None:
+        interval = self.settings.sessions.fsync_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.store.sync_dirty)
+            except Exception:
+                logger.exception("batched fsync failed")
+
+    async def expiry_loop(self) -> None:
+        interval = min(60.0, self.settings.sessions.ttl_seconds / 10)
+        while True:
+            await asyncio.sleep(interval)
+            busy = set(self.chat.jobs) | set(self.chat._subscribers)
+            try:
+                expired = self.store.expire_idle(busy)
+                if expired:
+                    logger.info("expired %d idle sessions", len(expired))
+            except Exception:
+                logger.exception("session expiry failed")
+
+    # ------------------------------------------------------------------ run
+
+    async def load_initial_model(self) -> None:
+        entry = self.models.initial_entry()
+        if entry is None:
+            logger.warning("no model found and no embedded default: waiting for a download")
+            return
+        try:
+            await self.models.load(entry)
+        except errors.LLMWSError as exc:
+            logger.error("could not load %s: %s", entry.name, exc.message)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        await self.load_initial_model()
+        ws_server = await serve(
+            self.handle,
+            s.server.host,
+            s.server.port,
+            process_request=make_origin_check(self),
+            # The soft limit (an error event) is max_frame_bytes; this hard cap
+            # closes the socket only for frames far beyond it.
+            max_size=s.limits.max_frame_bytes * 4,
+            max_queue=64,
+            ping_interval=20,
+            ping_timeout=60,
+            server_header=f"llmws/{__version__}",
+        )
+        self.ws_port = ws_server.sockets[0].getsockname()[1]
+        http_server, http_task = await self._start_http()
+        self._write_ready_file()
+        logger.info("%s", self.banner())
+        background = [self.spawn(self.fsync_loop()), self.spawn(self.expiry_loop())]
+        try:
+            await stop.wait()
+        finally:
+            logger.info("shutting down: draining generations")
+            ws_server.close(close_connections=False)
+            await self.chat.drain(s.server.drain_seconds)
+            await asyncio.to_thread(self.store.close_all)
+            ws_server.close(close_connections=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws_server.wait_closed(), 5)
+            if http_server is not None:
+                http_server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(http_task, 5)
+            for task in background:
+                task.cancel()
+            await self.models.close()
+            logger.info("stopped")
+
+    async def _start_http(self) -> tuple[Any, Any]:
+        port = self.settings.server.http_port
+        if port is None:
+            return None, None
+        import uvicorn
+
+        from .http.app import create_app
+
+        class _Server(uvicorn.Server):
+            # The daemon owns signals; uvicorn must not install its own.
+            def install_signal_handlers(self) -> None:
+                pass
+
+            @contextlib.contextmanager
+            def capture_signals(self):  # type: ignore[no-untyped-def]
+                yield
+
+        config = uvicorn.Config(
+            create_app(self), host=self.settings.server.host, port=port,
+            log_level="warning", lifespan="on", access_log=False,
+        )
+        server = _Server(config)
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            if task.done():
+                task.result()
+                raise SystemExit("the HTTP adapter failed to start")
+            await asyncio.sleep(0.02)
+        self.http_port = server.servers[0].sockets[0].getsockname()[1]
+        return server, task
+
+    def _write_ready_file(self) -> None:
+        path = self.settings.server.ready_file
+        if not path:
+            return
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"ws_port": self.ws_port, "http_port": self.http_port, "pid": os.getpid()}))
+        os.replace(tmp, path)
+
+    def banner(self) -> str:
+        line = "=" * 60
+        host = self.settings.server.host
+        try:
+            found = self.models.dirs.scan()
+        except Exception:
+            found = []
+        lines = ["", line, f"LLMWS {__version__}", line, "", f"Available models: {len(found)}"]
+        for m in found:
+            lines.append(f"  - {m.name} ({m.size_mb:.0f} MB) [{m.source}]")
+        info = self.models.model_info()
+        if info:
+            lines.append(f"Model loaded: {info['name']} ({info['backend']}, context {info['max_context']})")
+        else:
+            lines.append("No model loaded.")
+        lines += ["", line, f"WebSocket:  ws://{host}:{self.ws_port}"]
+        if self.http_port:
+            lines.append(f"HTTP:       http://{host}:{self.http_port}   (web client: /ui)")
+        lines += [f"Sessions:   {self.settings.var_dir / 'sessions'}", line]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    rows = "\n".join(f"  {k:<38} {d:>10}  {desc}" for k, d, desc in describe_settings())
+    parser = argparse.ArgumentParser(
+        prog="llmws",
+        description="LLMWS: a local LLM server (WebSocket daemon + OpenAI-compatible HTTP).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Settings (config.json keys; env LLMWS_<SECTION>__<KEY> overrides them):\n" + rows,
+    )
+    parser.add_argument("--config", help="JSON config file, merged over the defaults (default: ./config.json if present)")
+    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="WebSocket port (default 8765; 0 picks one)")
+    parser.add_argument("--http-port", type=int, help="HTTP adapter port (default 8001; 0 picks one; -1 disables)")
+    parser.add_argument("--var-dir", help="runtime data folder (default var)")
+    parser.add_argument("--models-dir", help="models folder (default models)")
+    parser.add_argument("--model", help="model to load (name or path inside the model folders)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--ready-file", help="write {ws_port, http_port, pid} here once listening")
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+
+    put("server", "host", args.host)
+    put("server", "port", args.port)
+    if args.http_port is not None:
+        put("server", "http_port", None if args.http_port < 0 else args.http_port)
+        if args.http_port < 0:
+            out["server"]["http_port"] = None
+    put("server", "log_level", args.log_level)
+    put("server", "ready_file", args.ready_file)
+    put("paths", "var_dir", args.var_dir)
+    put("paths", "models_dir", args.models_dir)
+    put("model", "path", args.model)
+    return out
+
+
+async def run(settings: Settings) -> None:
+    app = App(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await app.serve(stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, overrides=overrides_from_args(args))
+    except (OSError, ValueError) as exc:
+        sys.exit(f"llmws: bad configuration: {exc}")
+    logging.basicConfig(
+        level=getattr(logging, settings.server.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(run(settings))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

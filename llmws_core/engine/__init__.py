@@ -1,0 +1,1 @@
+"""The engine: model discovery, loading, memory arithmetic and backends."""

@@ -1,0 +1,1 @@
+"""Backends: one module per inference library, all behind `base.Backend`."""

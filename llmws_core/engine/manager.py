@@ -1,0 +1,240 @@
+"""The model manager: which model is loaded, switching it safely, and fair access to it.
+
+Generations hold a *use* of the current backend; a switch loads the new model in
+a worker thread while the old one keeps serving, then waits for in-flight uses to
+finish, swaps, and releases the old one. Access is FIFO across sessions: a
+request that must wait learns its queue position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from .. import errors
+from ..config import Settings
+from .backends.base import Backend
+from .scan import ModelDirs, ModelEntry, auto_select
+
+logger = logging.getLogger("llmws.engine.manager")
+
+BackendFactory = Callable[[ModelEntry, Settings], Backend]
+
+
+def _llamacpp(entry: ModelEntry, settings: Settings) -> Backend:
+    from .backends.llamacpp import LlamaCppBackend
+
+    m = settings.model
+    return LlamaCppBackend(
+        entry.path,
+        n_ctx=m.n_ctx,
+        max_context_cap=m.max_context_cap,
+        n_threads=m.n_threads,
+        n_gpu_layers=m.n_gpu_layers,
+        n_batch=m.n_batch,
+        display_name=entry.name,
+    )
+
+
+def _transformers(entry: ModelEntry, settings: Settings) -> Backend:
+    from .backends.transformers import TransformersBackend
+
+    m = settings.model
+    return TransformersBackend(
+        entry.path,
+        quantization=m.quantization,
+        attention=m.attention,
+        dtype=m.dtype,
+        compile=m.compile,
+        trust_remote_code=m.trust_remote_code,
+        max_batch=m.max_batch,
+    )
+
+
+#: Backend factories by name; new backends register here, not in an if/elif chain.
+BACKENDS: dict[str, BackendFactory] = {"llamacpp": _llamacpp, "transformers": _transformers}
+
+
+class FairQueue:
+    """FIFO admission to `slots` concurrent users, reporting positions to waiters."""
+
+    def __init__(self, slots: int = 1, max_waiting: int = 256) -> None:
+        self.slots = slots
+        self.max_waiting = max_waiting
+        self._running = 0
+        self._waiters: deque[tuple[asyncio.Future[None], Callable[[int], None] | None]] = deque()
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    async def acquire(self, on_position: Callable[[int], None] | None = None) -> None:
+        if self._running < self.slots and not self._waiters:
+            self._running += 1
+            return
+        if len(self._waiters) >= self.max_waiting:
+            raise errors.Busy("The server's request queue is full; try again shortly.")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (fut, on_position)
+        self._waiters.append(entry)
+        if on_position:
+            on_position(len(self._waiters))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+                self._announce()
+            elif fut.done() and not fut.cancelled():
+                self.release()  # we were granted the slot as we were cancelled
+            raise
+
+    def release(self) -> None:
+        self._running -= 1
+        while self._waiters and self._running < self.slots:
+            fut, _ = self._waiters.popleft()
+            if not fut.done():
+                self._running += 1
+                fut.set_result(None)
+        self._announce()
+
+    def _announce(self) -> None:
+        for pos, (_, cb) in enumerate(self._waiters, start=1):
+            if cb:
+                cb(pos)
+
+
+class ModelManager:
+    """Owns the loaded backend and the model folders."""
+
+    def __init__(self, settings: Settings, *, factories: dict[str, BackendFactory] | None = None) -> None:
+        self.settings = settings
+        var_models = settings.var_dir / "models"
+        var_models.mkdir(parents=True, exist_ok=True)
+        settings.models_dir.mkdir(parents=True, exist_ok=True)
+        self.dirs = ModelDirs(
+            settings.models_dir,
+            var_models,
+            allow_delete_from_models=settings.model.allow_delete_from_models,
+        )
+        self.factories = dict(BACKENDS if factories is None else factories)
+        self.backend: Backend | None = None
+        self.entry: ModelEntry | None = None
+        self.queue = FairQueue(1, settings.limits.max_queue)
+        self._users = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._switch_lock = asyncio.Lock()
+        self._no_swap = asyncio.Event()
+        self._no_swap.set()
+        self.loading: str | None = None
+
+    # ------------------------------------------------------------------ info
+
+    @property
+    def max_context(self) -> int | None:
+        return self.backend.info.max_context if self.backend else None
+
+    def model_info(self) -> dict[str, Any] | None:
+        if not self.backend:
+            return None
+        info = self.backend.info.public()
+        if self.entry is not None:
+            info["source"] = self.entry.source
+            info["path"] = self.entry.rel_path
+        return info
+
+    def list_models(self) -> list[dict[str, Any]]:
+        entries = self.dirs.scan()
+        loaded_path = self.entry.path if self.entry else None
+        out = []
+        seen = set()
+        for e in entries:
+            loaded = loaded_path is not None and Path(e.path) == Path(loaded_path)
+            out.append(e.public(loaded, self.max_context if loaded else None))
+            seen.add(Path(e.path))
+        if self.entry is not None and Path(self.entry.path) not in seen:
+            out.append(self.entry.public(True, self.max_context))
+        return out
+
+    # ------------------------------------------------------------------ loading
+
+    def resolve(self, name_or_path: str) -> ModelEntry:
+        if self.entry is not None and name_or_path in (self.entry.name, self.entry.rel_path) and self.entry.source == "embedded":
+            return self.entry
+        return self.dirs.resolve(name_or_path)
+
+    def initial_entry(self) -> ModelEntry | None:
+        return auto_select(self.settings.model.path, self.dirs)
+
+    def _build(self, entry: ModelEntry) -> Backend:
+        factory = self.factories.get(entry.backend)
+        if factory is None:
+            raise errors.Unsupported(f"No backend can serve {entry.format} models here.")
+        return factory(entry, self.settings)
+
+    async def load(self, entry: ModelEntry, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Backend:
+        """Load `entry` and make it current. The old model serves until the swap."""
+        async with self._switch_lock:
+            self.loading = entry.name
+            try:
+                if on_progress:
+                    on_progress({"stage": "loading", "model": entry.name})
+                backend = self._build(entry)
+                try:
+                    await asyncio.to_thread(backend.load)
+                except errors.LLMWSError:
+                    raise
+                except Exception as exc:
+                    logger.error("loading %s failed", entry.path, exc_info=exc)
+                    raise errors.ModelLoadError(f"Could not load {entry.name}.") from None
+                if on_progress:
+                    on_progress({"stage": "waiting_for_generations", "model": entry.name})
+                self._no_swap.clear()
+                try:
+                    await self._idle.wait()  # in-flight generations finish on the old model
+                    old, self.backend, self.entry = self.backend, backend, entry
+                finally:
+                    self._no_swap.set()
+                self.queue.slots = max(1, backend.max_concurrency)
+                if old is not None:
+                    await asyncio.to_thread(old.unload)
+                logger.info("model %s is now serving (%s)", entry.name, backend.name)
+                return backend
+            finally:
+                self.loading = None
+
+    @contextlib.asynccontextmanager
+    async def use(self, on_position: Callable[[int], None] | None = None) -> AsyncIterator[Backend]:
+        """Hold the current backend for one generation, in FIFO order."""
+        await self.queue.acquire(on_position)
+        try:
+            # A swap waiting for in-flight generations must not starve: newcomers wait for it.
+            await self._no_swap.wait()
+            backend = self.backend
+            if backend is None:
+                raise errors.ModelNotLoaded("No model is loaded yet.")
+            self._users += 1
+            self._idle.clear()
+            try:
+                yield backend
+            finally:
+                self._users -= 1
+                if self._users == 0:
+                    self._idle.set()
+        finally:
+            self.queue.release()
+
+    async def close(self) -> None:
+        if self.backend is not None:
+            await asyncio.to_thread(self.backend.unload)
+            self.backend = None

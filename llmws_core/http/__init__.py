@@ -1,0 +1,1 @@
+"""The HTTP/SSE adapter: one module per surface, all over the chat service."""

@@ -1,0 +1,1 @@
+"""Sessions: sealed replay buffers and conversation state on disk."""
