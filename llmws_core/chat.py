@@ -79,6 +79,8 @@ class ChatService:
             return self._new_session(), False, "That session expired; a new one was started."
         except errors.SessionNotFound:
             return self._new_session(), False, "No session with that id exists; a new one was started."
+        except errors.CorruptRecord:
+            return self._new_session(), False, "That session's stored data failed its integrity check; a new one was started."
         self._recover(session)
         session.touch()
         return session, True, None
@@ -332,6 +334,7 @@ class ChatService:
             override = msg.config.model_dump(exclude_none=True) if msg.config else {}
             cfg = self.effective_config(session, override)
             params = self.params_from(cfg)
+            params.cache_key = session.id
             messages, turn = self._build_messages(session, msg, cfg)
             user_text = "\n".join(str(m.get("content") or "") for m in turn if m["role"] == "user")
             if msg.mode == "improve":

@@ -735,6 +735,11 @@ class LLMWSEnhancedClient:
             }
         route = self._route_for(event)
         if route is not None:
+            job_id = event.get("job_id")
+            if isinstance(job_id, str) and route.request_id in self._routes:
+                # Later events of this job (progress) may carry only the job id; register it
+                # here, before they can arrive, rather than when the caller gets to this one.
+                self._job_routes.setdefault(job_id, route)
             route.queue.put_nowait(event)
         elif event.get("request_id") in self._finished:
             pass  # a late event of an abandoned request
@@ -1058,9 +1063,7 @@ class LLMWSEnhancedClient:
                         finished = True
                         raise error_from_event(item)
                     if kind == "download_started" and isinstance(item.get("job_id"), str):
-                        # Progress events may carry only the job id.
-                        job_id = item["job_id"]
-                        self._job_routes[job_id] = route
+                        job_id = item["job_id"]  # the reader routes by it from now on
                     if kind == "download_done":
                         finished = True
                         return item

@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--system", metavar="TEXT", help="system prompt for the conversation")
     parser.add_argument(
+        "--temperature", type=float, metavar="T", help="sampling temperature (0: greedy)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help="stop the reply after N tokens"
+    )
+    parser.add_argument(
         "--no-stream", action="store_true", help="print the reply once it is complete"
     )
     parser.add_argument(
@@ -164,13 +170,29 @@ class Console:
         self.color = isatty and os.environ.get("NO_COLOR") is None if color is None else color
         self.is_tty = isatty
         self.at_line_start = True
+        #: The stream's reader went away (a closed pipe); output is dropped from then on.
+        self.broken = False
 
     def write(self, text: str) -> None:
-        if not text:
+        if not text or self.broken:
             return
-        self.stream.write(text)
-        self.stream.flush()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            # `llm.py --json ... | head`: the reader left. Stop writing, and point the file
+            # descriptor at /dev/null so the interpreter's final flush does not complain.
+            self.broken = True
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.stream.fileno())
+            return
         self.at_line_start = text.endswith("\n")
+
+    def end_line(self) -> None:
+        """Finish the current line, if anything is on it."""
+        if not self.at_line_start:
+            self.write("\n")
 
     def line(self, text: str = "") -> None:
         """Print `text` on a line of its own."""
@@ -345,6 +367,11 @@ def models_lines(models: list[dict[str, Any]]) -> list[str]:
 # --------------------------------------------------------------------------- one-shot
 
 
+def _generation_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-request settings given on the command line (None: the session's own)."""
+    return {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
+
+
 def _read_prompt(value: str, stdin: TextIO) -> str:
     return stdin.read() if value == "-" else value
 
@@ -407,16 +434,25 @@ async def run_once(
         await client.connect(session_id=args.session)
         if args.session and not client.welcome.get("resumed") and not args.json:
             err.notice(f"session {args.session} could not be resumed; started {client.session_id}")
-        async with client.stream(prompt, args.system) as stream:
+        async with client.stream(prompt, args.system, **_generation_flags(args)) as stream:
             stream_box.append(stream)
             async for token in stream:
                 if not args.json and not args.no_stream:
                     out.write(escape_control(token))
+                if out.broken:
+                    break  # nobody reads the reply any more: leaving the block cancels it
         if not args.json:
             if args.no_stream:
                 out.write(escape_control(stream.text))
-            out.line()
+            out.end_line()
+        for warning in stream.warnings if not args.json else []:
+            err.notice(escape_control(warning))
+        if err.is_tty and not args.json:
+            # Shown to people, not scripts: how to continue this conversation.
+            err.notice(f"session {client.session_id}")
         reason = stream.finish_reason
+        if out.broken:
+            return EXIT_OK
         if reason == "cancelled" or interrupts:
             err.notice("cancelled")
             return EXIT_INTERRUPTED
@@ -565,6 +601,7 @@ class Repl:
         system: the system prompt sent with each turn.
         stream: print tokens as they arrive (False: print each reply when complete).
         session_id: resume this session when connecting.
+        request_config: generation settings sent with every turn (from the command line).
     """
 
     def __init__(
@@ -578,8 +615,10 @@ class Repl:
         system: str | None = None,
         stream: bool = True,
         session_id: str | None = None,
+        request_config: dict[str, Any] | None = None,
     ) -> None:
         self.client = client
+        self.request_config = {k: v for k, v in (request_config or {}).items() if v is not None}
         self.console = Console(stdout or sys.stdout)
         self.input = input
         self.output = output
@@ -616,8 +655,8 @@ class Repl:
             await self._show(
                 self.console.red(f"error: {escape_control(str(event.get('message', '')))}")
             )
-        elif kind == "done" and not self.console.at_line_start:
-            self.console.line()
+        elif kind == "done":
+            self.console.end_line()
         elif kind == "model_switched":
             name = _model_name(event.get("model"))
             await self._show(self.console.dim(f"[model switched to {escape_control(name)}]"))
@@ -785,7 +824,7 @@ class Repl:
         """One turn: stream the reply, Ctrl-C cancels it."""
         self._busy = True
         try:
-            async with self.client.stream(text, self.system) as stream:
+            async with self.client.stream(text, self.system, **self.request_config) as stream:
 
                 async def consume() -> None:
                     async for token in stream:
@@ -809,7 +848,7 @@ class Repl:
             elif reason == "interrupted":
                 self.console.notice("interrupted: the server restarted during this reply")
             else:
-                self.console.line()
+                self.console.end_line()
             for warning in stream.warnings:
                 self.console.notice(escape_control(warning))
         finally:
@@ -993,7 +1032,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.prompt = "-"
             return asyncio.run(run_once(args))
         client = LLMWSEnhancedClient(args.server, api_key=args.api_key)
-        repl = Repl(client, system=args.system, stream=not args.no_stream, session_id=args.session)
+        repl = Repl(
+            client,
+            system=args.system,
+            stream=not args.no_stream,
+            session_id=args.session,
+            request_config=_generation_flags(args),
+        )
         return asyncio.run(repl.run())
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

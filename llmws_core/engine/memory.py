@@ -70,7 +70,9 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ArchInfo:
         if hidden is None:
             raise ValueError("config.json lacks head_dim and hidden_size")
         head_dim = int(hidden) // int(n_heads)
-    n_ctx = _first(cfg, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+    n_ctx = _first(
+        cfg, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"
+    )
     return ArchInfo(
         n_layers=int(n_layers),
         n_kv_heads=int(n_kv),
@@ -83,7 +85,19 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ArchInfo:
 # -- GGUF metadata ----------------------------------------------------------------------------
 
 # GGUF value types (ggml/docs/gguf.md): type id -> struct format, for the fixed-size ones.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 #: Numeric arrays longer than this (token scores, ...) are skipped, not kept.
 _MAX_KEPT_ARRAY = 4096
@@ -222,24 +236,22 @@ def _read_gguf_with_package(path: Path) -> GGUFMeta:
     return meta
 
 
-def read_gguf(path: Path) -> GGUFMeta:
-    """A GGUF file's metadata: through the `gguf` package when installed, else a small reader of ours.
+def read_gguf(path: Path, *, use_package: bool = False) -> GGUFMeta:
+    """A GGUF file's metadata, read by our small reader (or by the `gguf` package if asked).
+
+    Our reader is the default because it skips what it does not need: on a 2-core
+    machine `gguf.GGUFReader` takes ~3 s for the 94 MB embedded model (it decodes the
+    whole vocabulary), ours ~0.07 s, and `scan` reads every GGUF header. Tests check
+    that both agree.
 
     Raises:
         OSError: the file cannot be read.
         ValueError: the file is not a valid GGUF file.
+        ImportError: `use_package` and the `gguf` package is not installed.
     """
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        return _read_gguf_pure(Path(path))
-    try:
+    if use_package:
         return _read_gguf_with_package(Path(path))
-    except OSError:
-        raise
-    except Exception as exc:  # the package's errors are not part of its API; ours are
-        logger.debug("gguf package could not read %s (%s); using the built-in reader", path, exc)
-        return _read_gguf_pure(Path(path))
+    return _read_gguf_pure(Path(path))
 
 
 def _as_int(value: Any) -> int | None:

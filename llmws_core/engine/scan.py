@@ -43,13 +43,40 @@ _QUANT_RE = re.compile(
 )
 # llama.cpp's `general.file_type` (LLAMA_FTYPE) values; the names match gguf.LlamaFileType.
 _GGUF_FILE_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
-    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
-    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    19: "IQ2_XXS",
+    20: "IQ2_XS",
+    21: "Q2_K_S",
+    22: "IQ3_XS",
+    23: "IQ3_XXS",
+    24: "IQ1_S",
+    25: "IQ4_NL",
+    26: "IQ3_S",
+    27: "IQ3_M",
+    28: "IQ2_S",
+    29: "IQ2_M",
+    30: "IQ4_XS",
+    31: "IQ1_M",
+    32: "BF16",
+    36: "TQ1_0",
+    37: "TQ2_0",
     38: "MXFP4_MOE",
-}  # fmt: skip
+}
 _HF_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
@@ -119,7 +146,9 @@ def _gguf_parts(path: Path) -> list[Path]:
     if not match:
         return [path]
     count = int(match["count"])
-    parts = [path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    parts = [
+        path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)
+    ]
     return [p for p in parts if p.exists()]
 
 
@@ -191,7 +220,9 @@ def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> Model
                 name, path, rel_path, "gguf", _BACKEND["gguf"], _mib(size), source, params, quant
             )
         if path.is_dir() and _is_hf_folder(path):
-            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+            size = sum(
+                p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink()
+            )
             return ModelEntry(
                 name,
                 path,
@@ -241,7 +272,9 @@ class ModelDirs:
         best = None
         for source, root, label in self._roots():
             real_root = self._real(root)
-            if _is_within(real, real_root) and (best is None or len(str(real_root)) > len(str(best[1]))):
+            if _is_within(real, real_root) and (
+                best is None or len(str(real_root)) > len(str(best[1]))
+            ):
                 best = (source, real_root, label)
         return best
 
@@ -291,7 +324,9 @@ class ModelDirs:
                         yield child
                     elif depth < MAX_DEPTH:
                         yield from visit(child, depth + 1)
-                elif child.is_file() and child.name.lower().endswith(".gguf") and depth <= MAX_DEPTH:
+                elif (
+                    child.is_file() and child.name.lower().endswith(".gguf") and depth <= MAX_DEPTH
+                ):
                     if child.name.lower().startswith("mmproj"):
                         continue  # a vision projector, not a model on its own
                     split = _SPLIT_RE.match(child.name)
@@ -338,7 +373,9 @@ class ModelDirs:
             raise Forbidden("Model paths may not contain NUL characters.")
         parts = text.replace("\\", "/").split("/")
         if ".." in parts:
-            raise Forbidden("Model paths may not contain '..'; name a model inside models/ or var/models/.")
+            raise Forbidden(
+                "Model paths may not contain '..'; name a model inside models/ or var/models/."
+            )
 
         for entry in self.scan():
             if text in (entry.name, entry.rel_path):

@@ -49,7 +49,7 @@ _KEY_CACHE_SIZE = 1024
 
 _KEY_HELP = (
     "must be the standard base64 encoding of exactly 32 random bytes, e.g. the output of "
-    "`python -c \"import base64, os; print(base64.b64encode(os.urandom(32)).decode())\"`"
+    '`python -c "import base64, os; print(base64.b64encode(os.urandom(32)).decode())"`'
 )
 
 
@@ -61,7 +61,9 @@ def _decode_key(text: str, source: str) -> bytes:
     try:
         key = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError(f"The master key in {source} is not valid base64: it {_KEY_HELP}.") from None
+        raise ValueError(
+            f"The master key in {source} is not valid base64: it {_KEY_HELP}."
+        ) from None
     if len(key) != KEY_BYTES:
         raise ValueError(
             f"The master key in {source} decodes to {len(key)} bytes, not {KEY_BYTES}: it {_KEY_HELP}."

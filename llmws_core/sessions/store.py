@@ -474,7 +474,11 @@ class Session:
             event = json.loads(self._sealer.open(self.id, "event", claimed, nonce, ciphertext))
         except (errors.CorruptRecord, ValueError, binascii.Error, UnicodeDecodeError):
             return _Line(raw, claimed, None)
-        if set(record) != {"s", "n", "c"} or not isinstance(event, dict) or event.get("seq") != claimed:
+        if (
+            set(record) != {"s", "n", "c"}
+            or not isinstance(event, dict)
+            or event.get("seq") != claimed
+        ):
             return _Line(raw, claimed, None)
         return _Line(raw, claimed, event)
 
@@ -573,7 +577,9 @@ class SessionStore:
     `sync_dirty` (worker thread) and `expire_idle` can run beside the event loop.
     """
 
-    def __init__(self, root: Path, sealer: Sealer, *, ttl_seconds: float | None = 7 * 24 * 3600) -> None:
+    def __init__(
+        self, root: Path, sealer: Sealer, *, ttl_seconds: float | None = 7 * 24 * 3600
+    ) -> None:
         """Open (creating if needed) the sessions folder.
 
         Args:
@@ -634,7 +640,8 @@ class SessionStore:
 
         Raises:
             errors.SessionNotFound: unknown id, or not a canonical UUID string.
-            errors.SessionExpired: idle past the TTL; it has been deleted.
+            errors.SessionExpired: (loading from disk) idle past the TTL; it has been
+                deleted. Sessions already in memory are left to `expire_idle`.
             errors.CorruptRecord: its state file failed authentication (kept on disk).
         """
         sid = _canonical_id(session_id)
@@ -668,9 +675,8 @@ class SessionStore:
                     session.last_seq,
                     session.acked_seq,
                 )
-            elif self._expired(session.last_active, now):
-                self._delete(sid)
-                raise errors.SessionExpired("This session expired after being idle too long.")
+            # A session already in memory is expired only by expire_idle, which knows
+            # which sessions are busy: get() must not delete one under a live client.
             return session
 
     def exists(self, session_id: str) -> bool:
@@ -764,6 +770,6 @@ class SessionStore:
         for session in sessions:
             try:
                 session.save_state()
-            except (errors.LLMWSError, TypeError, ValueError) as exc:
-                logger.error("session %s: state not saved at shutdown: %s", session.id, exc)
+            except Exception:  # shutdown must close every session whatever one of them does
+                logger.exception("session %s: state not saved at shutdown", session.id)
             session.close()

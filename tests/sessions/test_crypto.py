@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 import stat
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from llmws_core import errors
 from llmws_core.sessions.crypto import Sealer, load_or_create_master_key
@@ -140,3 +143,16 @@ def test_other_master_key_cannot_open():
     nonce, ciphertext = Sealer(os.urandom(32)).seal(SID_A, "event", 1, b"x")
     with pytest.raises(errors.CorruptRecord):
         Sealer(os.urandom(32)).open(SID_A, "event", 1, nonce, ciphertext)
+
+
+def test_format_matches_documentation():
+    """Records follow the documented format (HKDF info, AAD), so other tools can read them with the key."""
+    master = os.urandom(32)
+    # RFC 5869 HKDF-SHA256 with no salt, written out independently of the module
+    prk = hmac.new(b"\x00" * 32, master, hashlib.sha256).digest()
+    info = b"llmws-session:" + SID_A.encode()
+    okm = hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
+    aad = b'["llmws/1","' + SID_A.encode() + b'","event",5]'
+    nonce = os.urandom(12)
+    ciphertext = AESGCM(okm).encrypt(nonce, b"documented", aad)
+    assert Sealer(master).open(SID_A, "event", 5, nonce, ciphertext) == b"documented"

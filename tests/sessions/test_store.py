@@ -10,6 +10,9 @@ import base64
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -41,7 +44,10 @@ def store(root: Path, sealer: Sealer) -> SessionStore:
 
 
 def _fill(session, n: int, start: int = 1) -> list[dict]:
-    return [session.append({"type": "token", "data": f"tok{i} {SECRET}"}) for i in range(start, start + n)]
+    return [
+        session.append({"type": "token", "data": f"tok{i} {SECRET}"})
+        for i in range(start, start + n)
+    ]
 
 
 def _reopen(root: Path, sealer: Sealer, sid: str, **kw):
@@ -133,7 +139,9 @@ def test_state_roundtrip(root, sealer, store):
     session = store.create()
     session.state["history"] = [{"role": "user", "content": "héllo ✓"}]
     session.state["config"] = {"temperature": 0.5, "max_new_tokens": 64}
+    session.append({"type": "token", "data": "t"})
     session.save_state()
+    assert not session.dirty  # the buffer is durable before the state names its seq
     recovered = _reopen(root, sealer, session.id)
     assert recovered.state == session.state
     assert recovered.created == session.created
@@ -151,6 +159,9 @@ def test_no_plaintext_on_disk(tmp_path, root, sealer, store):
     store.close_all()
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {p.name for p in files} == {BUFFER_NAME, STATE_NAME}
+    for line in _lines(root, session.id):
+        assert set(json.loads(line)) == {"s", "n", "c"}  # the documented line format
+    assert set(json.loads((root / session.id / STATE_NAME).read_bytes())) == {"v", "g", "n", "c"}
     for path in files:
         data = path.read_bytes()
         assert SECRET.encode() not in data
@@ -373,11 +384,12 @@ def test_ack_keeps_reporting_unacked_corruption(root, sealer, store):
 # -- failures and durability ----------------------------------------------------
 
 
-def test_write_error_raises_storage_error_and_session_stays_readable(root, sealer, store, monkeypatch):
+def test_write_error_raises_storage_error_and_session_stays_readable(
+    root, sealer, store, monkeypatch
+):
     """A full disk fails the append with storage_error; earlier events still replay and the seq is not lost."""
     session = store.create()
     events = _fill(session, 2)
-    session._ensure_fd  # noqa: B018 -- the descriptor exists already; only writes fail
 
     def full(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -521,35 +533,33 @@ def test_expired_session_raises_and_is_deleted(root, sealer):
     assert [p.name for p in root.iterdir()] == []
 
 
-def test_expired_cached_session_raises(root, sealer):
-    """A session in memory that went idle past its TTL is expired on the next lookup."""
+def test_idle_session_in_memory_is_left_to_the_sweep(root, sealer):
+    """A session in memory is not deleted by a lookup (a client may be attached); the sweep expires it."""
     store = SessionStore(root, sealer, ttl_seconds=60)
     session = store.create()
     session.last_active -= 61
-    with pytest.raises(errors.SessionExpired):
-        store.get(session.id)
+    assert store.get(session.id) is session
+    assert store.expire_idle() == [session.id]
     assert not (root / session.id).exists()
+    with pytest.raises(errors.SessionNotFound):
+        store.get(session.id)
 
 
 def test_expire_idle_spares_busy_and_fresh_sessions(root, sealer):
-    """The idle sweep deletes only sessions past the TTL that nobody is using."""
+    """The idle sweep deletes only sessions past the TTL that nobody is using, in memory or on disk."""
     store = SessionStore(root, sealer, ttl_seconds=60)
     old, busy, fresh = store.create(), store.create(), store.create()
-    on_disk_only = store.create()
-    for s in (old, busy, on_disk_only):
+    for s in (old, busy):
         s.last_active = time.time() - 120
         s.save_state()
     fresh.touch()
-    store2 = SessionStore(root, sealer, ttl_seconds=60)
-    store2.get(old.id)
-    store2.get(busy.id)
-    store2.get(fresh.id)
-    expired = store2.expire_idle(busy={busy.id})
-    assert sorted(expired) == sorted([old.id, on_disk_only.id])
-    assert sorted(store2.ids()) == sorted([busy.id, fresh.id])
-    later = store2.expire_idle(now=time.time() + 3600)
-    assert sorted(later) == sorted([busy.id, fresh.id])
-    assert store2.ids() == []
+    assert store.expire_idle(busy={busy.id}) == [old.id]  # sessions in memory
+    assert sorted(store.ids()) == sorted([busy.id, fresh.id])
+    restarted = SessionStore(root, sealer, ttl_seconds=60)  # sessions known only on disk
+    assert restarted.expire_idle(busy={busy.id}) == []
+    assert restarted.expire_idle() == [busy.id]
+    assert restarted.expire_idle(now=time.time() + 3600) == [fresh.id]
+    assert restarted.ids() == []
 
 
 def test_leftovers_of_interrupted_create_are_swept(root, sealer, store):
@@ -569,3 +579,53 @@ def test_files_are_private(root, store):
     assert (root / session.id).stat().st_mode & 0o077 == 0
     for path in (root / session.id).iterdir():
         assert path.stat().st_mode & 0o077 == 0, path
+
+
+_WRITER = """
+import sys
+from pathlib import Path
+from llmws_core.sessions.crypto import Sealer
+from llmws_core.sessions.store import SessionStore
+
+store = SessionStore(Path(sys.argv[1]), Sealer(b"k" * 32))
+session = store.create()
+print(session.id, flush=True)
+i = 0
+while True:
+    i += 1
+    sent = session.append({"type": "token", "data": "t%d" % i})
+    print(sent["seq"], flush=True)  # "sent to the client" only after append returned
+    if i % 50 == 0:
+        store.sync_dirty()
+"""
+
+
+def test_sigkill_loses_nothing_that_was_sent(root, sealer):
+    """A daemon killed with SIGKILL mid-stream comes back with every event it had sent."""
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    try:
+        assert proc.stdout is not None
+        sid = proc.stdout.readline().strip()
+        last_sent = 0
+        while last_sent < 400:
+            last_sent = int(proc.stdout.readline())
+        proc.send_signal(signal.SIGKILL)
+        for line in proc.stdout:  # anything printed before the kill landed was sent too
+            if line.strip():
+                last_sent = int(line)
+    finally:
+        proc.kill()
+        proc.wait()
+    recovered = SessionStore(root, sealer).get(sid)
+    replayed = recovered.replay(0)
+    assert recovered.integrity_problems == 0
+    assert recovered.last_seq >= last_sent
+    assert _seqs(replayed) == list(range(1, recovered.last_seq + 1))
+    assert replayed[last_sent - 1]["data"] == f"t{last_sent}"
