@@ -33,6 +33,9 @@ class GenerationParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     repeat_penalty: float = 1.0
+    #: Who may reuse cached KV state of this request (the session id); None: nobody.
+    #: A backend's prefix cache must never serve one key's prefix to another.
+    cache_key: str | None = None
 
 
 @dataclass
