@@ -103,6 +103,7 @@ class ChatService:
         text = "".join(
             e.get("data", "") for e in session.replay(0)
             if e.get("type") == "token" and e.get("request_id") == rid
+            and e.get("stage") in (None, "final")  # improvement passes: only the final one
         )
         history = session.state.setdefault("history", [])
         history.append({"role": "user", "content": inflight.get("user", "")})
@@ -274,18 +275,25 @@ class ChatService:
 
             self.metrics.requests += 1
             worker = loop.run_in_executor(None, run)
+            finished = False
             try:
                 while True:
                     item = await queue.get()
                     if isinstance(item, BaseException):
+                        finished = True
                         raise item
                     if item.result is not None:
                         self.metrics.record(item.result, started, first_token)
+                        finished = True
                         yield item
                         return
                     yield item
             finally:
-                cancel.set() if not worker.done() else None
+                # Only a consumer that stopped early cancels; a finished worker may not
+                # be marked done yet, and setting the flag then would leak into the
+                # caller's next use of the same event.
+                if not finished:
+                    cancel.set()
                 await asyncio.shield(worker)
 
     # ------------------------------------------------------------------ session jobs (WebSocket)

@@ -1,28 +1,100 @@
-"""The HTTP/SSE adapter's FastAPI application (routes live in sibling modules)."""
+"""The HTTP/SSE adapter's FastAPI application (routes live in sibling modules).
+
+One module per surface, each a thin adapter over the chat service:
+
+- openai.py    `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
+- legacy.py    the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
+               `/chat/completions`, `/restore_cache`
+- stream.py    nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
+               and session-backed streams that resume with `Last-Event-ID`
+- blocking.py  the HF server's `/chat/blocking`, `/chat/stream`, `/ping`
+- mcp.py       `/v1/mcp/{method}` over the configured MCP servers
+- metrics.py   Prometheus `/metrics`
+- auth.py      API keys and the Host (DNS rebinding) check
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 
-from .. import __version__
+from .. import __version__, errors
 from ..config import REPO_ROOT
+from . import blocking, legacy, mcp, metrics, openai, stream
+from .auth import HostCheck
+from .common import openai_error, status_of
 
 if TYPE_CHECKING:
     from ..daemon import App
 
+logger = logging.getLogger("llmws.http")
+
 WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
+
+#: Routes whose errors are OpenAI error objects; every other route answers {"detail": ...}.
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/chat/completions"})
+
+
+def _wants_openai_errors(request: Request) -> bool:
+    return request.url.path in OPENAI_PATHS
 
 
 def create_app(app: App) -> FastAPI:
     """Build the HTTP adapter over the daemon's services."""
-    api = FastAPI(title="LLMWS", version=__version__)
-    api.state.llmws = app
 
-    @api.get("/health")
+    @contextlib.asynccontextmanager
+    async def lifespan(_api: FastAPI) -> AsyncIterator[None]:
+        yield
+        if app_mcp is not None:
+            await app_mcp.close()
+
+    api = FastAPI(
+        title="LLMWS",
+        version=__version__,
+        description=(
+            "Local LLM server: OpenAI-compatible chat, the earlier REST servers' routes, "
+            "SSE streams that resume with Last-Event-ID, MCP tools, answer improvement."
+        ),
+        lifespan=lifespan,
+        # Swagger UI and ReDoc pages load their scripts from a CDN: a local server whose
+        # promise is that nothing leaves the machine serves only /openapi.json.
+        docs_url=None,
+        redoc_url=None,
+    )
+    api.state.llmws = app
+    app_mcp = mcp.attach(api, app)
+    metrics.attach(api, app)
+
+    @api.exception_handler(errors.LLMWSError)
+    async def llmws_error(request: Request, exc: errors.LLMWSError) -> JSONResponse:
+        return _error_response(request, exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if _wants_openai_errors(request):
+            first = exc.errors()[0] if exc.errors() else {}
+            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+            msg = f"Invalid request: {where}: {first.get('msg', 'invalid value')}" if where else "Invalid request body."
+            body = openai_error(errors.BadRequest(msg))
+            body["error"]["param"] = where or None
+            return JSONResponse(body, status_code=400)
+        # FastAPI's own shape ({"detail": [...]}, 422), minus the echoed input.
+        detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @api.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return _error_response(request, exc)  # logged by errors.to_wire, text never sent
+
+    @api.get("/health", tags=["Status"], summary="Liveness and basics (no key needed)")
     async def health() -> dict[str, Any]:
         """Liveness and the basics a client needs (the WebSocket port)."""
         return {
@@ -30,14 +102,40 @@ def create_app(app: App) -> FastAPI:
             "model": app.models.model_info(),
             "max_context": app.models.max_context,
             "ws_port": app.ws_port,
+            "http_port": app.http_port,
+            "queue_depth": app.models.queue.depth,
             "version": __version__,
         }
 
-    @api.get("/ui", include_in_schema=False)
+    @api.get("/ui", tags=["Status"], summary="The browser client (web_client_enhanced.html)")
     async def ui() -> Any:
-        """The browser client."""
+        """The single-file browser client."""
         if not Path(WEB_CLIENT).exists():
-            return JSONResponse({"detail": "web client not installed"}, status_code=404)
+            return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return FileResponse(WEB_CLIENT, media_type="text/html")
 
+    for module in (openai, legacy, stream, blocking):
+        api.include_router(module.router)
+
+    sec = app.settings.security
+    if sec.cors_origins:
+        api.add_middleware(
+            CORSMiddleware,
+            allow_origins=sec.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "Last-Event-ID"],
+        )
+    # Added last so it runs first: a rebinding attack is refused before anything else.
+    api.add_middleware(HostCheck, app=app)
     return api
+
+
+def _error_response(request: Request, exc: BaseException) -> JSONResponse:
+    status = status_of(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if _wants_openai_errors(request):
+        return JSONResponse(openai_error(exc), status_code=status, headers=headers)
+    wire = errors.to_wire(exc)
+    body = {"detail": wire["message"], "code": wire["code"]}
+    body.update({k: v for k, v in wire.items() if k not in ("type", "code", "message")})
+    return JSONResponse(body, status_code=status, headers=headers)

@@ -1,0 +1,151 @@
+"""API keys and the Host check of the HTTP adapter.
+
+Keys come from `security.api_keys` / `security.admin_keys` (config or LLMWS_API_KEYS /
+LLMWS_ADMIN_KEYS) and are read from `X-API-Key`, `Authorization: Bearer`, or the
+`x_api_key` query parameter (browser-friendly GET tests), compared in constant time.
+
+The Host check defeats DNS rebinding: a web page on evil.example whose name is
+re-pointed at 127.0.0.1 would otherwise reach this loopback server with the user's
+browser. Such requests carry `Host: evil.example` and are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .. import errors
+from ..ws import key_matches
+
+if TYPE_CHECKING:
+    from ..daemon import App
+
+logger = logging.getLogger("llmws.http.auth")
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+# Declared as FastAPI security schemes so /openapi.json documents them; auto_error is
+# off because keys are optional on loopback and the decision is ours.
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
+_bearer = HTTPBearer(auto_error=False, description="API key as a Bearer token")
+_query = APIKeyQuery(name="x_api_key", auto_error=False, description="API key in the query (GET tests)")
+
+
+def llmws(request: Request) -> App:
+    """The daemon's App behind this request."""
+    return request.app.state.llmws  # type: ignore[no-any-return]
+
+
+def given_key(request: Request) -> str | None:
+    """The key the client sent, from the header, the Bearer token or the query."""
+    key = request.headers.get("x-api-key")
+    if not key:
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            key = auth[7:].strip()
+    if not key:
+        key = request.query_params.get("x_api_key") or request.query_params.get("api_key")
+    return key or None
+
+
+def principal(request: Request) -> str:
+    """Who is asking, for cache isolation: a digest of the key, or 'local' without one.
+
+    Prompt-prefix caches are shared only between requests of the same principal, so
+    one key holder can never time another's cached prompt."""
+    key = given_key(request)
+    if not key:
+        return "http:local"
+    return "http:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+async def user_key(
+    request: Request,
+    _header_key: str | None = Depends(_header),
+    _bearer_key: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    _query_key: str | None = Depends(_query),
+) -> None:
+    """Dependency: a valid user or admin key when keys are required.
+
+    The three scheme parameters only document the ways to send a key in
+    /openapi.json; `given_key` reads them in order of precedence."""
+    app = llmws(request)
+    if not app.keys_required:
+        return
+    sec = app.settings.security
+    key = given_key(request)
+    if key is None:
+        raise errors.Unauthorized("An API key is required (X-API-Key header, Bearer token or x_api_key).")
+    if not (key_matches(key, sec.api_keys) or key_matches(key, sec.admin_keys)):
+        raise errors.Unauthorized("That API key is not valid.")
+
+
+async def admin_key(
+    request: Request,
+    _header_key: str | None = Depends(_header),
+    _bearer_key: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    _query_key: str | None = Depends(_query),
+) -> None:
+    """Dependency: the admin key when admin keys exist (else the user rules apply)."""
+    app = llmws(request)
+    sec = app.settings.security
+    if not sec.admin_keys:
+        await user_key(request)
+        return
+    key = given_key(request)
+    if key is None:
+        raise errors.Unauthorized("This action needs the admin key.")
+    if not key_matches(key, sec.admin_keys):
+        if key_matches(key, sec.api_keys):
+            raise errors.Forbidden("This action needs the admin key.")
+        raise errors.Unauthorized("That API key is not valid.")
+
+
+def is_admin(request: Request) -> bool:
+    """Whether this request may do admin actions (switch models)."""
+    app = llmws(request)
+    sec = app.settings.security
+    if not sec.admin_keys:
+        return not app.keys_required or key_matches(given_key(request), sec.api_keys)
+    return key_matches(given_key(request), sec.admin_keys)
+
+
+def allowed_hosts(app: App) -> frozenset[str] | None:
+    """Host names this server answers to; None: any (bound to a wildcard address)."""
+    host = app.settings.server.host.strip("[]")
+    if host in WILDCARD_HOSTS:
+        return None
+    return LOOPBACK_HOSTS | {host.lower()}
+
+
+def host_name(header: str) -> str:
+    """The host part of a Host header: without the port, IPv6 brackets removed."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostCheck:
+    """ASGI middleware: refuse requests whose Host header names another server."""
+
+    def __init__(self, asgi: ASGIApp, app: App) -> None:
+        self.asgi = asgi
+        self.allowed = allowed_hosts(app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and self.allowed is not None:
+            raw = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host_name(raw) not in self.allowed:
+                logger.warning("refused a request for Host %r (DNS rebinding guard)", raw[:100])
+                response = JSONResponse({"detail": "Invalid Host header."}, status_code=400)
+                await response(scope, receive, send)
+                return
+        await self.asgi(scope, receive, send)
