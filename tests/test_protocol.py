@@ -14,7 +14,10 @@ DOC = Path(__file__).resolve().parent.parent / "DOCUMENTATION.md"
 
 
 def doc_examples() -> list[str]:
-    return re.findall(r"```json\n(.*?)\n```", DOC.read_text(), re.DOTALL)
+    """The JSON examples of the WebSocket protocol section."""
+    text = DOC.read_text()
+    section = text.split("## WebSocket protocol", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```json\n(.*?)\n```", section, re.DOTALL)
 
 
 def test_documentation_has_an_example_of_every_message() -> None:
