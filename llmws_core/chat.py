@@ -239,15 +239,18 @@ class ChatService:
         on_queued: Callable[[int], None] | None = None,
         trim_history: bool = True,
         on_ready: Callable[[int, int], None] | None = None,
+        model: str | None = None,
     ) -> AsyncIterator[Chunk]:
         """Stream a reply: waits its FIFO turn, fits the context, runs the backend in a
         worker thread, yields text chunks and finally a Chunk with the result.
 
+        `model` names the model for this request only (None: the loaded one; a
+        remote model's name: its LiteLLM backend, see `ModelManager.backend_for`).
         If the consumer stops iterating, the generation is cancelled."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         started = time.perf_counter()
-        async with self.models.use(on_queued) as backend:
+        async with self.models.use(on_queued, model=model) as backend:
             if cancel.is_set():
                 yield Chunk(result=GenerationResult("cancelled", 0, 0))
                 return
@@ -356,7 +359,7 @@ class ChatService:
             def queued(pos: int) -> None:
                 self.send_transient(session, {"type": "queued", "request_id": rid, "position": pos})
 
-            async for chunk in self.generate(messages, params, cancel=job.cancel, on_queued=queued):
+            async for chunk in self.generate(messages, params, cancel=job.cancel, on_queued=queued, model=msg.model):
                 if chunk.result is not None:
                     res = chunk.result
                     history = session.state.setdefault("history", [])

@@ -102,6 +102,8 @@ async def estimate_model(conn: Connection, session: Session, msg: protocol.Estim
     from .engine.memory import estimate_for_entry
 
     entry = conn.app.models.resolve(msg.model_path)
+    if entry.backend == "litellm":
+        raise errors.Unsupported("Remote models have no local memory estimate.")
     est = await asyncio.to_thread(estimate_for_entry, entry)
     conn.send({"type": "model_estimate", "model": entry.name, **est.public(), **_rid(msg)})
 

@@ -19,6 +19,7 @@ from typing import Any
 from .. import errors
 from ..config import Settings
 from .backends.base import Backend
+from .remote import RemoteEntry, RemoteModels
 from .scan import ModelDirs, ModelEntry, auto_select
 
 logger = logging.getLogger("llmws.engine.manager")
@@ -56,8 +57,27 @@ def _transformers(entry: ModelEntry, settings: Settings) -> Backend:
     )
 
 
+def _litellm(entry: ModelEntry, settings: Settings) -> Backend:
+    from .backends.litellm import LiteLLMBackend
+
+    if not isinstance(entry, RemoteEntry) or entry.remote is None or entry.registry is None:
+        raise errors.Unsupported("Only models from remote_models are served by LiteLLM.")
+    registry, remote = entry.registry, entry.remote
+    group = remote.model.partition("/")[2] if remote.model.startswith("router/") else None
+    return LiteLLMBackend(
+        remote,
+        router=registry.router if settings.router else None,
+        group_models=registry.group_models(group) if group else (),
+        group_max_context=registry.group_max_context(group) if group else None,
+    )
+
+
 #: Backend factories by name; new backends register here, not in an if/elif chain.
-BACKENDS: dict[str, BackendFactory] = {"llamacpp": _llamacpp, "transformers": _transformers}
+BACKENDS: dict[str, BackendFactory] = {
+    "llamacpp": _llamacpp,
+    "transformers": _transformers,
+    "litellm": _litellm,
+}
 
 
 class FairQueue:
@@ -137,6 +157,11 @@ class ModelManager:
         self._no_swap = asyncio.Event()
         self._no_swap.set()
         self.loading: str | None = None
+        self.remote = RemoteModels(settings)
+        # Remote models used per request (`model` in a request) while another model
+        # is current: each has its own backend and its own FairQueue.
+        self._remote_backends: dict[str, tuple[Backend, FairQueue]] = {}
+        self._remote_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ info
 
@@ -154,26 +179,48 @@ class ModelManager:
         return info
 
     def list_models(self) -> list[dict[str, Any]]:
+        """Local models (both folders, the loaded one), then the configured remote models."""
+        current_remote = self.entry.name if isinstance(self.entry, RemoteEntry) else None
         entries = self.dirs.scan()
-        loaded_path = self.entry.path if self.entry else None
+        loaded_path = self.entry.path if self.entry and current_remote is None else None
         out = []
         seen = set()
         for e in entries:
             loaded = loaded_path is not None and Path(e.path) == Path(loaded_path)
             out.append(e.public(loaded, self.max_context if loaded else None))
             seen.add(Path(e.path))
-        if self.entry is not None and Path(self.entry.path) not in seen:
+        if self.entry is not None and current_remote is None and Path(self.entry.path) not in seen:
             out.append(self.entry.public(True, self.max_context))
+        for r in self.remote.entries():
+            loaded = r.name == current_remote
+            if loaded:
+                ctx = self.max_context
+            else:
+                cached = self._remote_backends.get(r.name)
+                ctx = cached[0].info.max_context if cached else None
+            out.append(r.public(loaded, ctx))
         return out
+
+    def is_remote(self, name: str | None) -> bool:
+        """Whether `name` is a configured remote model (by name or `remote/<name>`)."""
+        return self.remote.find(name) is not None
 
     # ------------------------------------------------------------------ loading
 
     def resolve(self, name_or_path: str) -> ModelEntry:
+        """A local model (see `ModelDirs.resolve`) or a configured remote model."""
+        remote = self.remote.find(name_or_path)
+        if remote is not None:
+            return remote
         if self.entry is not None and name_or_path in (self.entry.name, self.entry.rel_path) and self.entry.source == "embedded":
             return self.entry
         return self.dirs.resolve(name_or_path)
 
     def initial_entry(self) -> ModelEntry | None:
+        """The config's `model.path` (a local or remote model), else the auto-selected local one."""
+        remote = self.remote.find(self.settings.model.path)
+        if remote is not None:
+            return remote
         return auto_select(self.settings.model.path, self.dirs)
 
     def _build(self, entry: ModelEntry) -> Backend:
@@ -213,9 +260,73 @@ class ModelManager:
             finally:
                 self.loading = None
 
+    # ------------------------------------------------------------------ per-request models
+
+    def _is_current(self, name: str | None) -> bool:
+        if not name:
+            return True
+        e = self.entry
+        if e is None:
+            return False
+        if name in (e.name, e.rel_path):
+            return True
+        remote = self.remote.find(name)  # "remote/<name>" names the loaded remote model too
+        return isinstance(e, RemoteEntry) and remote is not None and remote.name == e.name
+
+    async def _remote_backend(self, name: str) -> tuple[Backend, FairQueue]:
+        """The cached backend (and its queue) of a remote model used per request; built on first use."""
+        entry = self.remote.find(name)
+        if entry is None:
+            raise errors.ModelNotFound(f"No model named '{name[:120]}' is loaded or configured as a remote model.")
+        async with self._remote_lock:
+            cached = self._remote_backends.get(entry.name)
+            if cached is not None:
+                return cached
+            backend = self._build(entry)
+            try:
+                await asyncio.to_thread(backend.load)
+            except errors.LLMWSError:
+                raise
+            except Exception as exc:
+                logger.error("loading remote model %s failed", entry.name, exc_info=exc)
+                raise errors.ModelLoadError(f"Could not load {entry.name}.") from None
+            cached = (backend, FairQueue(max(1, backend.max_concurrency), self.settings.limits.max_queue))
+            self._remote_backends[entry.name] = cached
+            return cached
+
+    async def backend_for(self, name: str | None) -> Backend:
+        """The backend that serves a request naming `name` (the request's `model`).
+
+        None or the loaded model's name: the current backend. A configured remote
+        model: its LiteLLM backend (built once, then cached), whatever model is
+        current. Anything else raises ModelNotFound: a request never switches the
+        model as a side effect (that needs `switch_model` and the admin key).
+        """
+        if self._is_current(name):
+            if self.backend is None:
+                raise errors.ModelNotLoaded("No model is loaded yet.")
+            return self.backend
+        assert name is not None
+        backend, _ = await self._remote_backend(name)
+        return backend
+
     @contextlib.asynccontextmanager
-    async def use(self, on_position: Callable[[int], None] | None = None) -> AsyncIterator[Backend]:
-        """Hold the current backend for one generation, in FIFO order."""
+    async def use(self, on_position: Callable[[int], None] | None = None, *, model: str | None = None) -> AsyncIterator[Backend]:
+        """Hold a backend for one generation, in FIFO order.
+
+        `model` None (or the loaded model's name) holds the current backend; a
+        remote model's name holds that model's backend in its own queue (see
+        `backend_for`), so a slow local model never delays remote requests.
+        """
+        if not self._is_current(model):
+            assert model is not None
+            backend, queue = await self._remote_backend(model)
+            await queue.acquire(on_position)
+            try:
+                yield backend
+            finally:
+                queue.release()
+            return
         await self.queue.acquire(on_position)
         try:
             # A swap waiting for in-flight generations must not starve: newcomers wait for it.
@@ -235,6 +346,9 @@ class ModelManager:
             self.queue.release()
 
     async def close(self) -> None:
+        for backend, _ in self._remote_backends.values():
+            await asyncio.to_thread(backend.unload)
+        self._remote_backends.clear()
         if self.backend is not None:
             await asyncio.to_thread(self.backend.unload)
             self.backend = None

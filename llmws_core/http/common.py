@@ -218,6 +218,8 @@ async def ensure_model(request: Request, name: str | None) -> None:
     if not name:
         return
     app = llmws(request)
+    if app.models.is_remote(name):
+        return  # served per request by its LiteLLM backend (see `remote_model`), no switch
     current = app.models.entry
     if current is not None and name in (current.name, current.rel_path):
         return
@@ -231,6 +233,11 @@ async def ensure_model(request: Request, name: str | None) -> None:
         raise errors.Forbidden("Switching the model needs the admin key.")
     logger.info("request names %s: switching the model", entry.name)
     await app.models.load(entry)
+
+
+def remote_model(request: Request, name: str | None) -> str | None:
+    """`name` if it is a configured remote model (passed to `ChatService.generate(model=)`), else None."""
+    return name if name and llmws(request).models.is_remote(name) else None
 
 
 async def first_chunk(request: Request, agen: AsyncIterator[Any], cancel: threading.Event) -> Any:

@@ -32,6 +32,7 @@ from .common import (
     make_params,
     normalize_messages,
     openai_error,
+    remote_model,
     sse,
     watch_disconnect,
 )
@@ -150,7 +151,8 @@ class Prepared:
         self.id = "chatcmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
         info = llmws(request).models.model_info() or {}
-        self.model = info.get("name") or body.model or "llmws"
+        self.remote = remote_model(request, body.model)
+        self.model = self.remote or info.get("name") or body.model or "llmws"
 
     def finish_content(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """Final (content, tool_calls) of a complete reply."""
@@ -208,7 +210,7 @@ async def complete(body: ChatCompletionRequest, request: Request) -> Response:
     await ensure_model(request, body.model)
     prep = Prepared(request, body)
     cancel = threading.Event()
-    agen = llmws(request).chat.generate(prep.messages, prep.params, cancel=cancel, trim_history=False)
+    agen = llmws(request).chat.generate(prep.messages, prep.params, cancel=cancel, trim_history=False, model=prep.remote)
     try:
         first = await first_chunk(request, agen, cancel)
     except BaseException:
