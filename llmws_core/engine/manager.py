@@ -54,6 +54,7 @@ def _transformers(entry: ModelEntry, settings: Settings) -> Backend:
         compile=m.compile,
         trust_remote_code=m.trust_remote_code,
         max_batch=m.max_batch,
+        max_context=m.n_ctx,  # None: the memory estimate, capped by the trained context
     )
 
 
