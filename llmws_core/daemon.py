@@ -170,14 +170,35 @@ class App:
     # ------------------------------------------------------------------ run
 
     async def load_initial_model(self) -> None:
-        entry = self.models.initial_entry()
-        if entry is None:
-            logger.warning("no model found and no embedded default: waiting for a download")
-            return
+        """Load the auto-selected model; if it fails, try the other models found and
+        finally the embedded default, so the daemon always starts serving something."""
+        from .engine.scan import embedded_entry
+
         try:
-            await self.models.load(entry)
+            first = self.models.initial_entry()
         except errors.LLMWSError as exc:
-            logger.error("could not load %s: %s", entry.name, exc.message)
+            logger.error("configured model unusable: %s", exc.message)
+            first = None
+        candidates = [first] if first is not None else []
+        try:
+            found = await asyncio.to_thread(self.models.dirs.scan)
+        except Exception:
+            found = []
+        candidates += sorted(found, key=lambda e: (e.source != "models", e.name.lower()))
+        embedded = embedded_entry()
+        if embedded is not None:
+            candidates.append(embedded)
+        tried: set[str] = set()
+        for entry in candidates:
+            if str(entry.path) in tried:
+                continue
+            tried.add(str(entry.path))
+            try:
+                await self.models.load(entry)
+                return
+            except errors.LLMWSError as exc:
+                logger.error("could not load %s: %s; trying the next model", entry.name, exc.message)
+        logger.warning("no model could be loaded: waiting for a download or switch_model")
 
     async def serve(self, stop: asyncio.Event) -> None:
         s = self.settings

@@ -435,7 +435,28 @@ class ModelDirs:
                 embedded model, or it is the loaded model.
             ModelNotFound: no such model.
         """
-        entry = self.resolve(name)
+        try:
+            entry = self.resolve(name)
+        except ModelNotFound:
+            # A download's folder, named by the target_dir the user chose, holding models.
+            folder = self._download_folder(name)
+            if folder is None:
+                raise
+            models = [e for e in self.scan() if _is_within(e.path, folder)]
+            for m in models:
+                if loaded_path is not None and self._same_model(m.path, Path(loaded_path)):
+                    raise Forbidden(
+                        f"'{m.name}' is the loaded model; switch to another model before deleting it."
+                    ) from None
+            shutil.rmtree(folder)
+            self._cache = {k: v for k, v in self._cache.items() if not _is_within(v.path, folder)}
+            logger.info("deleted download folder %s", folder.name)
+            return ModelEntry(
+                name=folder.name, path=folder, rel_path=f"var/models/{folder.name}",
+                format=models[0].format, backend=models[0].backend,
+                size_mb=sum(m.size_mb for m in models), source="var",
+                parameters=None, quantization=None,
+            )
         if entry.source == "models" and not self.allow_delete_from_models:
             raise Forbidden(
                 "Models in models/ are yours to manage; deleting them is disabled in the config "
@@ -458,6 +479,17 @@ class ModelDirs:
         self._cache = {k: v for k, v in self._cache.items() if v.path != path}
         logger.info("deleted model %s", entry.rel_path)
         return entry
+
+    def _download_folder(self, name: str) -> Path | None:
+        """`var/models/<name>` if `name` is a single plain folder name holding a model."""
+        if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+            return None
+        folder = self.var_models_dir / name
+        if folder.is_symlink() or not folder.is_dir():
+            return None
+        if not any(_is_within(e.path, folder) for e in self.scan()):
+            return None
+        return folder
 
     def _same_model(self, candidate: Path, loaded: Path) -> bool:
         """True when `loaded` is the model at `candidate` or a file inside it."""
