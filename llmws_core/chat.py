@@ -332,7 +332,8 @@ class ChatService:
         """(full prompt messages, the new turn's messages to keep in history)."""
         new = protocol.prompt_to_messages(msg.prompt)
         if msg.messages:
-            new = [m.model_dump(exclude_none=True) for m in msg.messages] + new
+            # content may be null (OpenAI allows it); downstream code and templates need a str.
+            new = [{**m.model_dump(exclude_none=True), "content": m.content or ""} for m in msg.messages] + new
         system = next((m["content"] for m in new if m["role"] == "system"), None) or cfg.get("system")
         turn = [m for m in new if m["role"] != "system"]
         history = list(session.state.get("history", []))
@@ -401,9 +402,16 @@ class ChatService:
             body = errors.to_wire(exc, rid)
             try:
                 self.emit(session, body)
-                session.save_state()
-            except Exception:
-                logger.exception("could not record an error event for session %s", session.id)
+            except errors.LLMWSError:
+                # The disk refused the error too (storage_error): the connected
+                # clients must still hear why their request ended.
+                logger.error("session %s: error event not stored; sent live only", session.id)
+                self.send_transient(session, body)
+            else:
+                try:
+                    session.save_state()
+                except errors.StorageError:
+                    pass  # logged by the store; the state on disk stays the previous one
         finally:
             self.jobs.get(session.id, {}).pop(rid, None)
             if not self.jobs.get(session.id):

@@ -77,6 +77,7 @@ class LimitSettings(_Section):
     handshake_timeout: float = Field(10.0, gt=0, description="Seconds a client has to send its first frame.")
     max_downloads: int = Field(2, ge=1, description="Concurrent model downloads.")
     min_free_disk_mb: int = Field(1024, ge=0, description="Downloads refuse to start with less free disk than this.")
+    max_download_mb: int | None = Field(200_000, ge=1, description="A download larger than this fails (null: only free disk limits it).")
 
 
 class SecuritySettings(_Section):

@@ -73,6 +73,7 @@ class App:
                 self.models.dirs,
                 max_concurrent=limits.max_downloads,
                 min_free_bytes=limits.min_free_disk_mb * 2**20,
+                max_bytes=limits.max_download_mb * 2**20 if limits.max_download_mb else None,
             )
         return self._downloads
 
@@ -231,7 +232,15 @@ class App:
                 with contextlib.suppress(Exception):
                     await self._downloads.close()
             await asyncio.to_thread(self.store.close_all)
-            ws_server.close(close_connections=True)
+            # Server.close() is idempotent: the first call (close_connections=False)
+            # already ran, so a second one would not close anything. Close the open
+            # sockets here, with 1001 (going away), so clients know to resume later.
+            closing = [
+                asyncio.create_task(conn.close(1001, "server shutting down"))
+                for conn in list(ws_server.connections)
+            ]
+            if closing:
+                await asyncio.wait(closing, timeout=5)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws_server.wait_closed(), 5)
             if http_server is not None:

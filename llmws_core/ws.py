@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -36,6 +37,79 @@ LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 def is_loopback(host: str) -> bool:
     return host in LOOPBACK or host.startswith("127.")
+
+
+def frame_size(frame: str | bytes, limit: int) -> int:
+    """A frame's size in bytes for the limit check (a text frame's UTF-8 length).
+
+    A str of n characters is at most 4n bytes, so only a frame that might be over
+    `limit` pays for an encode; under it, the character count is returned."""
+    if isinstance(frame, bytes) or len(frame) * 4 <= limit:
+        return len(frame)
+    return len(frame.encode("utf-8", "surrogatepass"))
+
+
+def single_header(headers: Any, name: str) -> str | None:
+    """One header's value; a header sent twice counts as absent-and-suspicious (None
+    is never returned for it: the empty string is, which matches no key or origin)."""
+    values = headers.get_all(name)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else ""
+
+
+#: Where a key can sit in anything a library logs: headers, query strings, JSON frames.
+_KEY_PATTERN = re.compile(
+    r"""(?ix)
+    ( x-api-key \s* [:=] \s*
+    | authorization \s* [:=] \s* (?: bearer \s+ | basic \s+ )?
+    | \b (?: x_)? api_key \s* = \s*
+    | ["']? (?: x_)? api_key ["']? \s* : \s* ["']?
+    )
+    ( [^\s&"',}\\]+ )
+    """
+)
+
+
+class KeyRedactor(logging.Filter):
+    """Strip API keys out of log records before any handler writes them.
+
+    websockets logs every request header and frame at DEBUG (X-API-Key, Bearer
+    tokens, `?api_key=`, `{"api_key": ...}` handshakes); keys must never reach a log
+    file, so the message is rewritten: configured keys by value, and anything in a
+    key-carrying position by pattern (that catches wrong keys too)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__()
+        self.keys = sorted({k for k in keys if k}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for key in self.keys:
+            text = text.replace(key, "[redacted]")
+        return _KEY_PATTERN.sub(lambda m: m.group(1) + "[redacted]", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is the logging module's business
+            return True
+        clean = self.redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def install_key_redaction(keys: list[str]) -> KeyRedactor:
+    """Attach a `KeyRedactor` to the websockets loggers and to every root handler.
+
+    Logger filters catch records of that logger wherever they are handled; the
+    root handlers' filter catches every other library that propagates to root."""
+    redactor = KeyRedactor(keys)
+    for name in ("websockets.server", "uvicorn.error"):
+        logging.getLogger(name).addFilter(redactor)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redactor)
+    return redactor
 
 
 def key_matches(given: str | None, keys: list[str]) -> bool:
@@ -78,6 +152,12 @@ class Connection:
         self.closed = False
         self.is_admin = False
         self.limiter = RateLimiter(app.settings.limits.messages_per_second)
+        # What the writer closes with when it reaches the end of the outbox.
+        self.close_code: tuple[int, str] = (1013, "client too slow; reconnect to resume")
+        # The replay on resume may be longer than MAX_OUTBOX (a long unacknowledged
+        # session resumed from 0); it is already in memory, so it is allowed on top,
+        # else such a session could never be resumed.
+        self.backlog_allowance = 0
 
     # ------------------------------------------------------------------ output
 
@@ -85,7 +165,7 @@ class Connection:
         """Queue an event for this socket (never blocks; the writer task sends)."""
         if self.closed:
             return
-        if self.outbox.qsize() > MAX_OUTBOX:
+        if self.outbox.qsize() > MAX_OUTBOX + self.backlog_allowance:
             logger.warning("client is not reading; closing so it can resume later")
             self.closed = True
             self.outbox.put_nowait(None)
@@ -94,7 +174,11 @@ class Connection:
 
     def error(self, exc: BaseException, request_id: str | None = None) -> None:
         body = errors.to_wire(exc, request_id)
-        if request_id is None and isinstance(exc, errors.LLMWSError) and exc.fields.get("request_id"):
+        if (
+            request_id is None
+            and isinstance(exc, errors.LLMWSError)
+            and exc.fields.get("request_id")
+        ):
             body["request_id"] = exc.fields["request_id"]
         self.send(body)
 
@@ -103,7 +187,8 @@ class Connection:
             while True:
                 frame = await self.outbox.get()
                 if frame is None:
-                    await self.ws.close(1013, "client too slow; reconnect to resume")
+                    code, reason = self.close_code
+                    await self.ws.close(code, reason)
                     return
                 await self.ws.send(frame)
         except ConnectionClosed:
@@ -119,13 +204,23 @@ class Connection:
             if first is None:
                 return
             handshake, pending = first
-            session, resumed, notice = app.chat.open_session(handshake.session_id)
+            try:
+                session, resumed, notice = app.chat.open_session(handshake.session_id)
+            except errors.LLMWSError as exc:  # e.g. storage_error: the disk refused a new session
+                self.error(exc)
+                await self._close_soon(1011, "could not open a session")
+                return
             self.session = session
-            last_seq = handshake.last_seq if resumed and handshake.last_seq is not None else (session.acked_seq if resumed else 0)
+            last_seq = (
+                handshake.last_seq
+                if resumed and handshake.last_seq is not None
+                else (session.acked_seq if resumed else 0)
+            )
             self.send(app.welcome(session, resumed))
             if notice:
                 self.send({"type": "notice", "code": "session_not_resumed", "message": notice})
             backlog = app.chat.subscribe(session, last_seq, self.send)
+            self.backlog_allowance = len(backlog)
             for event in backlog:
                 self.send(event)
             if pending is not None:
@@ -144,22 +239,32 @@ class Connection:
 
     async def _handshake(self) -> tuple[protocol.Handshake, dict[str, Any] | None] | None:
         """Read the first frame. An old-style client that starts with a message
-        instead of a handshake gets a new session and that message is processed."""
+        instead of a handshake gets a new session and that message is processed.
+
+        The whole handshake has one deadline (`limits.handshake_timeout`), however
+        many bad frames come first, and bad frames count against the message rate:
+        an unauthenticated peer can neither linger nor make us answer at line speed."""
         limits = self.app.settings.limits
-        try:
-            frame = await asyncio.wait_for(self.ws.recv(), timeout=limits.handshake_timeout)
-        except TimeoutError:
-            self.error(errors.BadRequest("No handshake within the time limit."))
-            await asyncio.sleep(0)
-            await self.ws.close(1008, "handshake timeout")
-            return None
+        deadline = time.monotonic() + limits.handshake_timeout
         while True:
             try:
-                if len(frame) > limits.max_frame_bytes:
+                frame = await asyncio.wait_for(
+                    self.ws.recv(), timeout=max(0.0, deadline - time.monotonic())
+                )
+            except TimeoutError:
+                self.error(errors.BadRequest("No handshake within the time limit."))
+                await self._close_soon(1008, "handshake timeout")
+                return None
+            try:
+                if not self.limiter.allow():
+                    raise errors.RateLimited("Too many messages; slow down.")
+                if frame_size(frame, limits.max_frame_bytes) > limits.max_frame_bytes:
                     raise errors.FrameTooLarge("Frame exceeds the size limit.")
                 data = protocol.decode_json(frame)
                 if "type" in data:
-                    if not self.authorized(data.get("api_key") if isinstance(data.get("api_key"), str) else None):
+                    data = dict(data)
+                    key = data.pop("api_key", None)
+                    if not self.authorized(key if isinstance(key, str) else None):
                         raise errors.Unauthorized("An API key is required.")
                     return protocol.Handshake(), data
                 hs = protocol.parse_handshake(data)
@@ -168,29 +273,49 @@ class Connection:
                 return hs, None
             except errors.Unauthorized as exc:
                 self.error(exc)
-                await asyncio.sleep(0.05)
-                await self.ws.close(1008, "unauthorized")
+                await self._close_soon(1008, "unauthorized")
                 return None
             except errors.LLMWSError as exc:
                 self.error(exc)
-            frame = await asyncio.wait_for(self.ws.recv(), timeout=limits.handshake_timeout)
+
+    async def _close_soon(self, code: int, reason: str) -> None:
+        """Close after the queued events (the error saying why) have been written."""
+        self.close_code = (code, reason)
+        self.outbox.put_nowait(None)
+        self.closed = True
+        for _ in range(100):
+            if self.outbox.empty():
+                break
+            await asyncio.sleep(0.01)
+        await self.ws.close(code, reason)
 
     def authorized(self, handshake_key: str | None) -> bool:
+        """Whether the peer may use this daemon; also decides `is_admin`.
+
+        Keys come from the handshake frame, `X-API-Key`, `Authorization: Bearer`, or
+        the `api_key` / `x_api_key` query parameter. With admin keys configured only
+        they allow admin actions; without, anyone allowed in may do them (the HTTP
+        adapter's rule too)."""
         sec = self.app.settings.security
         request = self.ws.request
         given = handshake_key
         if request is not None and not given:
-            given = request.headers.get("X-API-Key")
-            auth = request.headers.get("Authorization", "")
+            given = single_header(request.headers, "X-API-Key")
+            auth = single_header(request.headers, "Authorization") or ""
             if not given and auth.lower().startswith("bearer "):
                 given = auth[7:].strip()
             if not given:
                 query = parse_qs(urlsplit(request.path).query)
                 given = (query.get("api_key") or query.get("x_api_key") or [None])[0]
-        self.is_admin = key_matches(given, sec.admin_keys) if sec.admin_keys else not self.app.keys_required
         if not self.app.keys_required:
+            self.is_admin = key_matches(given, sec.admin_keys) if sec.admin_keys else True
             return True
-        return self.is_admin or key_matches(given, sec.api_keys)
+        is_user = key_matches(given, sec.api_keys)
+        if sec.admin_keys:
+            self.is_admin = key_matches(given, sec.admin_keys)
+        else:
+            self.is_admin = is_user
+        return self.is_admin or is_user
 
     # ------------------------------------------------------------------ input
 
@@ -199,10 +324,10 @@ class Connection:
             self.error(errors.RateLimited("Too many messages; slow down."))
             return
         try:
-            if len(frame) > self.app.settings.limits.max_frame_bytes:
-                raise errors.FrameTooLarge(
-                    f"Frame of {len(frame)} bytes exceeds the limit of {self.app.settings.limits.max_frame_bytes}."
-                )
+            limit = self.app.settings.limits.max_frame_bytes
+            size = frame_size(frame, limit)
+            if size > limit:
+                raise errors.FrameTooLarge(f"Frame of {size} bytes exceeds the limit of {limit}.")
             data = protocol.decode_json(frame)
         except errors.LLMWSError as exc:
             self.error(exc)
@@ -227,20 +352,26 @@ Handler = Callable[[Connection, Session, Any], Awaitable[None]]
 
 def make_origin_check(app: App) -> Callable[[ServerConnection, Request], Response | None]:
     """Refuse WebSocket handshakes from browser pages not on the allowlist, and
-    connections beyond the configured limits, before any frame is exchanged."""
+    connections beyond the configured limits, before any frame is exchanged.
+
+    Building the check also installs the log redaction of API keys (this is the one
+    place the daemon calls before it starts accepting connections)."""
+    sec = app.settings.security
+    install_key_redaction([*sec.api_keys, *sec.admin_keys])
 
     def check(connection: ServerConnection, request: Request) -> Response | None:
-        sec = app.settings.security
-        origin = request.headers.get("Origin")
+        # A header sent twice reads as "" and matches nothing (browsers send one Origin).
+        origin = single_header(request.headers, "Origin")
         if origin is not None and not app.origin_allowed(origin):
-            logger.warning("refused WebSocket from origin %r", origin)
+            logger.warning("refused WebSocket from origin %r", origin[:200])
             return connection.respond(HTTPStatus.FORBIDDEN, "Origin not allowed\n")
         peer = connection.remote_address[0] if connection.remote_address else "?"
         if app.connection_count >= app.settings.limits.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections\n")
         if app.per_ip.get(peer, 0) >= app.settings.limits.max_connections_per_ip:
-            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "Too many connections from this address\n")
-        del sec
+            return connection.respond(
+                HTTPStatus.TOO_MANY_REQUESTS, "Too many connections from this address\n"
+            )
         return None
 
     return check

@@ -103,12 +103,12 @@ async def blocking_reply(request: Request, body: ChatRequest) -> dict[str, Any]:
     }
 
 
-async def text_stream(request: Request, body: ChatRequest, cancel: threading.Event) -> AsyncIterator[str]:
+async def text_stream(
+    request: Request, body: ChatRequest, messages: list[Message], params: Any, cancel: threading.Event
+) -> AsyncIterator[str]:
     """Reply text chunks (labelled passes with intermediate_steps), then END_MARK.
     Errors end the stream with a line saying so (the status is already sent)."""
     chat = llmws(request).chat
-    messages = conversation(request, body)
-    params = _params(request, body)
     try:
         if body.improvement:
             async for ev in improve_stream(chat, messages, params, cancel=cancel):
@@ -131,9 +131,12 @@ async def text_stream(request: Request, body: ChatRequest, cancel: threading.Eve
 
 
 def _stream_response(request: Request, body: ChatRequest) -> StreamingResponse:
+    # Validate before the 200 goes out: a bad history must be a 400, not a cut stream.
+    messages = conversation(request, body)
+    params = _params(request, body)
     cancel = threading.Event()
     return StreamingResponse(
-        cancel_on_disconnect(request, text_stream(request, body, cancel), cancel),
+        cancel_on_disconnect(request, text_stream(request, body, messages, params, cancel), cancel),
         media_type="text/plain; charset=utf-8",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

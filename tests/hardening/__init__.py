@@ -1,0 +1,1 @@
+"""Hardening tests: hostile input, crashes, write failures, limits and load."""

@@ -1,0 +1,178 @@
+"""Crashes and shutdowns during generations, in several sessions at once.
+
+SIGKILL at random moments: after each restart every session resumes, every event a
+client had received is replayed exactly, and nothing is replayed twice (tracked by
+seq). SIGTERM: running generations drain and every buffer is flushed, so after a
+restart each reply is there through its `done`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+from typing import Any
+
+import pytest
+
+from ..conftest import DaemonProcess
+from ..wire import Peer
+
+SESSIONS = 4
+ROUNDS = 5  # SESSIONS * ROUNDS = 20 generations, each cut at a random moment
+PROMPTS = [
+    "Count to ten.",
+    "Name three fruits.",
+    "Say hello in French.",
+    "What is two plus two?",
+    "Describe the sky.",
+]
+
+
+async def _collect(peers: list[Peer], seconds: float) -> None:
+    """Read whatever arrives on every peer for `seconds` (events land in peer.events)."""
+
+    async def drain(peer: Peer) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                await peer.recv(3600)
+
+    tasks = [asyncio.create_task(drain(p)) for p in peers]
+    await asyncio.sleep(seconds)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _backlog(daemon: DaemonProcess, sid: str) -> tuple[Peer, list[dict[str, Any]]]:
+    """Resume `sid` from the start; return the peer and the replayed buffer (up to a ping's pong)."""
+    peer = await Peer.open(daemon.ws_url, {"session_id": sid, "last_seq": 0})
+    assert peer.welcome["resumed"] is True, peer.welcome
+    await peer.send({"type": "ping", "request_id": "end-of-backlog"})
+    events = await peer.until("pong", 60, request_id="end-of-backlog")
+    return peer, [e for e in events if "seq" in e]
+
+
+def _check_buffer(
+    sid: str, backlog: list[dict[str, Any]], received: dict[int, dict[str, Any]], last_seq: int
+) -> None:
+    """The replay is 1..last_seq with no hole or repeat, holds every event the client saw, and closes every reply once."""
+    seqs = [e["seq"] for e in backlog]
+    assert seqs == list(range(1, last_seq + 1)), f"session {sid}: gap or duplicate in {seqs}"
+    by_seq = {e["seq"]: e for e in backlog}
+    for seq, event in received.items():
+        assert by_seq.get(seq) == event, f"session {sid}: event {seq} not replayed as received"
+    started = {e["request_id"] for e in backlog if e["type"] == "start"}
+    dones = [e["request_id"] for e in backlog if e["type"] == "done"]
+    assert len(dones) == len(set(dones)), f"session {sid}: a reply was closed twice: {dones}"
+    assert started <= set(dones), f"session {sid}: replies never closed: {started - set(dones)}"
+    assert not any(e.get("code") == "corrupt_record" for e in backlog)
+
+
+@pytest.mark.slow
+async def test_sigkill_at_random_moments_loses_and_repeats_nothing(daemon_factory) -> None:
+    """20 generations in 4 sessions, SIGKILLed at random moments: every session resumes with every seen event, once."""
+    seed = int.from_bytes(os.urandom(4), "big")
+    rng = random.Random(seed)
+    daemon = daemon_factory(config={"model": {"max_context_cap": 2048}})
+    peers = [await Peer.open(daemon.ws_url) for _ in range(SESSIONS)]
+    sids = [p.welcome["session_id"] for p in peers]
+    received: dict[str, dict[int, dict[str, Any]]] = {sid: {} for sid in sids}
+    kills_mid_reply = 0
+    for rnd in range(ROUNDS):
+        for i, peer in enumerate(peers):
+            await peer.send(
+                {
+                    "type": "inference",
+                    "prompt": PROMPTS[(rnd + i) % len(PROMPTS)],
+                    "request_id": f"g{rnd}-{i}",
+                    "config": {
+                        "temperature": 0.8,
+                        "max_new_tokens": rng.randint(4, 10),
+                        "seed": rng.randint(0, 9999),
+                    },
+                }
+            )
+        delay = rng.uniform(0.0, 2.5)
+        await _collect(peers, delay)
+        daemon.kill()
+        for sid, peer in zip(sids, peers, strict=True):
+            for e in peer.events:
+                if "seq" in e:
+                    assert e["seq"] not in received[sid] or received[sid][e["seq"]] == e, (
+                        "a seq was reused"
+                    )
+                    received[sid][e["seq"]] = e
+            kills_mid_reply += any(e["type"] == "token" for e in peer.events) and not any(
+                e["type"] == "done" and e["request_id"] == f"g{rnd}-{sids.index(sid)}"
+                for e in peer.events
+            )
+            peer.ws.transport.abort()
+        daemon.start()
+        peers = []
+        for sid in sids:
+            peer, backlog = await _backlog(daemon, sid)
+            _check_buffer(
+                f"{sid} (seed {seed}, round {rnd}, delay {delay:.2f})",
+                backlog,
+                received[sid],
+                peer.welcome["last_seq"],
+            )
+            received[sid] = {e["seq"]: e for e in backlog}
+            peer.events = []
+            peers.append(peer)
+    # The conversations go on after all that.
+    for peer in peers:
+        _, events = await peer.infer("Say yes.", "final", temperature=0, max_new_tokens=3)
+        assert events[-1]["finish_reason"] in ("stop", "length")
+        await peer.close()
+    assert (
+        kills_mid_reply
+        + sum(
+            1
+            for r in received.values()
+            for e in r.values()
+            if e.get("finish_reason") == "interrupted"
+        )
+        > 0
+    ), f"no kill landed inside a reply (seed {seed}): the test did not test crashes"
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_generations_and_flushes_every_buffer(daemon_factory) -> None:
+    """SIGTERM while 3 sessions generate: the daemon exits 0 and each reply is on disk through its done."""
+    daemon = daemon_factory(
+        config={"server": {"drain_seconds": 60}, "model": {"max_context_cap": 2048}}
+    )
+    peers = [await Peer.open(daemon.ws_url) for _ in range(3)]
+    for i, peer in enumerate(peers):
+        await peer.send(
+            {
+                "type": "inference",
+                "prompt": PROMPTS[i],
+                "request_id": f"t{i}",
+                "config": {"temperature": 0, "max_new_tokens": 8},
+            }
+        )
+    for i, peer in enumerate(peers):
+        await peer.until("start", 120, request_id=f"t{i}")
+    code = await asyncio.to_thread(daemon.stop, 120)
+    assert code == 0, daemon.log()
+    seen = []
+    for peer in peers:
+        with contextlib.suppress(Exception):
+            while True:
+                await peer.recv(5)
+        seen.append({e["seq"]: e for e in peer.events if "seq" in e})
+    # The sockets were closed by the daemon with 1001 (going away), not just dropped.
+    assert [p.ws.close_code for p in peers] == [1001] * len(peers)
+    daemon.start()
+    for i, peer in enumerate(peers):
+        sid = peer.welcome["session_id"]
+        again, backlog = await _backlog(daemon, sid)
+        _check_buffer(sid, backlog, seen[i], again.welcome["last_seq"])
+        done = [e for e in backlog if e["type"] == "done" and e["request_id"] == f"t{i}"]
+        assert done and done[0]["finish_reason"] in ("stop", "length"), done
+        assert any(e["type"] == "token" for e in backlog)
+        await again.close()

@@ -1,0 +1,279 @@
+"""Who may talk to the daemon: Origin allowlist, API keys, admin actions, binding
+beyond loopback, keys kept out of logs, and the HTTP adapter's Host and CORS checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from ..conftest import REPO, DaemonProcess, scaled
+from ..wire import Peer
+
+USER_KEY = "user-key-7f3a9c1e5b2d4680"
+ADMIN_KEY = "admin-key-0e8d6b4a2c1f3957"
+WRONG_KEY = "wrong-key-55aa55aa55aa55aa"
+ALLOWED = "https://allowed.example"
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """A daemon that requires keys on loopback, with one extra allowed Origin, logging at DEBUG."""
+    config = {
+        "security": {
+            "require_api_key": True,
+            "api_keys": [USER_KEY],
+            "admin_keys": [ADMIN_KEY],
+            "allowed_origins": [ALLOWED],
+            "allow_file_origin": False,
+        },
+    }
+    env = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    d = DaemonProcess(tmp_path_factory.mktemp("keyed"), ["--log-level", "DEBUG"], env, config)
+    d.start()
+    yield d
+    d.kill()
+
+
+@pytest.fixture(scope="module")
+def open_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """A default loopback daemon (no keys) that allows pages opened from disk."""
+    d = DaemonProcess(
+        tmp_path_factory.mktemp("open"), [], None, {"security": {"allow_file_origin": True}}
+    )
+    d.start()
+    yield d
+    d.kill()
+
+
+async def _status_of_handshake(url: str, headers: list[tuple[str, str]]) -> int:
+    """101 if the WebSocket handshake succeeded, else the HTTP status of the refusal."""
+    try:
+        ws = await connect(url, additional_headers=headers, open_timeout=scaled(10))
+    except InvalidStatus as exc:
+        return exc.response.status_code
+    await ws.close()
+    return 101
+
+
+def _key_headers() -> list[tuple[str, str]]:
+    return [("X-API-Key", USER_KEY)]
+
+
+# ------------------------------------------------------------------ Origin
+
+
+async def test_foreign_browser_origin_is_refused_at_handshake(keyed: DaemonProcess) -> None:
+    """A web page from another site cannot open the daemon's WebSocket (HTTP 403), even with a key."""
+    for origin in (
+        "https://evil.example",
+        "http://localhost.evil.example",
+        "http://127.0.0.1:1",
+        "null",
+        f"{ALLOWED}.evil",
+        ALLOWED.upper(),
+    ):
+        status = await _status_of_handshake(keyed.ws_url, [("Origin", origin), *_key_headers()])
+        assert status == 403, (origin, status)
+
+
+async def test_duplicate_origin_headers_are_refused_not_crashing(keyed: DaemonProcess) -> None:
+    """Two Origin headers (one allowed, one not) are refused with 403, not a server error."""
+    status = await _status_of_handshake(
+        keyed.ws_url, [("Origin", ALLOWED), ("Origin", "https://evil.example"), *_key_headers()]
+    )
+    assert status == 403
+
+
+async def test_allowed_origins_and_no_origin_connect(keyed: DaemonProcess) -> None:
+    """Non-browser clients (no Origin), the configured origin and the HTTP adapter's own origin connect."""
+    own = f"http://127.0.0.1:{keyed.http_port}"
+    assert await _status_of_handshake(keyed.ws_url, _key_headers()) == 101
+    assert await _status_of_handshake(keyed.ws_url, [("Origin", ALLOWED), *_key_headers()]) == 101
+    assert await _status_of_handshake(keyed.ws_url, [("Origin", own), *_key_headers()]) == 101
+
+
+async def test_file_origin_only_when_configured(open_daemon: DaemonProcess) -> None:
+    """`Origin: null` (a page opened from disk) connects only with security.allow_file_origin."""
+    peer = await Peer.open(open_daemon.ws_url, additional_headers=[("Origin", "null")])
+    assert peer.welcome["type"] == "welcome"
+    await peer.close()
+    assert (
+        await _status_of_handshake(open_daemon.ws_url, [("Origin", "https://evil.example")]) == 403
+    )
+
+
+# ------------------------------------------------------------------ keys
+
+
+async def _refused(
+    url: str, handshake: dict[str, Any], headers: list[tuple[str, str]] | None = None
+) -> tuple[dict[str, Any], int | None]:
+    """Connect, send `handshake`, return (first event, close code)."""
+    async with connect(url, additional_headers=headers or []) as ws:
+        await ws.send(json.dumps(handshake))
+        first = json.loads(await asyncio.wait_for(ws.recv(), scaled(10)))
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), scaled(10))
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+    return first, code
+
+
+async def test_missing_or_wrong_key_is_unauthorized_and_closed(keyed: DaemonProcess) -> None:
+    """Without a valid key the client gets `unauthorized` and the socket closes with 1008."""
+    for handshake, headers in (
+        ({}, None),
+        ({"api_key": WRONG_KEY}, None),
+        ({}, [("X-API-Key", WRONG_KEY)]),
+        ({"type": "ping"}, None),
+        ({}, [("X-API-Key", USER_KEY), ("X-API-Key", WRONG_KEY)]),
+    ):
+        first, code = await _refused(keyed.ws_url, handshake, headers)
+        assert first["type"] == "error" and first["code"] == "unauthorized", first
+        assert code == 1008
+
+
+async def test_user_key_works_every_way_it_can_be_sent(keyed: DaemonProcess) -> None:
+    """The user key works in the handshake, X-API-Key, a Bearer token and the query string."""
+    ways: list[tuple[str, dict[str, Any], list[tuple[str, str]]]] = [
+        (keyed.ws_url, {"api_key": USER_KEY}, []),
+        (keyed.ws_url, {}, [("X-API-Key", USER_KEY)]),
+        (keyed.ws_url, {}, [("Authorization", f"Bearer {USER_KEY}")]),
+        (keyed.ws_url + f"/?api_key={USER_KEY}", {}, []),
+    ]
+    for url, handshake, headers in ways:
+        peer = await Peer.open(url, handshake, additional_headers=headers)
+        await peer.send({"type": "ping", "request_id": "k"})
+        assert (await peer.until("pong"))[-1]["request_id"] == "k"
+        await peer.close()
+
+
+async def test_admin_actions_need_the_admin_key(keyed: DaemonProcess) -> None:
+    """switch_model, delete_model and download_model with the user key are forbidden; the admin key passes the check."""
+    admin_only = [
+        {"type": "switch_model", "model_path": "nonexistent.gguf", "request_id": "a1"},
+        {"type": "delete_model", "model_name": "nonexistent.gguf", "request_id": "a2"},
+        {
+            "type": "download_model",
+            "repo": "someone/some-model",
+            "target_dir": "x",
+            "request_id": "a3",
+        },
+        {"type": "cancel_download", "job_id": "nope", "request_id": "a4"},
+    ]
+    user = await Peer.open(keyed.ws_url, {"api_key": USER_KEY})
+    for msg in admin_only:
+        await user.send(msg)
+        err = (await user.until("error", request_id=msg["request_id"]))[-1]
+        assert err["code"] == "forbidden", err
+    await user.close()
+    admin = await Peer.open(keyed.ws_url, {"api_key": ADMIN_KEY})
+    await admin.send(admin_only[0])
+    err = (await admin.until("error", request_id="a1"))[-1]
+    assert err["code"] != "forbidden" and err["code"] in ("model_not_found", "not_found"), err
+    await admin.close()
+
+
+def test_refuses_to_bind_beyond_loopback_without_keys(tmp_path: Path) -> None:
+    """`--host 0.0.0.0` without any API key: the daemon exits non-zero with a message saying why."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LLMWS_API_KEYS", "LLMWS_ADMIN_KEYS")}
+    for host in ("0.0.0.0", "::"):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "llmws.py"),
+                "--host",
+                host,
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+                "--var-dir",
+                str(tmp_path / "var"),
+                "--models-dir",
+                str(tmp_path / "models"),
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=scaled(120),
+        )
+        assert proc.returncode != 0
+        assert "API key" in proc.stderr and "loopback" in proc.stderr, proc.stderr[-2000:]
+
+
+async def test_keys_never_appear_in_the_log(keyed: DaemonProcess) -> None:
+    """After keys were sent every possible way (good and bad, WS and HTTP), none is in the daemon's log."""
+    for key in (USER_KEY, WRONG_KEY):
+        try:
+            peer = await Peer.open(
+                keyed.ws_url + f"/?api_key={key}&x_api_key={key}",
+                {"api_key": key},
+                additional_headers=[("X-API-Key", key), ("Authorization", f"Bearer {key}")],
+            )
+            await peer.close()
+        except AssertionError:
+            pass  # the wrong key is refused
+    async with httpx.AsyncClient(base_url=keyed.http_url, timeout=scaled(30)) as http:
+        for key in (USER_KEY, ADMIN_KEY, WRONG_KEY):
+            await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+            await http.get(f"/v1/models?x_api_key={key}")
+            await http.post("/setModel", headers={"X-API-Key": key}, json={"model": "nope.gguf"})
+    await asyncio.sleep(0.5)
+    log = keyed.log_path.read_text(errors="replace")
+    assert "connection open" in log or "session" in log, "the log is empty: nothing was checked"
+    for key in (USER_KEY, ADMIN_KEY, WRONG_KEY):
+        assert key not in log, f"a key leaked into the log: {key[:8]}..."
+        assert key[:12] not in log
+
+
+# ------------------------------------------------------------------ HTTP adapter
+
+
+async def test_http_requires_key_and_checks_host(keyed: DaemonProcess) -> None:
+    """The HTTP adapter refuses a foreign Host (DNS rebinding) and requests without a key."""
+    async with httpx.AsyncClient(base_url=keyed.http_url, timeout=scaled(30)) as http:
+        ok = await http.get("/v1/models", headers={"X-API-Key": USER_KEY})
+        assert ok.status_code == 200
+        rebinding = await http.get(
+            "/v1/models", headers={"X-API-Key": USER_KEY, "Host": f"evil.example:{keyed.http_port}"}
+        )
+        assert rebinding.status_code in (400, 403, 421)
+        assert (await http.get("/v1/models")).status_code == 401
+        assert (await http.get("/v1/models", headers={"X-API-Key": WRONG_KEY})).status_code == 401
+        forbidden = await http.post(
+            "/setModel", headers={"X-API-Key": USER_KEY}, json={"model": "nope.gguf"}
+        )
+        assert forbidden.status_code == 403
+
+
+async def test_http_cors_is_off_by_default(open_daemon: DaemonProcess) -> None:
+    """Without security.cors_origins, no CORS header lets another site read responses."""
+    async with httpx.AsyncClient(base_url=open_daemon.http_url, timeout=scaled(30)) as http:
+        pre = await http.options(
+            "/v1/chat/completions",
+            headers={
+                "Origin": "https://evil.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
+        assert "access-control-allow-origin" not in {k.lower() for k in pre.headers}
+        got = await http.get("/health", headers={"Origin": "https://evil.example"})
+        assert got.status_code == 200 and "access-control-allow-origin" not in {
+            k.lower() for k in got.headers
+        }
