@@ -47,7 +47,7 @@ class ModelSettings(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="transformers backend: weights dtype; auto is bf16 on CUDA compute capability >= 8.0, fp16 on older CUDA, fp32 on CPU.")
     compile: bool = Field(False, description="transformers backend: torch.compile the decode step (warm-up at load).")
     trust_remote_code: bool = Field(False, description="transformers backend: allow a model folder's own Python code. Only settable here, never from a message.")
-    max_batch: int = Field(8, ge=1, le=64, description="Concurrent sequences decoded together by a batching backend.")
+    max_batch: int = Field(8, ge=1, le=64, description="Concurrent sequences decoded together (llama.cpp slots, transformers batch). Each llama.cpp slot reserves its own context of KV memory.")
     allow_delete_from_models: bool = Field(False, description="Whether delete_model may remove files from models/ (downloads in var/models/ are always deletable).")
 
 

@@ -39,6 +39,7 @@ def _llamacpp(entry: ModelEntry, settings: Settings) -> Backend:
         n_gpu_layers=m.n_gpu_layers,
         n_batch=m.n_batch,
         display_name=entry.name,
+        parallel=m.max_batch,
     )
 
 

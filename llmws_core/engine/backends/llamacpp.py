@@ -1,19 +1,19 @@
-"""The llama.cpp backend (llama-cpp-python, GGUF files).
+"""The llama.cpp backend (llama-cpp-python's bindings, GGUF files).
 
 The chat template comes from the file's metadata and renders in llama-cpp-python's
 sandboxed Jinja environment (`ImmutableSandboxedEnvironment`), so a malicious
-template cannot reach Python objects. Decoding uses the token-level `generate`
-loop rather than `create_completion`: we need cancellation every token, our own
-UTF-8-safe incremental detokenization and stop strings, and we get llama.cpp's
-longest-common-prefix KV reuse between consecutive turns for free.
+template cannot reach Python objects. Decoding does not go through `Llama`'s
+Python loop: the low-level API is driven by `llamacpp_batch.BatchEngine`, which
+batches concurrent requests into one `llama_decode` per step (continuous
+batching over sequence ids), samples in native sampler chains, detokenizes
+incrementally and keeps each session's KV prefix for its next turn.
 """
 
 from __future__ import annotations
 
-import codecs
+import ctypes
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,9 @@ from .base import (
     ModelInfo,
     TokenCallback,
 )
+from .llamacpp_batch import BatchEngine, Request, StopMatcher
+
+__all__ = ["LlamaCppBackend", "StopMatcher", "default_threads"]
 
 logger = logging.getLogger("llmws.engine.llamacpp")
 
@@ -38,43 +41,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-class StopMatcher:
-    """Holds back text that may be the start of a stop string; reports a full match."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add text; return (text safe to emit now, whether a stop string matched)."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        first = -1
-        for stop in self.stops:
-            idx = self.pending.find(stop)
-            if idx != -1 and (first == -1 or idx < first):
-                first = idx
-        if first != -1:
-            out = self.pending[:first]
-            self.pending = ""
-            return out, True
-        hold = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(stop[:n]):
-                    hold = max(hold, n)
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 def default_threads() -> int:
@@ -88,8 +54,12 @@ def default_threads() -> int:
     return max(1, cores or os.cpu_count() or 1)
 
 
+#: Slots give up context before they give up parallelism, down to this per request.
+MIN_SLOT_CONTEXT = 2048
+
+
 class LlamaCppBackend(Backend):
-    """A GGUF model served through llama-cpp-python."""
+    """A GGUF model served through llama.cpp's low-level API, batching concurrent requests."""
 
     name = "llamacpp"
 
@@ -103,16 +73,29 @@ class LlamaCppBackend(Backend):
         n_gpu_layers: int = -1,
         n_batch: int = 512,
         display_name: str | None = None,
+        parallel: int = 8,
     ) -> None:
+        """Args:
+        n_ctx: context of ONE request (each slot gets this much KV); None: memory estimate.
+        max_context_cap: upper bound on the estimated per-request context.
+        parallel: slots, i.e. requests decoded together, each with a full context of
+            KV; if all of them would take more than half the free memory, the context
+            shrinks (to MIN_SLOT_CONTEXT at least), then the slots.
+        """
         self.path = Path(path)
         self._n_ctx = n_ctx
         self._cap = max_context_cap
         self._n_threads = n_threads or default_threads()
         self._n_gpu_layers = n_gpu_layers
         self._n_batch = n_batch
-        self._llm: Any = None
+        self._parallel = max(1, parallel)
+        self._ll: Any = None
+        self._model: Any = None  # llama_model_p
+        self._vocab: Any = None
+        self._ctx: Any = None  # llama_context_p
+        self._engine: BatchEngine | None = None
         self._formatter: Any = None
-        self._lock = threading.Lock()  # one llama_context: one generation at a time
+        self._bos_text = ""
         size_mb = self.path.stat().st_size / 2**20 if self.path.exists() else None
         self.info = ModelInfo(
             name=display_name or self.path.stem,
@@ -127,83 +110,134 @@ class LlamaCppBackend(Backend):
     def load(self) -> None:
         try:
             import llama_cpp
+            from llama_cpp._logger import set_verbose
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError as exc:  # pragma: no cover - a dependency
             raise errors.ModelLoadError("llama-cpp-python is not installed.") from exc
         if not self.path.is_file():
             raise errors.ModelNotFound(f"Model file not found: {self.info.name}")
-        self._llama_cpp = llama_cpp
-        n_ctx = self._n_ctx or self._estimate_ctx()
+        ll = self._ll = llama_cpp
+        set_verbose(False)  # llama.cpp's own log goes to stderr only for errors
+        ll.llama_backend_init()
+        n_ctx, n_slots = self._plan_context()
         try:
-            self._llm = llama_cpp.Llama(
-                model_path=str(self.path),
-                n_ctx=n_ctx,
-                n_threads=self._n_threads,
-                n_threads_batch=self._n_threads,
-                n_gpu_layers=self._n_gpu_layers,
-                n_batch=min(self._n_batch, n_ctx),
-                verbose=False,
-            )
+            mparams = ll.llama_model_default_params()
+            mparams.n_gpu_layers = 0x7FFFFFFF if self._n_gpu_layers == -1 else self._n_gpu_layers
+            self._model = ll.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
+            if not self._model:
+                raise ValueError("llama_model_load_from_file returned NULL")
+            self._vocab = ll.llama_model_get_vocab(self._model)
+            trained = int(ll.llama_model_n_ctx_train(self._model)) or None
+            if trained:
+                n_ctx = min(n_ctx, trained)
+            cparams = ll.llama_context_default_params()
+            # One KV stream per slot (see llamacpp_batch: speed and batch-invariant text).
+            cparams.n_ctx = n_ctx * n_slots
+            cparams.n_seq_max = n_slots
+            cparams.kv_unified = False
+            cparams.n_batch = self._n_batch
+            cparams.n_ubatch = self._n_batch
+            cparams.n_threads = self._n_threads
+            cparams.n_threads_batch = self._n_threads
+            cparams.no_perf = True
+            self._ctx = ll.llama_init_from_model(self._model, cparams)
+            if not self._ctx:
+                raise ValueError("llama_init_from_model returned NULL")
         except Exception as exc:
             logger.error("llama.cpp failed to load %s", self.path, exc_info=exc)
+            self._free()
             raise errors.ModelLoadError(
                 f"llama.cpp could not load {self.info.name}: not a valid GGUF model or not enough memory."
             ) from None
-        meta = dict(self._llm.metadata or {})
+        meta = self._metadata()
         template = meta.get("tokenizer.chat_template") or CHATML_TEMPLATE
         bos = self._token_text(meta.get("tokenizer.ggml.bos_token_id"))
         eos = self._token_text(meta.get("tokenizer.ggml.eos_token_id"))
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self._bos_text = bos
+        self._engine = BatchEngine(
+            ll, self._model, self._ctx, n_slots=n_slots, n_batch=self._n_batch, max_context=n_ctx
+        )
+        self.max_concurrency = n_slots
         arch = meta.get("general.architecture", "")
-        trained = meta.get(f"{arch}.context_length")
-        self.info.n_ctx_train = int(trained) if trained else None
-        self.info.max_context = self._llm.n_ctx()
+        self.info.n_ctx_train = trained
+        self.info.max_context = self._engine.max_context
         self.info.name = self.info.name or meta.get("general.name", self.path.stem)
         self.info.dtype = meta.get("general.file_type")
         self.info.quantization = _quant_from_name(self.path.name)
-        self.info.extra = {"architecture": arch, "n_threads": self._n_threads}
+        self.info.parameters = int(ll.llama_model_n_params(self._model)) or None
+        self.info.extra = {"architecture": arch, "n_threads": self._n_threads, "parallel": n_slots}
         logger.info(
-            "loaded %s (n_ctx %d, trained %s, %d threads)",
-            self.path.name, self.info.max_context, self.info.n_ctx_train, self._n_threads,
+            "loaded %s (context %d per request, %d slots, trained %s, %d threads)",
+            self.path.name, self.info.max_context, n_slots, trained, self._n_threads,
         )
 
-    def _estimate_ctx(self) -> int:
-        """Context to allocate: the memory estimate, capped by the trained context and config."""
+    def _plan_context(self) -> tuple[int, int]:
+        """(context per request, slots): the memory estimate capped by config, such that
+        all slots' KV takes at most half of what the estimate leaves free."""
         try:
             from ..memory import arch_from_gguf, estimate
 
             arch = arch_from_gguf(self.path)
             est = estimate(arch, self.path.stat().st_size, dtype_bytes=2)
-            ctx = est.max_context or 2048
+            fit = est.available_bytes // est.kv_bytes_per_token if est.kv_bytes_per_token else 0
+            ctx = self._n_ctx or max(256, min(est.max_context or 2048, self._cap))
+            slots = self._parallel
+            while fit and slots * ctx > fit // 2:
+                if not self._n_ctx and ctx > MIN_SLOT_CONTEXT:
+                    ctx = max(MIN_SLOT_CONTEXT, ctx // 2)
+                elif slots > 1:
+                    slots -= 1
+                else:
+                    break
         except Exception as exc:  # the estimate is best effort; a safe default serves
             logger.warning("context estimate failed for %s: %s", self.path.name, exc)
-            ctx = 4096
-        return max(256, min(ctx, self._cap))
+            ctx, slots = self._n_ctx or 4096, self._parallel
+        return ctx, slots
+
+    def _metadata(self) -> dict[str, str]:
+        ll, out = self._ll, {}
+        buf = ctypes.create_string_buffer(1 << 16)
+        for i in range(ll.llama_model_meta_count(self._model)):
+            parts = []
+            for fn in (ll.llama_model_meta_key_by_index, ll.llama_model_meta_val_str_by_index):
+                n = fn(self._model, i, buf, len(buf))
+                if n >= len(buf):
+                    buf = ctypes.create_string_buffer(n + 1)
+                    n = fn(self._model, i, buf, len(buf))
+                parts.append(buf.value.decode("utf-8", "replace"))
+            out[parts[0]] = parts[1]
+        return out
 
     def _token_text(self, token_id: Any) -> str:
-        if token_id is None or self._llm is None:
+        if token_id is None or self._vocab is None:
             return ""
         try:
-            return self._llm.detokenize([int(token_id)], special=True).decode("utf-8", "replace")
+            buf = ctypes.create_string_buffer(256)
+            n = self._ll.llama_token_to_piece(self._vocab, int(token_id), buf, 256, 0, True)
+            return buf.raw[: max(n, 0)].decode("utf-8", "replace")
         except Exception:
             return ""
 
     def unload(self) -> None:
-        with self._lock:
-            if self._llm is not None:
-                try:
-                    self._llm.close()
-                except Exception:  # closing is best effort
-                    logger.debug("llama close failed", exc_info=True)
-            self._llm = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        self._free()
+
+    def _free(self) -> None:
+        if self._ctx:
+            self._ll.llama_free(self._ctx)
+        if self._model:
+            self._ll.llama_model_free(self._model)
+        self._ctx = self._model = self._vocab = None
 
     # ------------------------------------------------------------------ prompts
 
-    def _require(self) -> Any:
-        if self._llm is None:
+    def _require(self) -> BatchEngine:
+        if self._engine is None:
             raise errors.ModelNotLoaded("The model is not loaded.")
-        return self._llm
+        return self._engine
 
     def render(self, messages: Sequence[Message]) -> tuple[str, list[str]]:
         """The prompt text for `messages` and the template's stop strings."""
@@ -216,18 +250,31 @@ class LlamaCppBackend(Backend):
         stops = result.stop if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
         return result.prompt, stops
 
+    def _tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        """llama_tokenize (thread-safe: it only reads the vocabulary)."""
+        self._require()
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        out = (ctypes.c_int32 * cap)()
+        n = self._ll.llama_tokenize(self._vocab, data, len(data), out, cap, add_bos, special)
+        if n < 0:
+            cap = -n
+            out = (ctypes.c_int32 * cap)()
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), out, cap, add_bos, special)
+            if n < 0:
+                raise errors.BadRequest("The text could not be tokenized.")
+        return out[:n]
+
     def tokenize_prompt(self, messages: Sequence[Message]) -> tuple[list[int], list[str]]:
-        llm = self._require()
         prompt, stops = self.render(messages)
         add_bos = not (self._bos_text and prompt.startswith(self._bos_text))
-        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
-        return tokens, stops
+        return self._tokenize(prompt, add_bos=add_bos, special=True), stops
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self.tokenize_prompt(messages)[0])
 
     def tokenize_text(self, text: str) -> int:
-        return len(self._require().tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self._tokenize(text, add_bos=False, special=False))
 
     # ------------------------------------------------------------------ generation
 
@@ -238,64 +285,28 @@ class LlamaCppBackend(Backend):
         on_token: TokenCallback,
         cancelled: CancelCheck,
     ) -> GenerationResult:
-        with self._lock:
-            llm = self._require()
-            tokens, template_stops = self.tokenize_prompt(messages)
-            n_in = len(tokens)
-            n_ctx = llm.n_ctx()
-            if n_in + 1 > n_ctx:
-                raise errors.ContextTooLong(n_in, n_ctx)
-            budget = min(params.max_new_tokens, n_ctx - n_in)
-            stops = StopMatcher(list(params.stop) + [s for s in template_stops if s])
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            if params.seed is not None:
-                llm.set_seed(params.seed)
-            n_out = 0
-            finish = "length"
-            is_eog = self._llama_cpp.llama_vocab_is_eog
-            vocab = llm._model.vocab
-            try:
-                if cancelled():
-                    return GenerationResult("cancelled", n_in, 0)
-                for token in llm.generate(
-                    tokens,
-                    top_k=params.top_k if params.top_k > 0 else 0,
-                    top_p=params.top_p,
-                    min_p=0.0,
-                    temp=params.temperature,
-                    repeat_penalty=params.repeat_penalty,
-                    reset=True,
-                ):
-                    if is_eog(vocab, token):
-                        finish = "stop"
-                        break
-                    n_out += 1
-                    piece = llm.detokenize([token], special=False)
-                    text, hit = stops.feed(decoder.decode(piece))
-                    if text:
-                        on_token(text)
-                    if hit:
-                        finish = "stop"
-                        break
-                    if cancelled():
-                        finish = "cancelled"
-                        break
-                    if n_out >= budget:
-                        finish = "length"
-                        break
-            except errors.LLMWSError:
-                raise
-            except Exception as exc:
-                logger.error("llama.cpp generation failed", exc_info=exc)
-                raise errors.GenerationError("The model failed while generating.") from None
-            if finish != "stop":
-                tail, _ = stops.feed(decoder.decode(b"", final=True))
-                tail += stops.flush()
-            else:
-                tail = ""
-            if tail and finish != "cancelled":
-                on_token(tail)
-            return GenerationResult(finish, n_in, n_out)  # type: ignore[arg-type]
+        engine = self._require()
+        tokens, template_stops = self.tokenize_prompt(messages)
+        n_in = len(tokens)
+        n_ctx = engine.max_context
+        if n_in + 1 > n_ctx:
+            raise errors.ContextTooLong(n_in, n_ctx)
+        if cancelled():
+            return GenerationResult("cancelled", n_in, 0)
+        req = Request(
+            tokens=tokens,
+            params=params,
+            stops=list(params.stop) + [s for s in template_stops if s],
+            on_token=on_token,
+            cancelled=cancelled,
+            budget=max(1, min(params.max_new_tokens, n_ctx - n_in)),
+        )
+        return engine.submit(req)
+
+    @property
+    def cache_stats(self) -> dict[str, int]:
+        """Prompt tokens prefilled vs reused from a session's cached prefix, decode steps."""
+        return dict(self._engine.stats) if self._engine else {}
 
 
 def _quant_from_name(name: str) -> str | None:

@@ -1,0 +1,396 @@
+"""Continuous batching over one llama.cpp context, as `llama-server`'s slots do.
+
+One scheduler thread owns the `llama_context`. Each concurrent `generate()` call
+becomes a request that the scheduler places in a *slot* (a llama.cpp sequence id
+with its own KV stream); every step it builds ONE `llama_batch` holding the next
+token of every decoding slot plus a chunk of any prompt being prefilled, calls
+`llama_decode` once, and samples each slot's token in its own native sampler
+chain. Requests join and leave between steps; cancelling one only frees its slot.
+
+Each slot has its own KV stream (`kv_unified = false`): a token attends only over
+its own sequence's cells, so decoding is as fast as a single stream's, and a
+request's greedy text does not depend on what else is in the batch (with one
+unified pool, llama.cpp's attention runs over all sequences' cells, masked, and
+rounding differs with the batch). The price: every slot reserves a full context.
+
+A slot keeps its KV after a request ends and remembers whose it was (the
+request's `cache_key`, the session id): the session's next turn goes back to the
+same slot and only prefills the part of the prompt that differs (prefix cache).
+A slot is only ever reused with its KV for the same key; given to anyone else it
+is wiped first. Slots are recycled least-recently-used.
+
+Per-token Python work is kept to a handful of ctypes calls: the batch arrays are
+written in place, sampling, end-of-generation checks and detokenization are
+native, and text goes to the caller's callback straight from this thread.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ... import errors
+from .base import CancelCheck, GenerationParams, GenerationResult, TokenCallback
+
+logger = logging.getLogger("llmws.engine.llamacpp")
+
+#: Penalties look this many tokens back (llama.cpp's default `repeat_last_n`).
+PENALTY_LAST_N = 64
+
+
+class StopMatcher:
+    """Holds back text that may be the start of a stop string; reports a full match."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit now, whether a stop string matched)."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        first = -1
+        for stop in self.stops:
+            idx = self.pending.find(stop)
+            if idx != -1 and (first == -1 or idx < first):
+                first = idx
+        if first != -1:
+            out = self.pending[:first]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class Request:
+    """One `generate()` call as the scheduler sees it."""
+
+    tokens: list[int]
+    params: GenerationParams
+    stops: list[str]
+    on_token: TokenCallback
+    cancelled: CancelCheck
+    budget: int
+    done: threading.Event = field(default_factory=threading.Event)
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class Slot:
+    """A llama.cpp sequence id, what its KV holds and who may reuse it."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV is in this sequence
+    owner: str | None = None  # cache_key of the KV in `cached`
+    last_used: float = 0.0
+    # --- the request being served (None when idle)
+    req: Request | None = None
+    sampler: Any = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill
+    next_token: int = -1  # sampled, not yet decoded
+    n_out: int = 0
+    decoder: Any = None
+    matcher: StopMatcher | None = None
+    out_row: int = -1  # this step's logits row in the batch, -1: none
+
+
+class BatchEngine:
+    """The scheduler thread and slots over one llama.cpp context."""
+
+    def __init__(
+        self, llama_cpp: Any, model: Any, ctx: Any, *, n_slots: int, n_batch: int, max_context: int
+    ) -> None:
+        self.ll = llama_cpp
+        self.model = model  # llama_model_p (kept alive by the backend)
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.ctx = ctx
+        self.mem = llama_cpp.llama_get_memory(ctx)
+        self.n_batch = n_batch
+        #: Tokens one request may hold (prompt + reply): one slot's KV stream.
+        self.max_context = min(max_context, int(llama_cpp.llama_n_ctx_seq(ctx)))
+        self.slots = [Slot(i) for i in range(n_slots)]
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._tok = self._batch.token
+        self._pos = self._batch.pos
+        self._nseq = self._batch.n_seq_id
+        self._seq = self._batch.seq_id
+        self._logits = self._batch.logits
+        self._piece = ctypes.create_string_buffer(256)
+        self._queue: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
+        self._thread.start()
+        #: Counters for tests and benchmarks: prompt tokens prefilled vs reused from cache.
+        self.stats = {"prefilled": 0, "reused": 0, "steps": 0}
+
+    # ------------------------------------------------------------------ caller side
+
+    def submit(self, req: Request) -> GenerationResult:
+        """Queue `req` and block until it finishes (any worker thread)."""
+        with self._cv:
+            if self._stopping:
+                raise errors.ModelNotLoaded("The model is not loaded.")
+            self._queue.append(req)
+            self._cv.notify()
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        assert req.result is not None
+        return req.result
+
+    def close(self) -> None:
+        """Stop the scheduler, fail waiting requests, free native objects."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join()
+        for slot in self.slots:
+            if slot.req is not None:
+                self._finish(slot, "cancelled")
+        while self._queue:
+            req = self._queue.popleft()
+            req.error = errors.ModelNotLoaded("The model was unloaded.")
+            req.done.set()
+        self.ll.llama_batch_free(self._batch)
+
+    # ------------------------------------------------------------------ scheduler
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._queue and not self._busy():
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                while self._queue:
+                    slot = self._pick_slot(self._queue[0].params.cache_key)
+                    if slot is None:
+                        break
+                    self._start(slot, self._queue.popleft())
+            try:
+                self._step()
+            except Exception as exc:  # never let the thread die with callers waiting
+                logger.error("llama.cpp batch step failed", exc_info=exc)
+                for slot in self.slots:
+                    if slot.req is not None:
+                        slot.req.error = errors.GenerationError("The model failed while generating.")
+                        self._release(slot, wipe=True)
+
+    def _busy(self) -> bool:
+        return any(s.req is not None for s in self.slots)
+
+    def _pick_slot(self, key: str | None) -> Slot | None:
+        """The idle slot holding `key`'s KV, else the least recently used idle one."""
+        idle = [s for s in self.slots if s.req is None]
+        if not idle:
+            return None
+        if key is not None:
+            for s in idle:
+                if s.owner == key:
+                    return s
+        return min(idle, key=lambda s: (s.owner is not None, s.last_used))
+
+    def _wipe(self, slot: Slot) -> None:
+        self.ll.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.cached = []
+        slot.owner = None
+
+    def _start(self, slot: Slot, req: Request) -> None:
+        ll = self.ll
+        key = req.params.cache_key
+        if slot.owner != key or key is None:
+            # Never serve one key's KV to another: wipe the sequence.
+            ll.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+            slot.cached = []
+        n_keep = _common_prefix(slot.cached, req.tokens)
+        if n_keep >= len(req.tokens):
+            n_keep = len(req.tokens) - 1  # re-evaluate the last prompt token for its logits
+        if n_keep < len(slot.cached):
+            if not ll.llama_memory_seq_rm(self.mem, slot.seq_id, n_keep, -1):
+                ll.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+                n_keep = 0
+        del slot.cached[n_keep:]
+        self.stats["reused"] += n_keep
+        self.stats["prefilled"] += len(req.tokens) - n_keep
+        slot.owner = key
+        slot.req = req
+        slot.pending = req.tokens[n_keep:]
+        slot.next_token = -1
+        slot.n_out = 0
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot.matcher = StopMatcher(req.stops)
+        slot.sampler = self._sampler(req.params, req.tokens)
+        logger.debug("slot %d: %d prompt tokens, %d reused", slot.seq_id, len(req.tokens), n_keep)
+
+    def _sampler(self, params: GenerationParams, prompt: list[int]) -> Any:
+        """A native sampler chain for `params` (greedy when temperature <= 0)."""
+        ll = self.ll
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if params.repeat_penalty and params.repeat_penalty != 1.0:
+            ll.llama_sampler_chain_add(
+                chain, ll.llama_sampler_init_penalties(PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0)
+            )
+        if params.temperature <= 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(params.top_k))
+            if 0 < params.top_p < 1:
+                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
+            seed = ll.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
+        if params.repeat_penalty and params.repeat_penalty != 1.0:
+            for tok in prompt[-PENALTY_LAST_N:]:
+                ll.llama_sampler_accept(chain, tok)
+        return chain
+
+    def _step(self) -> None:
+        """One `llama_decode` over every active slot, then sample and emit."""
+        ll = self.ll
+        tok, pos, nseq, seq, logits = self._tok, self._pos, self._nseq, self._seq, self._logits
+        n = 0
+        active: list[Slot] = []
+        for slot in self.slots:
+            req = slot.req
+            if req is None:
+                continue
+            if req.cancelled():
+                self._finish(slot, "cancelled")
+                continue
+            slot.out_row = -1
+            if slot.next_token >= 0 and n < self.n_batch:
+                tok[n] = slot.next_token
+                pos[n] = len(slot.cached)
+                nseq[n] = 1
+                seq[n][0] = slot.seq_id
+                logits[n] = 1
+                slot.cached.append(slot.next_token)
+                slot.next_token = -1
+                slot.out_row = n
+                n += 1
+                active.append(slot)
+        # Prompt chunks fill what is left of the batch (decoding slots go first: fairness).
+        for slot in self.slots:
+            if slot.req is None or not slot.pending or n >= self.n_batch:
+                continue
+            take = slot.pending[: self.n_batch - n]
+            base = len(slot.cached)
+            for i, t in enumerate(take):
+                tok[n] = t
+                pos[n] = base + i
+                nseq[n] = 1
+                seq[n][0] = slot.seq_id
+                logits[n] = 0
+                n += 1
+            slot.cached.extend(take)
+            del slot.pending[: len(take)]
+            if not slot.pending:
+                logits[n - 1] = 1
+                slot.out_row = n - 1
+            active.append(slot)
+        if n == 0:
+            return
+        self._batch.n_tokens = n
+        rc = ll.llama_decode(self.ctx, self._batch)
+        self.stats["steps"] += 1
+        if rc != 0:
+            logger.error("llama_decode returned %d for a batch of %d tokens", rc, n)
+            for slot in active:
+                slot.req.error = errors.GenerationError("The model failed while generating.")  # type: ignore[union-attr]
+                self._release(slot, wipe=True)
+            return
+        sample, is_eog, to_piece, buf = ll.llama_sampler_sample, ll.llama_vocab_is_eog, ll.llama_token_to_piece, self._piece
+        for slot in active:
+            if slot.out_row < 0 or slot.req is None:
+                continue
+            req = slot.req
+            t = sample(slot.sampler, self.ctx, slot.out_row)
+            if is_eog(self.vocab, t):
+                self._finish(slot, "stop")
+                continue
+            slot.n_out += 1
+            k = to_piece(self.vocab, t, buf, 256, 0, False)
+            piece = buf.raw[:k] if k >= 0 else _long_piece(ll, self.vocab, t, -k)
+            text, hit = slot.matcher.feed(slot.decoder.decode(piece))  # type: ignore[union-attr]
+            if text:
+                try:
+                    req.on_token(text)
+                except Exception as exc:  # a broken consumer ends only its own request
+                    logger.error("token callback failed", exc_info=exc)
+                    req.error = errors.GenerationError("The reply could not be delivered.")
+                    self._release(slot, wipe=False)
+                    continue
+            if hit:
+                self._finish(slot, "stop", flush=False)
+            elif slot.n_out >= req.budget:
+                self._finish(slot, "length")
+            else:
+                slot.next_token = t
+
+    def _finish(self, slot: Slot, reason: str, *, flush: bool = True) -> None:
+        req = slot.req
+        assert req is not None
+        if flush and reason != "cancelled":
+            tail, _ = slot.matcher.feed(slot.decoder.decode(b"", final=True))  # type: ignore[union-attr]
+            tail += slot.matcher.flush()  # type: ignore[union-attr]
+            if tail:
+                try:
+                    req.on_token(tail)
+                except Exception:
+                    logger.exception("token callback failed")
+        req.result = GenerationResult(reason, len(req.tokens), slot.n_out)  # type: ignore[arg-type]
+        self._release(slot, wipe=False)
+
+    def _release(self, slot: Slot, *, wipe: bool) -> None:
+        """Free the slot; its KV stays for the owner's next turn unless `wipe`."""
+        req = slot.req
+        if slot.sampler is not None:
+            self.ll.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+        # A prompt cut short by cancellation left no KV beyond `cached`: both agree.
+        slot.pending = []
+        slot.next_token = -1
+        slot.req = None
+        slot.last_used = time.monotonic()
+        if wipe or slot.owner is None:
+            self._wipe(slot)
+        if req is not None:
+            req.done.set()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _long_piece(ll: Any, vocab: Any, token: int, size: int) -> bytes:
+    buf = ctypes.create_string_buffer(size)
+    k = ll.llama_token_to_piece(vocab, token, buf, size, 0, False)
+    return buf.raw[: max(k, 0)]

