@@ -120,10 +120,11 @@ async def test_sigkill_mid_generation_replays_everything_seen(daemon) -> None:
     and the interrupted reply is closed out with finish_reason 'interrupted'."""
     peer = await Peer.open(daemon.ws_url)
     sid = peer.welcome["session_id"]
-    await peer.send({"type": "inference", "prompt": "Count from one to one hundred in words.", "request_id": "k", "config": {"temperature": 0, "max_new_tokens": 400}})
+    await peer.send({"type": "inference", "prompt": "Tell me a long story about a dragon and a knight.", "request_id": "k", "config": {"temperature": 0, "max_new_tokens": 400}})
     seen: list[dict] = []
-    while len([e for e in seen if e["type"] == "token"]) < 20:
+    while len([e for e in seen if e["type"] == "token"]) < 10:
         seen.append(await peer.recv())
+        assert seen[-1]["type"] != "done", "the reply ended before the kill"
     daemon.kill()
     await peer.close()
     daemon.start()
@@ -225,7 +226,7 @@ async def test_old_turns_dropped_with_warning_when_history_overflows(daemon_fact
     peer = await Peer.open(d.ws_url)
     warned = False
     for i in range(6):
-        _, events = await peer.infer("Please repeat this sentence back to me: " + "blue sky " * 20, f"t{i}", temperature=0, max_new_tokens=40)
+        _, events = await peer.infer("Please repeat this sentence back to me: " + "blue sky " * 60, f"t{i}", temperature=0, max_new_tokens=40)
         warned |= any(e["type"] == "warning" and e.get("code") == "history_truncated" for e in events)
     assert warned
     await peer.close()
@@ -259,8 +260,10 @@ async def test_ack_trims_buffer_but_keeps_session(daemon) -> None:
     await again.close()
 
 
-async def test_fifo_queue_reports_position(daemon) -> None:
-    """A request waiting behind another session's generation gets queued {position}."""
+async def test_fifo_queue_reports_position(daemon_factory) -> None:
+    """When every decoding slot is busy, a request from another session waits its FIFO turn
+    and gets queued {position}."""
+    daemon = daemon_factory(config={"model": {"max_batch": 1}})
     a = await Peer.open(daemon.ws_url)
     b = await Peer.open(daemon.ws_url)
     await a.send({"type": "inference", "prompt": "Write a long essay about the ocean.", "request_id": "long", "config": {"temperature": 0, "max_new_tokens": 200}})
