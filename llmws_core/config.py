@@ -63,7 +63,7 @@ class GenerationDefaults(_Section):
 class SessionSettings(_Section):
     ttl_seconds: float = Field(7 * 24 * 3600, gt=0, description="Idle sessions older than this are deleted.")
     fsync_interval: float = Field(0.25, gt=0, description="Seconds between batched fsyncs of session buffers (also fsynced at every `done`).")
-    persist: bool = Field(True, description="Benchmark-only switch: false keeps buffers in memory (nothing survives a restart).")
+    persist: bool = Field(True, description="Benchmark-only switch: false neither seals nor writes events (replay buffers live in memory; conversation state is still saved). Never turn it off for real use.")
     max_history_messages: int = Field(200, ge=2, description="Messages kept in a session's history before the oldest turns are dropped.")
 
 

@@ -44,6 +44,9 @@ class App:
             (var / sub).mkdir(parents=True, exist_ok=True)
         sealer = Sealer(load_or_create_master_key(var / "keys"))
         self.store = SessionStore(var / "sessions", sealer, ttl_seconds=settings.sessions.ttl_seconds)
+        if not settings.sessions.persist:
+            logger.warning("sessions.persist is false: events are not written (benchmark mode)")
+            Session.persist_events = False
         self.models = ModelManager(settings)
         self.chat = ChatService(settings, self.store, self.models)
         self._downloads: Any = None

@@ -194,6 +194,10 @@ class Session:
     created: float
     last_active: float
 
+    #: Benchmark-only (config `sessions.persist: false`): events are neither sealed nor
+    #: written, so the cost of persistence can be measured against the same run.
+    persist_events: bool = True
+
     def __init__(
         self,
         session_id: str,
@@ -282,9 +286,12 @@ class Session:
         with self._lock:
             seq = self.last_seq + 1
             stored["seq"] = seq
-            nonce, ciphertext = self._sealer.seal(self.id, "event", seq, _dumps(stored))
-            line = _encode_line(seq, nonce, ciphertext)
-            self._write_locked(line)
+            if self.persist_events:
+                nonce, ciphertext = self._sealer.seal(self.id, "event", seq, _dumps(stored))
+                line = _encode_line(seq, nonce, ciphertext)
+                self._write_locked(line)
+            else:  # benchmark-only: the buffer lives in memory
+                line = b""
             self.last_seq = seq
         self._entries.append(_Entry(seq, seq, stored, line))
         self._his.append(seq)
@@ -371,6 +378,8 @@ class Session:
 
     def _rewrite_buffer(self) -> None:
         """Replace the buffer file with the lines still unacknowledged."""
+        if not self.persist_events:
+            return
         path = self._dir / BUFFER_NAME
         data = b"".join(entry.raw for entry in self._entries)
         with self._lock:

@@ -305,3 +305,14 @@ async def test_sigterm_drains_and_flushes(daemon) -> None:
     events = await again.until("done", request_id="d")
     assert events[-1]["finish_reason"] in ("stop", "length")
     await again.close()
+
+
+async def test_persist_false_is_a_memory_only_benchmark_mode(daemon_factory) -> None:
+    """With sessions.persist false (benchmark-only) replies still stream but no event reaches disk."""
+    d = daemon_factory(config={"sessions": {"persist": False}})
+    peer = await Peer.open(d.ws_url)
+    text, _ = await peer.infer("Say hi.", "p", **GREEDY)
+    assert text.strip()
+    buffer = d.var_dir / "sessions" / peer.welcome["session_id"] / "buffer.jsonl"
+    assert not buffer.exists() or buffer.stat().st_size == 0
+    await peer.close()
