@@ -33,55 +33,17 @@ import queue
 import random
 import threading
 from collections.abc import Callable
-from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Any
 
 from ... import errors
 from .base import CancelCheck, GenerationParams, GenerationResult, TokenCallback
+from .stops import StopMatcher  # noqa: F401  (re-exported for callers)
 
 logger = logging.getLogger("llmws.engine.batching")
 
 
 # ---------------------------------------------------------------------------- text
-
-
-class StopMatcher:
-    """Holds back text that may be the start of a stop string; reports a full match."""
-
-    def __init__(self, stops: SequenceABC[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add text; return (text safe to emit now, whether a stop string matched)."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        first = -1
-        for stop in self.stops:
-            idx = self.pending.find(stop)
-            if idx != -1 and (first == -1 or idx < first):
-                first = idx
-        if first != -1:
-            out = self.pending[:first]
-            self.pending = ""
-            return out, True
-        hold = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(stop[:n]):
-                    hold = max(hold, n)
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        """Whatever was held back (the reply ended without completing a stop string)."""
-        out, self.pending = self.pending, ""
-        return out
 
 
 class Detokenizer:
