@@ -381,20 +381,7 @@ class ChatService:
                     self.emit(session, {"type": "token", "request_id": rid, "data": chunk.text})
                     continue
                 # The first chunk: the prompt fits; announce the start.
-                if chunk.dropped_messages:
-                    self._drop_oldest(session, chunk.dropped_messages)
-                    self.emit(session, {
-                        "type": "warning", "request_id": rid, "code": "history_truncated",
-                        "message": f"The conversation no longer fits the model's context; the oldest {chunk.dropped_messages} messages were dropped.",
-                        "dropped_messages": chunk.dropped_messages,
-                    })
-                session.state["inflight"] = {"request_id": rid, "user": user_text}
-                session.save_state()
-                started = self.emit(session, {
-                    "type": "start", "request_id": rid, "tokens_in": chunk.tokens_in,
-                    "max_tokens": params.max_new_tokens, "prompt": user_text,
-                })
-                job.start_seq = started["seq"]
+                self.announce_start(session, job, user_text, chunk.tokens_in, chunk.dropped_messages, params.max_new_tokens)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -416,6 +403,28 @@ class ChatService:
             self.jobs.get(session.id, {}).pop(rid, None)
             if not self.jobs.get(session.id):
                 self.jobs.pop(session.id, None)
+
+    def announce_start(
+        self, session: Session, job: Job, user_text: str, tokens_in: int, dropped: int,
+        max_tokens: int, **extra: Any,
+    ) -> None:
+        """The prompt fits: drop what had to go (with a warning), mark the reply as in
+        flight (so a crash can close it out), and emit `start`."""
+        rid = job.request_id
+        if dropped:
+            self._drop_oldest(session, dropped)
+            self.emit(session, {
+                "type": "warning", "request_id": rid, "code": "history_truncated",
+                "message": f"The conversation no longer fits the model's context; the oldest {dropped} messages were dropped.",
+                "dropped_messages": dropped,
+            })
+        session.state["inflight"] = {"request_id": rid, "user": user_text}
+        session.save_state()
+        started = self.emit(session, {
+            "type": "start", "request_id": rid, "tokens_in": tokens_in,
+            "max_tokens": max_tokens, "prompt": user_text, **extra,
+        })
+        job.start_seq = started["seq"]
 
     def _drop_oldest(self, session: Session, count: int) -> None:
         history = session.state.get("history", [])

@@ -208,20 +208,8 @@ async def improve_job(
         if ev.kind == "stage":
             if not started:
                 started = True
-                if ev.dropped_messages:
-                    chat._drop_oldest(session, ev.dropped_messages)
-                    chat.emit(session, {
-                        "type": "warning", "request_id": rid, "code": "history_truncated",
-                        "message": f"The conversation no longer fits the model's context; the oldest {ev.dropped_messages} messages were dropped.",
-                        "dropped_messages": ev.dropped_messages,
-                    })
-                session.state["inflight"] = {"request_id": rid, "user": user_text}
-                session.save_state()
-                start = chat.emit(session, {
-                    "type": "start", "request_id": rid, "tokens_in": ev.tokens_in,
-                    "max_tokens": params.max_new_tokens, "prompt": user_text, "mode": "improve",
-                })
-                job.start_seq = start["seq"]
+                chat.announce_start(session, job, user_text, ev.tokens_in, ev.dropped_messages,
+                                    params.max_new_tokens, mode="improve")
             chat.emit(session, {
                 "type": "stage", "request_id": rid, "stage": ev.stage, "label": ev.label,
                 "index": ev.index, "of": len(STAGES), "tokens_in": ev.tokens_in,
