@@ -9,6 +9,7 @@ comes back replays what it missed, then tails live events.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -27,6 +28,12 @@ logger = logging.getLogger("llmws.chat")
 
 # Room kept free for the reply when old turns are dropped to fit the context.
 REPLY_RESERVE_TOKENS = 256
+
+#: Most generations running at once across all backends. Each holds a worker thread
+#: for its whole length, so they get a pool of their own: in the loop's default pool
+#: (cores + 4 threads) the 7th concurrent stream would wait for a free thread, and
+#: fsyncs and tokenization would queue behind generations.
+GENERATION_THREADS = 256
 
 Subscriber = Callable[[dict[str, Any]], None]
 
@@ -65,6 +72,7 @@ class ChatService:
         self._subscribers: dict[str, set[Subscriber]] = {}
         self.metrics = Metrics()
         self.closing = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(GENERATION_THREADS, thread_name_prefix="llmws-gen")
 
     # ------------------------------------------------------------------ sessions
 
@@ -277,7 +285,7 @@ class ChatService:
                     loop.call_soon_threadsafe(queue.put_nowait, Chunk(result=result))
 
             self.metrics.requests += 1
-            worker = loop.run_in_executor(None, run)
+            worker = loop.run_in_executor(self._pool, run)
             finished = False
             try:
                 while True:

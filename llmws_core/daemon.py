@@ -216,6 +216,9 @@ class App:
             # closes the socket only for frames far beyond it.
             max_size=s.limits.max_frame_bytes * 4,
             max_queue=64,
+            # Token events are tiny and mostly local: permessage-deflate would spend
+            # CPU the model's threads need, for next to no saved bytes.
+            compression=None,
             ping_interval=20,
             ping_timeout=60,
             server_header=f"llmws/{__version__}",

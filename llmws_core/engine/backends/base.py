@@ -36,6 +36,12 @@ class GenerationParams:
     #: Who may reuse cached KV state of this request (the session id); None: nobody.
     #: A backend's prefix cache must never serve one key's prefix to another.
     cache_key: str | None = None
+    #: A GBNF grammar the reply must follow (JSON mode, forced tool calls); only
+    #: honoured by backends whose `supports_grammar` is true.
+    grammar: str | None = None
+    #: The OpenAI `response_format` object as the client sent it, for remote
+    #: backends that pass it on to their provider.
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass
@@ -89,6 +95,9 @@ class Backend(abc.ABC):
     #: 1 means the chat service serializes requests (FIFO); a batching backend
     #: raises it and batches the concurrent calls internally.
     max_concurrency: int = 1
+
+    #: Whether `GenerationParams.grammar` constrains sampling (llama.cpp's grammar sampler).
+    supports_grammar: bool = False
 
     @abc.abstractmethod
     def load(self) -> None:

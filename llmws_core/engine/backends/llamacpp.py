@@ -159,6 +159,7 @@ class LlamaCppBackend(Backend):
             ll, self._model, self._ctx, n_slots=n_slots, n_batch=self._n_batch, max_context=n_ctx
         )
         self.max_concurrency = n_slots
+        self.supports_grammar = True
         arch = meta.get("general.architecture", "")
         self.info.n_ctx_train = trained
         self.info.max_context = self._engine.max_context

@@ -153,7 +153,16 @@ class BatchEngine:
                     slot = self._pick_slot(self._queue[0].params.cache_key)
                     if slot is None:
                         break
-                    self._start(slot, self._queue.popleft())
+                    req = self._queue.popleft()
+                    try:
+                        self._start(slot, req)
+                    except Exception as exc:  # a bad request (grammar) fails alone
+                        if not isinstance(exc, errors.LLMWSError):
+                            logger.error("could not start a request", exc_info=exc)
+                            exc = errors.GenerationError("The model failed while generating.")
+                        req.error = exc
+                        slot.req = req
+                        self._release(slot, wipe=True)
             try:
                 self._step()
             except Exception as exc:  # never let the thread die with callers waiting
@@ -213,6 +222,13 @@ class BatchEngine:
         """A native sampler chain for `params` (greedy when temperature <= 0)."""
         ll = self.ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if params.grammar:
+            # First in the chain: every later sampler only sees tokens the grammar allows.
+            grammar = ll.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                ll.llama_sampler_free(chain)
+                raise errors.BadRequest("The response format could not be turned into a grammar.")
+            ll.llama_sampler_chain_add(chain, grammar)
         if params.repeat_penalty and params.repeat_penalty != 1.0:
             ll.llama_sampler_chain_add(
                 chain, ll.llama_sampler_init_penalties(PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0)
