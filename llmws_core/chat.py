@@ -59,6 +59,9 @@ class Chunk:
     result: GenerationResult | None = None
     tokens_in: int = 0
     dropped_messages: int = 0
+    #: On the first chunk: whether the serving backend constrains the reply to
+    #: `params.grammar` / `params.response_format` (its `supports_grammar`).
+    constrained: bool = False
 
 
 class ChatService:
@@ -268,7 +271,7 @@ class ChatService:
             )
             if on_ready:
                 on_ready(n_in, dropped)
-            yield Chunk(tokens_in=n_in, dropped_messages=dropped)
+            yield Chunk(tokens_in=n_in, dropped_messages=dropped, constrained=backend.supports_grammar)
             first_token: list[float] = []
 
             def on_token(text: str) -> None:

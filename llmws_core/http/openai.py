@@ -7,7 +7,6 @@ serves the earlier llama-cpp server's `POST /chat/completions` (see legacy.py).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
@@ -21,7 +20,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import errors
-from ..engine.backends.base import GenerationParams, Message
+from ..engine import grammar
+from ..engine.backends.base import Message
 from . import tools as toolcalls
 from .auth import llmws, user_key
 from .common import (
@@ -40,12 +40,6 @@ from .common import (
 logger = logging.getLogger("llmws.http.openai")
 
 router = APIRouter(tags=["OpenAI-compatible"], dependencies=[Depends(user_key)])
-
-#: Whether the backends can constrain output to JSON (a grammar), announced by
-#: GenerationParams growing a `response_format` field. Without it, JSON mode is a
-#: prompt instruction plus extraction of the first JSON value in the reply.
-GRAMMAR_SUPPORTED = "response_format" in {f.name for f in dataclasses.fields(GenerationParams)}
-
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -134,7 +128,13 @@ def extract_json(text: str) -> str:
 
 
 class Prepared:
-    """A request turned into chat-service inputs."""
+    """A request turned into chat-service inputs.
+
+    JSON mode and forced tool calls set `params.response_format`: a llama.cpp model
+    follows it as a grammar, a remote model gets it passed on, and for a backend
+    without grammars (transformers) the prompt instruction and `extract_json` are
+    all there is. Which of these happened is known at the first chunk (`constrained`).
+    """
 
     def __init__(self, request: Request, body: ChatCompletionRequest) -> None:
         self.body = body
@@ -142,11 +142,17 @@ class Prepared:
         self.tools = body.tools if body.tools and body.tool_choice != "none" else None
         messages = toolcalls.with_tools(messages, self.tools, body.tool_choice)
         self.params = make_params(request, **generation_overrides(body))
-        self.json = json_mode(body.response_format)
+        forced = toolcalls.forced_call_format(self.tools, body.tool_choice)
+        # A forced call is the whole reply, so response_format (which shapes content) yields.
+        self.json = None if forced else json_mode(body.response_format)
         if self.json is not None:
             messages = with_json_instruction(messages, self.json)
-            if GRAMMAR_SUPPORTED:
-                self.params.response_format = self.json  # type: ignore[attr-defined]
+        self.params.response_format = forced or (body.response_format if self.json is not None else None)
+        # A schema no grammar can be made of is the client's error on every backend, and
+        # must be a 400 before a stream starts (the grammar is cached for the backend).
+        grammar.grammar_for(self.params.response_format)
+        #: Whether the serving backend constrained the reply (set from the first chunk).
+        self.constrained = False
         self.messages = messages
         self.id = "chatcmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
@@ -159,7 +165,7 @@ class Prepared:
         calls: list[dict[str, Any]] = []
         if self.tools:
             text, calls = toolcalls.parse_tool_calls(text, self.tools)
-        if self.json is not None and not GRAMMAR_SUPPORTED and not calls:
+        if self.json is not None and not self.constrained and not calls:
             text = extract_json(text)
         return (text if text or not calls else None), calls
 
@@ -218,6 +224,7 @@ async def complete(body: ChatCompletionRequest, request: Request) -> Response:
         raise
     if first is None:
         return Response(status_code=499)
+    prep.constrained = first.constrained
     if body.stream:
         return StreamingResponse(
             cancel_on_disconnect(request, stream_events(prep, agen), cancel),
@@ -276,7 +283,7 @@ async def stream_events(prep: Prepared, agen: AsyncIterator[Any]) -> AsyncIterat
 
     include_usage = bool(prep.body.stream_options and prep.body.stream_options.include_usage)
     # Held back while the reply may still become a tool call or must be JSON-extracted.
-    hold = bool(prep.tools) or (prep.json is not None and not GRAMMAR_SUPPORTED)
+    hold = bool(prep.tools) or (prep.json is not None and not prep.constrained)
     held: list[str] = []
     yield event({"role": "assistant", "content": ""})
     try:

@@ -43,6 +43,46 @@ def forced_tool(tool_choice: Any) -> str | None:
     return None
 
 
+def call_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of one call of `tool`: {"name": <its name>, "arguments": <its parameters>}."""
+    fn = tool["function"]
+    params = fn.get("parameters")
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"const": fn["name"]},
+            "arguments": params if isinstance(params, dict) and params else {"type": "object"},
+        },
+        "required": ["name", "arguments"],
+    }
+
+
+def forced_call_format(tools: list[dict[str, Any]] | None, tool_choice: Any) -> dict[str, Any] | None:
+    """The `response_format` that makes the reply a call, when `tool_choice` forces one.
+
+    A named function gets its own call schema, `"required"` any offered tool's (anyOf);
+    `"auto"`, `"none"` and no tools give None (the model may answer in prose). The reply
+    is then a bare JSON call, which `parse_tool_calls` reads.
+
+    Raises:
+        BadRequest: `tool_choice` names a function the request does not offer.
+    """
+    if not tools or tool_choice in (None, "none", "auto"):
+        return None
+    names = tool_names(tools)
+    name = forced_tool(tool_choice)
+    if name is not None:
+        if name not in names:
+            raise errors.BadRequest("tool_choice names a function that is not in tools.")
+        schema = call_schema(tools[names.index(name)])
+    elif tool_choice == "required":
+        schemas = [call_schema(t) for t in tools]
+        schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    else:
+        return None
+    return {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}
+
+
 def tools_prompt(tools: list[dict[str, Any]], tool_choice: Any) -> str:
     """The system text that offers `tools` to the model."""
     specs = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from llmws_core import errors
 from llmws_core.http import tools as toolcalls
 from llmws_core.http.openai import extract_json
 from tests.conftest import DaemonProcess, scaled
@@ -109,16 +110,144 @@ def test_legacy_chat_completions_route_is_the_same(http: httpx.Client) -> None:
     assert a["usage"] == b["usage"]
 
 
-def test_tools_request_answers_with_text_or_valid_tool_calls(http: httpx.Client) -> None:
-    """With `tools`, the reply is either text or tool calls naming an offered tool with JSON arguments."""
-    tools = [{"type": "function", "function": {
-        "name": "get_weather", "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    }}]
-    body = {
-        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
-        "tools": tools, "tool_choice": "required", "max_tokens": 48, "temperature": 0,
-    }
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]},
+}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two numbers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]},
+}}
+REQUIRED_ARGS = {"get_weather": {"city": str}, "add": {"a": (int, float), "b": (int, float)}}
+PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+PERSON = {"type": "json_schema", "json_schema": {"name": "person", "schema": {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}}}
+BOB = [{"role": "user", "content": "Bob is 30 years old. Give his name and age."}]
+
+
+def assert_person(text: str | None) -> None:
+    """`text` is a JSON object with exactly a string `name` and an integer `age`."""
+    data = json.loads(text or "")
+    assert isinstance(data, dict) and set(data) == {"name", "age"}
+    assert isinstance(data["name"], str)
+    assert isinstance(data["age"], int) and not isinstance(data["age"], bool)
+
+
+def assert_call(name: str, arguments: str, offered: set[str]) -> None:
+    """A call names an offered tool, with JSON arguments holding its required keys, well typed."""
+    assert name in offered
+    args = json.loads(arguments)
+    assert isinstance(args, dict)
+    for key, kind in REQUIRED_ARGS[name].items():
+        assert isinstance(args[key], kind), (key, args)
+
+
+def test_json_schema_reply_is_json_matching_the_schema(client: openai.OpenAI) -> None:
+    """With a json_schema response_format the content parses as JSON with the schema's keys and types."""
+    r = client.chat.completions.create(
+        model="x", messages=BOB, response_format=PERSON, max_tokens=128, temperature=0,  # type: ignore[arg-type]
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert_person(r.choices[0].message.content)
+
+
+def test_json_schema_stream_joins_into_the_same_json(client: openai.OpenAI) -> None:
+    """Streamed json_schema deltas join into the same schema-valid JSON as the non-streamed reply."""
+    full = client.chat.completions.create(
+        model="x", messages=BOB, response_format=PERSON, max_tokens=128, temperature=0,  # type: ignore[arg-type]
+    )
+    stream = client.chat.completions.create(
+        model="x", messages=BOB, response_format=PERSON, max_tokens=128, temperature=0, stream=True,  # type: ignore[arg-type]
+    )
+    parts, finish = [], None
+    for chunk in stream:
+        parts.append(chunk.choices[0].delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "stop"
+    assert_person("".join(parts))
+    assert "".join(parts) == full.choices[0].message.content
+
+
+def test_json_object_reply_is_a_json_object(client: openai.OpenAI) -> None:
+    """With response_format json_object the content parses as a JSON object."""
+    r = client.chat.completions.create(
+        model="x", messages=BOB, response_format={"type": "json_object"}, max_tokens=128, temperature=0,
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+
+
+def test_invalid_schema_is_a_400_and_the_server_keeps_serving(http: httpx.Client) -> None:
+    """A schema no grammar can follow is a 400 OpenAI error, and the next request is served normally."""
+    bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": 5}}}
+    for stream in (False, True):
+        r = http.post("/v1/chat/completions", json={"messages": BOB, "response_format": bad, "max_tokens": 8, "stream": stream})
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and "schema" in error["message"]
+        assert "Unrecognized" not in error["message"] and "Traceback" not in r.text
+    unknown = {"messages": PARIS, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "rm"}}}
+    r = http.post("/v1/chat/completions", json=unknown)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    ok = http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 8, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_named_tool_choice_always_calls_that_tool(client: openai.OpenAI) -> None:
+    """tool_choice naming a function makes the answer a call of it, with arguments matching its schema."""
+    r = client.chat.completions.create(
+        model="x", messages=PARIS, tools=[ADD, WEATHER], max_tokens=128, temperature=0,  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1 and calls[0].id.startswith("call_")
+    assert calls[0].function.name == "get_weather"
+    assert_call(calls[0].function.name, calls[0].function.arguments, {"get_weather"})
+
+
+def test_required_tool_choice_calls_an_offered_tool(client: openai.OpenAI) -> None:
+    """tool_choice "required" makes the answer a call of one of the offered tools, with valid arguments."""
+    r = client.chat.completions.create(
+        model="x", messages=PARIS, tools=[WEATHER, ADD], tool_choice="required", max_tokens=128, temperature=0,  # type: ignore[list-item]
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1
+    assert_call(calls[0].function.name, calls[0].function.arguments, {"get_weather", "add"})
+
+
+def test_forced_tool_call_streams_as_tool_call_deltas(client: openai.OpenAI) -> None:
+    """A streamed forced call arrives as OpenAI tool_call deltas and ends with finish_reason tool_calls."""
+    stream = client.chat.completions.create(
+        model="x", messages=PARIS, tools=[WEATHER, ADD], tool_choice="required", max_tokens=128,  # type: ignore[list-item]
+        temperature=0, stream=True,
+    )
+    calls: dict[int, dict[str, str]] = {}
+    content, finish = [], None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        content.append(delta.content or "")
+        for tc in delta.tool_calls or []:
+            entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            entry["name"] += (tc.function.name or "") if tc.function else ""
+            entry["arguments"] += (tc.function.arguments or "") if tc.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert "".join(content) == ""
+    assert list(calls) == [0]
+    assert_call(calls[0]["name"], calls[0]["arguments"], {"get_weather", "add"})
+
+
+def test_auto_tool_choice_answers_with_text_or_valid_tool_calls(http: httpx.Client) -> None:
+    """With tool_choice "auto" (prompt and parse, no grammar) the reply is text or calls of offered tools."""
+    body = {"messages": PARIS, "tools": [WEATHER], "tool_choice": "auto", "max_tokens": 48, "temperature": 0}
     r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 200
     choice = r.json()["choices"][0]
@@ -172,6 +301,28 @@ def test_tool_call_parser_reads_tagged_and_bare_json() -> None:
     assert calls == [] and "rm_rf" in content
     content, calls = toolcalls.parse_tool_calls("Just text.", TOOLS)
     assert calls == [] and content == "Just text."
+
+
+def test_forced_tool_choice_becomes_a_call_schema() -> None:
+    """A named or "required" tool_choice gives a json_schema of calls; "auto" gives none."""
+    tools = [WEATHER, ADD]
+    named = toolcalls.forced_call_format(tools, {"type": "function", "function": {"name": "add"}})
+    assert named is not None and named["type"] == "json_schema"
+    schema = named["json_schema"]["schema"]
+    assert schema["properties"]["name"] == {"const": "add"}
+    assert schema["properties"]["arguments"] == ADD["function"]["parameters"]
+    assert schema["required"] == ["name", "arguments"]
+    required = toolcalls.forced_call_format(tools, "required")
+    assert required is not None
+    alts = required["json_schema"]["schema"]["anyOf"]
+    assert [a["properties"]["name"]["const"] for a in alts] == ["get_weather", "add"]
+    assert toolcalls.forced_call_format(tools, "auto") is None
+    assert toolcalls.forced_call_format(tools, None) is None
+    assert toolcalls.forced_call_format(None, "required") is None
+    bare = toolcalls.forced_call_format(TOOLS, "required")
+    assert bare is not None and bare["json_schema"]["schema"]["properties"]["arguments"] == {"type": "object"}
+    with pytest.raises(errors.BadRequest):
+        toolcalls.forced_call_format(tools, {"type": "function", "function": {"name": "rm"}})
 
 
 def test_tool_call_hold_back_decision() -> None:

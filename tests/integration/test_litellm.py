@@ -159,6 +159,15 @@ def test_streams_tokens_and_usage(upstream: Upstream) -> None:
     assert body["stream"] is True and body["max_tokens"] == 16 and body["temperature"] == 0
 
 
+def test_response_format_is_passed_on(upstream: Upstream) -> None:
+    """A remote model gets the request's response_format as sent, and none when there is none."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+    run(make_backend(upstream), response_format=fmt)
+    run(make_backend(upstream))
+    assert upstream.requests[0]["body"]["response_format"] == fmt
+    assert "response_format" not in upstream.requests[1]["body"]
+
+
 def test_concurrent_requests_carry_their_own_keys(upstream: Upstream) -> None:
     """Two concurrent requests for models with different API keys each send their own key."""
     upstream.delay = 0.05

@@ -39,8 +39,9 @@ class GenerationParams:
     #: A GBNF grammar the reply must follow (JSON mode, forced tool calls); only
     #: honoured by backends whose `supports_grammar` is true.
     grammar: str | None = None
-    #: The OpenAI `response_format` object as the client sent it, for remote
-    #: backends that pass it on to their provider.
+    #: The OpenAI `response_format` object as the client sent it (or the one a forced
+    #: tool call makes): remote backends pass it on to their provider, backends whose
+    #: `supports_grammar` is true follow it as a grammar when `grammar` is empty.
     response_format: dict[str, Any] | None = None
 
 

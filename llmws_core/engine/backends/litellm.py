@@ -250,6 +250,8 @@ class LiteLLMBackend(Backend):
             kwargs["stop"] = list(params.stop)
         if params.seed is not None:
             kwargs["seed"] = params.seed
+        if params.response_format:
+            kwargs["response_format"] = params.response_format
         if self.group is not None:
             kwargs["model"] = self.group
             _, headers = helicone_call_settings("", None, params.cache_key, self.env)

@@ -12,6 +12,7 @@ incrementally and keeps each session's KV prefix for its next turn.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import errors
+from ..grammar import grammar_for
 from .base import (
     Backend,
     CancelCheck,
@@ -287,6 +289,9 @@ class LlamaCppBackend(Backend):
         cancelled: CancelCheck,
     ) -> GenerationResult:
         engine = self._require()
+        if params.response_format and not params.grammar:
+            # JSON mode, forced tool calls: the grammar sampler keeps the reply to the format.
+            params = dataclasses.replace(params, grammar=grammar_for(params.response_format))
         tokens, template_stops = self.tokenize_prompt(messages)
         n_in = len(tokens)
         n_ctx = engine.max_context

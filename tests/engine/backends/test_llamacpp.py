@@ -209,3 +209,20 @@ def test_bad_file_is_a_load_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a model" * 100)
     with pytest.raises(errors.ModelLoadError):
         LlamaCppBackend(bad, n_ctx=256).load()
+
+
+def test_response_format_constrains_the_reply_without_touching_the_params(backend: LlamaCppBackend) -> None:
+    """A json_schema response_format makes the reply schema-valid JSON; the caller's params keep no grammar."""
+    import json
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    params = greedy(128, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
+    messages = [{"role": "user", "content": "Bob is 30 years old. Give his name and age."}]
+    text, _, res = run(backend, messages, params)
+    data = json.loads(text)
+    assert res.finish_reason == "stop"
+    assert set(data) == {"name", "age"} and isinstance(data["name"], str) and isinstance(data["age"], int)
+    assert params.grammar is None
+    plain, _, _ = run(backend, messages, greedy(128))
+    assert plain != text  # the same prompt unconstrained answers in prose
