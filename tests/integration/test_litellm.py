@@ -41,7 +41,7 @@ PROMPT = "Name one colour."
 
 # LiteLLM's own typing trips a pydantic warning the first time a stream is built;
 # it is not ours to fix, and the suite turns warnings into errors.
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the `ReadOnly` qualifier:UserWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:Items? .* (is|are) using the `ReadOnly` qualifier:UserWarning")
 
 
 # --------------------------------------------------------------------------- a recording upstream
