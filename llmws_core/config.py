@@ -48,6 +48,7 @@ class ModelSettings(_Section):
     compile: bool = Field(False, description="transformers backend: torch.compile the decode step (warm-up at load).")
     trust_remote_code: bool = Field(False, description="transformers backend: allow a model folder's own Python code. Only settable here, never from a message.")
     max_batch: int = Field(8, ge=1, le=64, description="Concurrent sequences decoded together (llama.cpp slots, transformers batch). Each llama.cpp slot reserves its own context of KV memory.")
+    prefix_cache_disk_mb: int = Field(2048, ge=0, description="llama.cpp backend: disk space for sealed KV prefixes (var/prefixes/) of sessions whose slot was given to another session, of the model's slots at shutdown and of /restore_cache, so their next turn skips the prefill after an eviction or a restart. 0: RAM only.")
     allow_delete_from_models: bool = Field(False, description="Whether delete_model may remove files from models/ (downloads in var/models/ are always deletable).")
 
 

@@ -27,6 +27,7 @@ from . import __version__, commands, errors
 from .chat import ChatService
 from .config import Settings, describe_settings, load_settings
 from .engine.manager import ModelManager
+from .engine.prefixes import PrefixStore
 from .sessions.crypto import Sealer, load_or_create_master_key
 from .sessions.store import Session, SessionStore
 from .ws import Connection, is_loopback, make_origin_check
@@ -47,7 +48,13 @@ class App:
         if not settings.sessions.persist:
             logger.warning("sessions.persist is false: events are not written (benchmark mode)")
             Session.persist_events = False
-        self.models = ModelManager(settings)
+        prefixes = None
+        if settings.model.prefix_cache_disk_mb > 0:
+            prefixes = PrefixStore(
+                var / "prefixes", sealer, max_bytes=settings.model.prefix_cache_disk_mb * 2**20,
+                ttl_seconds=settings.sessions.ttl_seconds,
+            )
+        self.models = ModelManager(settings, prefixes=prefixes)
         self.chat = ChatService(settings, self.store, self.models)
         self._downloads: Any = None
         self.handlers = dict(commands.HANDLERS)

@@ -19,6 +19,7 @@ from typing import Any
 from .. import errors
 from ..config import Settings
 from .backends.base import Backend
+from .prefixes import PrefixStore
 from .remote import RemoteEntry, RemoteModels
 from .scan import ModelDirs, ModelEntry, auto_select
 
@@ -138,8 +139,16 @@ class FairQueue:
 class ModelManager:
     """Owns the loaded backend and the model folders."""
 
-    def __init__(self, settings: Settings, *, factories: dict[str, BackendFactory] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, factories: dict[str, BackendFactory] | None = None,
+        prefixes: PrefixStore | None = None,
+    ) -> None:
+        """Args:
+        factories: backend name -> factory; None: the built-in backends.
+        prefixes: where backends with a prefix cache store KV prefixes; None: RAM only.
+        """
         self.settings = settings
+        self.prefixes = prefixes
         var_models = settings.var_dir / "models"
         var_models.mkdir(parents=True, exist_ok=True)
         settings.models_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +238,9 @@ class ModelManager:
         factory = self.factories.get(entry.backend)
         if factory is None:
             raise errors.Unsupported(f"No backend can serve {entry.format} models here.")
-        return factory(entry, self.settings)
+        backend = factory(entry, self.settings)
+        backend.prefixes = self.prefixes
+        return backend
 
     async def load(self, entry: ModelEntry, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Backend:
         """Load `entry` and make it current. The old model serves until the swap."""
@@ -354,3 +365,5 @@ class ModelManager:
         if self.backend is not None:
             await asyncio.to_thread(self.backend.unload)
             self.backend = None
+        if self.prefixes is not None:
+            await asyncio.to_thread(self.prefixes.close)

@@ -85,11 +85,11 @@ async def restore_cache(body: RestoreCacheRequest, request: Request) -> dict[str
     app = llmws(request)
     messages = toolcalls.with_tools(normalize_messages(body.messages), body.tools, "auto")
     params = make_params(request, max_new_tokens=1, temperature=0.0, stop=None, seed=0)
-    persistent = hasattr(app.models.backend, "warm_prefix")
-    if persistent:
+    persistent = False
+    if hasattr(app.models.backend, "warm_prefix"):
         # A backend with a real prefix cache (kept in RAM, sealed on disk).
         async with app.models.use() as backend:
-            cached = await asyncio.to_thread(backend.warm_prefix, messages, params.cache_key)  # type: ignore[attr-defined]
+            cached, persistent = await asyncio.to_thread(backend.warm_prefix, messages, params.cache_key)  # type: ignore[attr-defined]
         tokens_in = cached
     else:
         # llama.cpp keeps the KV state of its last evaluation and reuses the longest

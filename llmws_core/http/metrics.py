@@ -100,6 +100,13 @@ class StateCollector(Collector):
             yield GaugeMetricFamily("llmws_model_max_context_tokens", "Context the loaded model can hold.", value=info.get("max_context") or 0)
             size = float(info.get("size_mb") or 0) * 2**20
             yield GaugeMetricFamily("llmws_model_weights_bytes", "Size of the loaded model's weights.", value=size)
+            stats = getattr(app.models.backend, "cache_stats", None) or {}
+            if stats:
+                # The prefix cache of the loaded model (counters restart with each load).
+                yield CounterMetricFamily("llmws_prefix_prefilled_tokens", "Prompt tokens the model evaluated.", value=stats.get("prefilled", 0))
+                yield CounterMetricFamily("llmws_prefix_reused_tokens", "Prompt tokens reused from a cached KV prefix instead of evaluated.", value=stats.get("reused", 0))
+                yield CounterMetricFamily("llmws_prefix_restored_tokens", "Of the reused tokens, those whose KV was loaded from the sealed prefix store on disk.", value=stats.get("restored", 0))
+                yield CounterMetricFamily("llmws_prefix_stored", "KV prefixes sealed to disk (evictions, unloads, /restore_cache).", value=stats.get("stored", 0))
         try:
             import psutil
 

@@ -316,3 +316,55 @@ async def test_persist_false_is_a_memory_only_benchmark_mode(daemon_factory) -> 
     buffer = d.var_dir / "sessions" / peer.welcome["session_id"] / "buffer.jsonl"
     assert not buffer.exists() or buffer.stat().st_size == 0
     await peer.close()
+
+
+def _metric(daemon, name: str) -> float:
+    import httpx
+
+    text = httpx.get(f"{daemon.http_url}/metrics", timeout=30).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_session_prefix_survives_a_restart(daemon) -> None:
+    """After a graceful restart, a session's next turn loads its KV prefix from the
+    sealed store instead of evaluating its whole history again."""
+    peer = await Peer.open(daemon.ws_url)
+    sid = peer.welcome["session_id"]
+    first, _ = await peer.infer("Tell me a short story about a lighthouse keeper.", "t1", temperature=0, max_new_tokens=48)
+    last = peer.events[-1]["seq"]
+    await peer.close()
+    assert daemon.stop() == 0
+    daemon.start()
+    again = await Peer.open(daemon.ws_url, {"session_id": sid, "last_seq": last})
+    _, events = await again.infer("Give it a title.", "t2", temperature=0, max_new_tokens=8)
+    start = next(e for e in events if e["type"] == "start")
+    restored = _metric(daemon, "llmws_prefix_restored_tokens_total")
+    prefilled = _metric(daemon, "llmws_prefix_prefilled_tokens_total")
+    assert restored >= 40, "the first turn's prompt and reply should come from disk"
+    assert prefilled < start["tokens_in"] - 40
+    await again.close()
+    sessions_files = list((daemon.var_dir / "prefixes").iterdir())
+    assert sessions_files and all(sid not in p.name for p in sessions_files)
+
+
+def test_restore_cache_is_on_disk_before_it_answers(daemon) -> None:
+    """A prefix cached by /restore_cache survives a SIGKILL: after the restart, a request
+    that starts with it loads it from disk instead of evaluating it."""
+    import httpx
+
+    doc = " ".join(f"Rule {i}: every lighthouse keeper writes the weather in a log." for i in range(30))
+    prefix = [{"role": "system", "content": doc}]
+    r = httpx.post(f"{daemon.http_url}/restore_cache", json={"messages": prefix}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["persistent"] is True and body["cached_tokens"] > 300
+    daemon.restart()  # SIGKILL, then start
+    r = httpx.post(f"{daemon.http_url}/v1/chat/completions", timeout=120, json={
+        "messages": [*prefix, {"role": "user", "content": "What do keepers write?"}],
+        "max_tokens": 4, "temperature": 0,
+    })
+    assert r.status_code == 200, r.text
+    assert _metric(daemon, "llmws_prefix_restored_tokens_total") >= body["cached_tokens"] - 8

@@ -10,7 +10,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ..prefixes import PrefixStore
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -99,6 +102,10 @@ class Backend(abc.ABC):
 
     #: Whether `GenerationParams.grammar` constrains sampling (llama.cpp's grammar sampler).
     supports_grammar: bool = False
+
+    #: Where a backend with a prefix cache seals evicted KV prefixes (set by the model
+    #: manager before `load`); None: RAM only. See engine/prefixes.py.
+    prefixes: PrefixStore | None = None
 
     @abc.abstractmethod
     def load(self) -> None:

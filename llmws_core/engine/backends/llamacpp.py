@@ -88,6 +88,7 @@ class LlamaCppBackend(Backend):
         self._n_ctx = n_ctx
         self._cap = max_context_cap
         self._n_threads = n_threads or default_threads()
+        self._threads_configured = n_threads is not None
         self._n_gpu_layers = n_gpu_layers
         self._n_batch = n_batch
         self._parallel = max(1, parallel)
@@ -157,8 +158,14 @@ class LlamaCppBackend(Backend):
         eos = self._token_text(meta.get("tokenizer.ggml.eos_token_id"))
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self._bos_text = bos
+        st = self.path.stat()
         self._engine = BatchEngine(
-            ll, self._model, self._ctx, n_slots=n_slots, n_batch=self._n_batch, max_context=n_ctx
+            ll, self._model, self._ctx, n_slots=n_slots, n_batch=self._n_batch, max_context=n_ctx,
+            prefixes=self.prefixes,
+            # A stored KV state loads only into the same file with the same slot context.
+            model_id=f"llamacpp|{self.path.name}|{st.st_size}|{int(st.st_mtime)}|{n_ctx}",
+            # Only an automatic thread count adapts; a configured one is kept as given.
+            adaptive_threads=0 if self._threads_configured else self._n_threads,
         )
         self.max_concurrency = n_slots
         self.supports_grammar = True
@@ -287,7 +294,12 @@ class LlamaCppBackend(Backend):
         params: GenerationParams,
         on_token: TokenCallback,
         cancelled: CancelCheck,
+        *,
+        persist: bool = False,
     ) -> GenerationResult:
+        """Args (beyond Backend.generate's):
+        persist: store the request's KV prefix on disk when it ends (`warm_prefix`).
+        """
         engine = self._require()
         if params.response_format and not params.grammar:
             # JSON mode, forced tool calls: the grammar sampler keeps the reply to the format.
@@ -306,12 +318,28 @@ class LlamaCppBackend(Backend):
             on_token=on_token,
             cancelled=cancelled,
             budget=max(1, min(params.max_new_tokens, n_ctx - n_in)),
+            persist=persist,
         )
+        if params.cache_key is not None:
+            req.restored = engine.load_prefix(params.cache_key, tokens)
         return engine.submit(req)
+
+    def warm_prefix(self, messages: Sequence[Message], cache_key: str | None) -> tuple[int, bool]:
+        """Evaluate `messages` into `cache_key`'s slot and store the KV on disk.
+
+        Returns (prompt tokens now cached, whether they are also on disk)."""
+        params = GenerationParams(max_new_tokens=1, temperature=0.0, cache_key=cache_key)
+        result = self.generate(messages, params, lambda _text: None, lambda: False, persist=True)
+        engine = self._require()
+        if engine.prefixes is None or cache_key is None:
+            return result.tokens_in, False
+        engine.prefixes.flush()  # on disk before the caller hears "persistent"
+        return result.tokens_in, True
 
     @property
     def cache_stats(self) -> dict[str, int]:
-        """Prompt tokens prefilled vs reused from a session's cached prefix, decode steps."""
+        """Prompt tokens prefilled vs reused from a session's cached prefix (`restored`:
+        loaded from disk), prefixes stored on disk, decode steps."""
         return dict(self._engine.stats) if self._engine else {}
 
 

@@ -19,6 +19,12 @@ same slot and only prefills the part of the prompt that differs (prefix cache).
 A slot is only ever reused with its KV for the same key; given to anyone else it
 is wiped first. Slots are recycled least-recently-used.
 
+With a `PrefixStore`, a slot's KV is also sealed to disk before it is wiped for
+another key (eviction), when the engine closes (model switch, shutdown) and when a
+request asks for it (`/restore_cache`); a key whose KV is in no slot gets its
+stored prefix loaded into the slot it is given (`llama_state_seq_set_data`), so
+its next turn skips the prefill after an eviction or a restart.
+
 Per-token Python work is kept to a handful of ctypes calls: the batch arrays are
 written in place, sampling, end-of-generation checks and detokenization are
 native, and text goes to the caller's callback straight from this thread.
@@ -36,13 +42,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ... import errors
+from ..prefixes import PrefixStore
 from .base import CancelCheck, GenerationParams, GenerationResult, TokenCallback
 from .stops import StopMatcher
+from .threads import ThreadGovernor
 
 logger = logging.getLogger("llmws.engine.llamacpp")
 
 #: Penalties look this many tokens back (llama.cpp's default `repeat_last_n`).
 PENALTY_LAST_N = 64
+
+#: Prefixes shorter than this are neither stored nor loaded: prefilling them is cheaper.
+MIN_STORED_PREFIX = 32
 
 
 @dataclass
@@ -58,6 +69,10 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     result: GenerationResult | None = None
     error: BaseException | None = None
+    #: (tokens, KV state) of this key's stored prefix, loaded by the caller's thread.
+    restored: tuple[list[int], bytes] | None = None
+    #: Store the slot's KV on disk when the request ends (`/restore_cache`).
+    persist: bool = False
 
 
 @dataclass
@@ -68,6 +83,7 @@ class Slot:
     cached: list[int] = field(default_factory=list)  # tokens whose KV is in this sequence
     owner: str | None = None  # cache_key of the KV in `cached`
     last_used: float = 0.0
+    stored: int = -1  # len(cached) when it was last stored on disk (-1: not stored)
     # --- the request being served (None when idle)
     req: Request | None = None
     sampler: Any = None
@@ -83,8 +99,16 @@ class BatchEngine:
     """The scheduler thread and slots over one llama.cpp context."""
 
     def __init__(
-        self, llama_cpp: Any, model: Any, ctx: Any, *, n_slots: int, n_batch: int, max_context: int
+        self, llama_cpp: Any, model: Any, ctx: Any, *, n_slots: int, n_batch: int, max_context: int,
+        prefixes: PrefixStore | None = None, model_id: str = "", adaptive_threads: int = 0,
     ) -> None:
+        """Args:
+        adaptive_threads: the context's thread count, to be lowered while the machine
+            is contended (see threads.py); 0: keep the context's count as it is.
+        prefixes: where evicted and restored KV prefixes are sealed; None: RAM only.
+        model_id: names this model and context layout in the prefix store (a stored
+            state only loads into the same model with the same context per slot).
+        """
         self.ll = llama_cpp
         self.model = model  # llama_model_p (kept alive by the backend)
         self.vocab = llama_cpp.llama_model_get_vocab(model)
@@ -105,10 +129,15 @@ class BatchEngine:
         self._queue: deque[Request] = deque()
         self._cv = threading.Condition()
         self._stopping = False
+        self.prefixes = prefixes
+        self.model_id = model_id
+        self.governor = ThreadGovernor(adaptive_threads) if adaptive_threads > 1 else None
+        self.threads = adaptive_threads
+        #: Counters for tests, benchmarks and /metrics: prompt tokens prefilled vs reused
+        #: from a cached prefix (of which `restored` came from disk), prefixes stored.
+        self.stats = {"prefilled": 0, "reused": 0, "restored": 0, "stored": 0, "steps": 0}
         self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
-        #: Counters for tests and benchmarks: prompt tokens prefilled vs reused from cache.
-        self.stats = {"prefilled": 0, "reused": 0, "steps": 0}
 
     # ------------------------------------------------------------------ caller side
 
@@ -125,8 +154,22 @@ class BatchEngine:
         assert req.result is not None
         return req.result
 
+    def holds(self, key: str) -> bool:
+        """Whether a slot has `key`'s KV in RAM (read without the lock: a hint)."""
+        return any(s.owner == key for s in self.slots)
+
+    def load_prefix(self, key: str, tokens: list[int]) -> tuple[list[int], bytes] | None:
+        """`key`'s stored prefix if no slot holds its KV and it covers enough of
+        `tokens` to be worth loading (runs in the caller's thread: disk and AES)."""
+        if self.prefixes is None or self.holds(key):
+            return None
+        stored = self.prefixes.load(self.model_id, key)
+        if stored is None or _common_prefix(stored[0], tokens) < MIN_STORED_PREFIX:
+            return None
+        return stored
+
     def close(self) -> None:
-        """Stop the scheduler, fail waiting requests, free native objects."""
+        """Stop the scheduler, fail waiting requests, store every slot's prefix, free."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
@@ -138,6 +181,10 @@ class BatchEngine:
             req = self._queue.popleft()
             req.error = errors.ModelNotLoaded("The model was unloaded.")
             req.done.set()
+        for slot in self.slots:
+            self._store(slot)  # the next model load (or daemon start) picks them up
+        if self.prefixes is not None:
+            self.prefixes.flush()
         self.ll.llama_batch_free(self._batch)
 
     # ------------------------------------------------------------------ scheduler
@@ -190,14 +237,52 @@ class BatchEngine:
         self.ll.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         slot.cached = []
         slot.owner = None
+        slot.stored = -1
+
+    def _store(self, slot: Slot) -> None:
+        """Seal the slot's KV to disk for its owner (unless it is already there)."""
+        if (
+            self.prefixes is None or slot.owner is None
+            or len(slot.cached) < MIN_STORED_PREFIX or slot.stored == len(slot.cached)
+        ):
+            return
+        ll = self.ll
+        try:
+            size = ll.llama_state_seq_get_size(self.ctx, slot.seq_id)
+            buf = (ctypes.c_uint8 * size)()
+            n = ll.llama_state_seq_get_data(self.ctx, buf, size, slot.seq_id)
+        except Exception as exc:  # storing is an optimisation: never fail a request for it
+            logger.warning("could not read slot %d's KV state: %s", slot.seq_id, exc)
+            return
+        if not n:
+            return
+        self.prefixes.save(self.model_id, slot.owner, list(slot.cached), bytes(memoryview(buf)[:n]))
+        slot.stored = len(slot.cached)
+        self.stats["stored"] += 1
+
+    def _restore(self, slot: Slot, stored: tuple[list[int], bytes]) -> None:
+        """Load a stored prefix into the (wiped) slot's sequence."""
+        tokens, state = stored
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if not self.ll.llama_state_seq_set_data(self.ctx, buf, len(state), slot.seq_id):
+            logger.warning("a stored prefix did not fit slot %d; prefilling", slot.seq_id)
+            self.ll.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+            return
+        slot.cached = list(tokens)
+        slot.stored = len(tokens)
+        self.stats["restored"] += _common_prefix(tokens, slot.req.tokens if slot.req else tokens)
 
     def _start(self, slot: Slot, req: Request) -> None:
         ll = self.ll
         key = req.params.cache_key
         if slot.owner != key or key is None:
-            # Never serve one key's KV to another: wipe the sequence.
-            ll.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-            slot.cached = []
+            # Never serve one key's KV to another: store it for its owner, wipe it.
+            self._store(slot)
+            self._wipe(slot)
+            slot.req = req
+            if key is not None and req.restored is not None:
+                self._restore(slot, req.restored)
+        req.restored = None  # the state's bytes are not needed any more
         n_keep = _common_prefix(slot.cached, req.tokens)
         if n_keep >= len(req.tokens):
             n_keep = len(req.tokens) - 1  # re-evaluate the last prompt token for its logits
@@ -205,6 +290,7 @@ class BatchEngine:
             if not ll.llama_memory_seq_rm(self.mem, slot.seq_id, n_keep, -1):
                 ll.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
                 n_keep = 0
+            slot.stored = -1
         del slot.cached[n_keep:]
         self.stats["reused"] += n_keep
         self.stats["prefilled"] += len(req.tokens) - n_keep
@@ -274,9 +360,11 @@ class BatchEngine:
                 n += 1
                 active.append(slot)
         # Prompt chunks fill what is left of the batch (decoding slots go first: fairness).
+        prefilling = False
         for slot in self.slots:
             if slot.req is None or not slot.pending or n >= self.n_batch:
                 continue
+            prefilling = True
             take = slot.pending[: self.n_batch - n]
             base = len(slot.cached)
             for i, t in enumerate(take):
@@ -295,8 +383,16 @@ class BatchEngine:
         if n == 0:
             return
         self._batch.n_tokens = n
+        started = time.perf_counter()
         rc = ll.llama_decode(self.ctx, self._batch)
         self.stats["steps"] += 1
+        if self.governor is not None and not prefilling and rc == 0:
+            threads = self.governor.observe(n, time.perf_counter() - started)
+            if threads != self.threads:
+                ll.llama_set_n_threads(self.ctx, threads, threads)
+                logger.info("decoding with %d threads (step times say the cores are %s)",
+                            threads, "contended" if threads < self.threads else "free")
+                self.threads = threads
         if rc != 0:
             logger.error("llama_decode returned %d for a batch of %d tokens", rc, n)
             for slot in active:
@@ -343,6 +439,8 @@ class BatchEngine:
                 except Exception:
                     logger.exception("token callback failed")
         req.result = GenerationResult(reason, len(req.tokens), slot.n_out)  # type: ignore[arg-type]
+        if req.persist:
+            self._store(slot)
         self._release(slot, wipe=False)
 
     def _release(self, slot: Slot, *, wipe: bool) -> None:

@@ -12,6 +12,8 @@ import pytest
 from llmws_core import errors
 from llmws_core.engine.backends.base import GenerationParams, GenerationResult
 from llmws_core.engine.backends.llamacpp import LlamaCppBackend
+from llmws_core.engine.prefixes import PrefixStore
+from llmws_core.sessions.crypto import Sealer
 
 pytest.importorskip("llama_cpp")
 
@@ -201,6 +203,50 @@ def test_second_turn_reuses_prefix_of_its_own_session_only(backend: LlamaCppBack
     # Cold prefills agree; the warm turn may differ in the last bits of rounding (its reply
     # KV was computed one token at a time, not in one prefill batch), as in llama-server.
     assert other == anonymous and warm
+
+
+def _turn2(first: str) -> list[dict[str, str]]:
+    return STORY + [{"role": "assistant", "content": first}, {"role": "user", "content": "Give it a title."}]
+
+
+def test_evicted_and_unloaded_prefixes_come_back_from_disk(tmp_path: Path) -> None:
+    """A session whose slot went to another session, or whose model was unloaded (a
+    restart), gets its KV prefix back from the sealed store: its next turn prefills
+    only the new part and replies exactly as if the prefix had stayed in RAM."""
+    store = PrefixStore(tmp_path / "prefixes", Sealer(bytes(range(32))), max_bytes=10**9)
+    b = LlamaCppBackend(MODEL, n_ctx=1024, parallel=1)
+    b.prefixes = store
+    b.load()
+    try:
+        # Reference: two turns with the prefix kept in RAM.
+        first, _, _ = run(b, STORY, greedy(24, cache_key="alice"))
+        in_ram, _, _ = run(b, _turn2(first), greedy(24, cache_key="alice"))
+        # The same two turns with another session taking the only slot in between.
+        again, _, _ = run(b, STORY, greedy(24, cache_key="carol"))
+        assert again == first
+        run(b, [{"role": "user", "content": "List three fruits."}], greedy(8, cache_key="bob"))
+        assert b.cache_stats["stored"] >= 2  # alice's and carol's prefixes went to disk
+        before = dict(b.cache_stats)
+        restored, _, _ = run(b, _turn2(first), greedy(24, cache_key="carol"))
+        n2 = b.count_tokens(_turn2(first))
+        assert b.cache_stats["restored"] - before["restored"] >= b.count_tokens(STORY) + 10
+        assert b.cache_stats["prefilled"] - before["prefilled"] == n2 - (b.cache_stats["reused"] - before["reused"])
+        assert restored == in_ram
+        # Another session with the same conversation never gets carol's prefix.
+        before = dict(b.cache_stats)
+        run(b, _turn2(first), greedy(4, cache_key="mallory"))
+        assert b.cache_stats["reused"] == before["reused"]
+    finally:
+        b.unload()  # stores the slot's prefix (mallory's) and carol's is already there
+    b2 = LlamaCppBackend(MODEL, n_ctx=1024, parallel=1)
+    b2.prefixes = PrefixStore(tmp_path / "prefixes", Sealer(bytes(range(32))), max_bytes=10**9)
+    b2.load()
+    try:
+        turn3 = _turn2(first) + [{"role": "assistant", "content": restored}, {"role": "user", "content": "Thanks."}]
+        run(b2, turn3, greedy(4, cache_key="carol"))
+        assert b2.cache_stats["restored"] >= b2.count_tokens(_turn2(first))
+    finally:
+        b2.unload()
 
 
 def test_bad_file_is_a_load_error(tmp_path: Path) -> None:
