@@ -38,6 +38,35 @@ GENERATION_THREADS = 256
 Subscriber = Callable[[dict[str, Any]], None]
 
 
+class Handoff:
+    """Hands items from worker threads to asyncio queues with one loop wake-up per burst.
+
+    A batched decode step emits a token for every running generation within
+    microseconds; `call_soon_threadsafe` per token would wake the loop (a pipe
+    write and a select) once per token. Here the first item of a burst schedules
+    one delivery and the rest ride along, so the loop wakes once per decode step.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[Any], Any]] = []
+
+    def put(self, queue: asyncio.Queue[Any], item: Any) -> None:
+        """Any thread: `queue.put_nowait(item)` on the loop, soon, in order."""
+        with self._lock:
+            self._pending.append((queue, item))
+            first = len(self._pending) == 1
+        if first:
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 @dataclass
 class Job:
     """One inference request of one session."""
@@ -76,6 +105,7 @@ class ChatService:
         self.metrics = Metrics()
         self.closing = False
         self._pool = concurrent.futures.ThreadPoolExecutor(GENERATION_THREADS, thread_name_prefix="llmws-gen")
+        self._handoff: Handoff | None = None
 
     # ------------------------------------------------------------------ sessions
 
@@ -257,8 +287,14 @@ class ChatService:
 
         `model` names the model for this request only (None: the loaded one; a
         remote model's name: its LiteLLM backend, see `ModelManager.backend_for`).
-        If the consumer stops iterating, the generation is cancelled."""
+        If the consumer stops iterating, the generation is cancelled.
+
+        Text that arrived while the consumer was busy comes as one chunk (one event,
+        one write), so a loaded loop does less work per token, never less text."""
         loop = asyncio.get_running_loop()
+        if self._handoff is None or self._handoff._loop is not loop:
+            self._handoff = Handoff(loop)
+        handoff = self._handoff
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         started = time.perf_counter()
         async with self.models.use(on_queued, model=model) as backend:
@@ -277,22 +313,35 @@ class ChatService:
             def on_token(text: str) -> None:
                 if not first_token:
                     first_token.append(time.perf_counter())
-                loop.call_soon_threadsafe(queue.put_nowait, Chunk(text=text))
+                handoff.put(queue, Chunk(text=text))
 
             def run() -> None:
                 try:
                     result = backend.generate(msgs, params, on_token, cancel.is_set)
                 except BaseException as exc:  # handed to the loop, raised there
-                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+                    handoff.put(queue, exc)
                 else:
-                    loop.call_soon_threadsafe(queue.put_nowait, Chunk(result=result))
+                    handoff.put(queue, Chunk(result=result))
 
             self.metrics.requests += 1
             worker = loop.run_in_executor(self._pool, run)
             finished = False
+            held: Chunk | BaseException | None = None
             try:
                 while True:
-                    item = await queue.get()
+                    item = held if held is not None else await queue.get()
+                    held = None
+                    if isinstance(item, Chunk) and item.text:
+                        parts = [item.text]
+                        while not queue.empty():
+                            nxt = queue.get_nowait()
+                            if isinstance(nxt, Chunk) and nxt.text:
+                                parts.append(nxt.text)
+                            else:
+                                held = nxt
+                                break
+                        if len(parts) > 1:
+                            item = Chunk(text="".join(parts))
                     if isinstance(item, BaseException):
                         finished = True
                         raise item
