@@ -81,7 +81,8 @@ async def _inference(ws: Any, body: dict[str, Any]) -> Stream:
         ev = json.loads(await ws.recv())
         kind = ev.get("type")
         if kind == "token":
-            s.stamps.append(time.perf_counter())
+            # A busy daemon joins tokens into one event and says how many.
+            s.stamps.extend([time.perf_counter()] * int(ev.get("tokens", 1)))
         elif kind == "done":
             await ws.send(json.dumps({"type": "ack"}))
             return s
@@ -89,12 +90,13 @@ async def _inference(ws: Any, body: dict[str, Any]) -> Stream:
             raise RuntimeError(f"daemon error: {ev}")
 
 
-async def ws_run(url: str, concurrency: int) -> Run:
+async def ws_run(url: str, concurrency: int, tokens: int = TOKENS) -> Run:
     """N sessions, one connection each, all asking at once."""
     conns = [await _connect(url) for _ in range(concurrency)]
+    config = {**GREEDY, "max_new_tokens": tokens}
     try:
         start = time.perf_counter()
-        streams = await asyncio.gather(*(_inference(ws, {"prompt": PROMPT, "config": GREEDY}) for ws in conns))
+        streams = await asyncio.gather(*(_inference(ws, {"prompt": PROMPT, "config": config}) for ws in conns))
         wall = max(s.stamps[-1] for s in streams) - start
         return Run("LLMWS over WebSocket", concurrency, list(streams), wall)
     finally:

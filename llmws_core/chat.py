@@ -85,6 +85,8 @@ class Chunk:
     """A piece of a stateless generation: text, or the final result."""
 
     text: str = ""
+    #: Tokens whose text `text` holds (more than one when chunks were joined).
+    count: int = 1
     result: GenerationResult | None = None
     tokens_in: int = 0
     dropped_messages: int = 0
@@ -141,17 +143,18 @@ class ChatService:
         if not inflight or session.id in self.jobs and inflight.get("request_id") in self.jobs[session.id]:
             return
         rid = inflight.get("request_id")
-        text = "".join(
-            e.get("data", "") for e in session.replay(0)
+        tokens = [
+            e for e in session.replay(0)
             if e.get("type") == "token" and e.get("request_id") == rid
             and e.get("stage") in (None, "final")  # improvement passes: only the final one
-        )
+        ]
+        text = "".join(e.get("data", "") for e in tokens)
         history = session.state.setdefault("history", [])
         history.append({"role": "user", "content": inflight.get("user", "")})
         history.append({"role": "assistant", "content": text})
         session.state.pop("inflight", None)
         self.emit(session, {
-            "type": "done", "request_id": rid, "total_tokens": inflight.get("tokens_out", 0),
+            "type": "done", "request_id": rid, "total_tokens": sum(int(e.get("tokens", 1)) for e in tokens),
             "finish_reason": "interrupted",
         })
         session.save_state()
@@ -341,7 +344,7 @@ class ChatService:
                                 held = nxt
                                 break
                         if len(parts) > 1:
-                            item = Chunk(text="".join(parts))
+                            item = Chunk(text="".join(parts), count=len(parts))
                     if isinstance(item, BaseException):
                         finished = True
                         raise item
@@ -415,7 +418,6 @@ class ChatService:
                 await improve_job(self, session, job, messages, turn, params)
                 return
             text_parts: list[str] = []
-            tokens_out = 0
 
             def queued(pos: int) -> None:
                 self.send_transient(session, {"type": "queued", "request_id": rid, "position": pos})
@@ -437,8 +439,10 @@ class ChatService:
                     return
                 if chunk.text:
                     text_parts.append(chunk.text)
-                    tokens_out += 1
-                    self.emit(session, {"type": "token", "request_id": rid, "data": chunk.text})
+                    event = {"type": "token", "request_id": rid, "data": chunk.text}
+                    if chunk.count > 1:
+                        event["tokens"] = chunk.count
+                    self.emit(session, event)
                     continue
                 # The first chunk: the prompt fits; announce the start.
                 self.announce_start(session, job, user_text, chunk.tokens_in, chunk.dropped_messages, params.max_new_tokens)

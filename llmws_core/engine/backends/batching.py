@@ -128,6 +128,7 @@ class BatchScheduler:
         error_map: ErrorMap,
         decode_forward: Callable[..., Any] | None = None,
         logits_to_keep: str | None = "logits_to_keep",
+        cache_keyword: str = "past_key_values",
     ) -> None:
         """Args:
         model: a transformers causal LM (already on its device, in eval mode).
@@ -139,6 +140,8 @@ class BatchScheduler:
             forward); None: the model itself.
         logits_to_keep: name of the forward keyword that limits the prefill's logits
             to the last position (None: the model has none).
+        cache_keyword: name of the forward keyword (and output field) of the KV cache:
+            `past_key_values` until transformers 5.2x renamed it `cache`.
         """
         import torch
 
@@ -150,6 +153,7 @@ class BatchScheduler:
         self._error_map = error_map
         self._decode_forward = decode_forward if decode_forward is not None else model
         self._logits_kw = logits_to_keep
+        self._cache_kw = cache_keyword
         self._input_device = model.get_input_embeddings().weight.device
         # With a multi-GPU device map the logits come out on the last device; samplers live there.
         head = model.get_output_embeddings()
@@ -263,8 +267,8 @@ class BatchScheduler:
             out = self.model(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_kw: cache},
                 **kwargs,
             )
             token = self._sample(out.logits[:, -1, :], [seq])[0]
@@ -275,7 +279,7 @@ class BatchScheduler:
         self.stats["prefills"] += 1
         if self._accept(seq, token):
             return  # finished on its first token
-        self._join(seq, out.past_key_values, len(seq.prompt_ids))
+        self._join(seq, getattr(out, self._cache_kw), len(seq.prompt_ids))
 
     def _join(self, seq: Sequence, cache: Any, length: int) -> None:
         """Merge a prefilled (batch-1) cache into the batch cache, left-padding the shorter side."""
@@ -358,8 +362,8 @@ class BatchScheduler:
                 input_ids=ids,
                 attention_mask=self._mask,
                 position_ids=self._pos.view(batch, 1),
-                past_key_values=self._cache,
                 use_cache=True,
+                **{self._cache_kw: self._cache},
             )
             tokens = self._sample(out.logits[:, -1, :], self._active)
         except Exception as exc:

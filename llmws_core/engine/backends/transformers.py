@@ -329,6 +329,7 @@ class TransformersBackend(Backend):
             self.max_concurrency = 1
         params = inspect.signature(model.forward).parameters
         logits_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        cache_kw = "cache" if "cache" in params else "past_key_values"
 
         decode_forward = None
         if self._compile:
@@ -341,6 +342,7 @@ class TransformersBackend(Backend):
             error_map=generation_error,
             decode_forward=decode_forward,
             logits_to_keep=logits_kw,
+            cache_keyword=cache_kw,
         )
         self._scheduler.start()
         if self._compile:
