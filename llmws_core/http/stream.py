@@ -42,6 +42,7 @@ from .common import (
     ensure_model,
     make_params,
     normalize_messages,
+    remote_model,
     sse,
 )
 
@@ -146,13 +147,17 @@ async def chat_stream(
     )
     cancel = threading.Event()
     return StreamingResponse(
-        cancel_on_disconnect(request, stateless_stream(request, sid, messages, params, cancel), cancel),
+        cancel_on_disconnect(
+            request, stateless_stream(request, sid, messages, params, cancel, remote_model(request, body.model)), cancel
+        ),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
 
 
-async def stateless_stream(request: Request, sid: str, messages: list[Message], params: Any, cancel: threading.Event) -> AsyncIterator[str]:
+async def stateless_stream(
+    request: Request, sid: str, messages: list[Message], params: Any, cancel: threading.Event, model: str | None = None
+) -> AsyncIterator[str]:
     app = llmws(request)
     n = 0
 
@@ -163,7 +168,7 @@ async def stateless_stream(request: Request, sid: str, messages: list[Message], 
 
     yield event({"session_id": sid})
     try:
-        async for chunk in app.chat.generate(messages, params, cancel=cancel, trim_history=True):
+        async for chunk in app.chat.generate(messages, params, cancel=cancel, trim_history=True, model=model):
             if chunk.result is not None:
                 break
             if chunk.text:
@@ -216,6 +221,7 @@ def _submit(request: Request, session: Session, body: StreamRequest) -> str:
         messages=[protocol.ChatMessage(**m) for m in system + turn],
         config=protocol.GenerationConfig(**config) if config else None,
         on_disconnect="continue",
+        model=remote_model(request, body.model),
     )
     job = llmws(request).chat.submit(session, msg)
     return job.request_id

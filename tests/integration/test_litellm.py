@@ -468,3 +468,15 @@ async def test_request_model_selects_a_remote_model_for_one_request(daemon_facto
         r = await http.post(gw.http_url + "/v1/chat/completions", json={"model": "up", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "up" and r.json()["choices"][0]["message"]["content"]
+        # The nash streaming route too: the upstream daemon serves it.
+        served = await _generations(http, up)
+        r = await http.post(gw.http_url + "/v1/chat/completions/stream", json={"model": "up", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "temperature": 0})
+        assert r.status_code == 200, r.text
+        data = [line[5:].strip() for line in r.text.splitlines() if line.startswith("data:")]
+        assert data[-1] == "[DONE]" and any("content" in json.loads(d) for d in data[:-1])
+        assert await _generations(http, up) == served + 1
+
+
+async def _generations(http: Any, daemon: DaemonProcess) -> float:
+    text = (await http.get(daemon.http_url + "/metrics")).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("llmws_generations_total ")))
