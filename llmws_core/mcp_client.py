@@ -25,10 +25,16 @@ from .config import MCPServer
 
 logger = logging.getLogger("llmws.mcp")
 
-try:  # mcp >= 2
-    from mcp.shared.exceptions import MCPError
-except ImportError:  # pragma: no cover - mcp 1.x
-    from mcp.shared.exceptions import McpError as MCPError  # type: ignore[attr-defined,no-redef]
+
+def _mcp_error() -> type[Exception]:
+    """The SDK's error class, imported on first use: the SDK costs most of a second to
+    import, which every daemon start would pay without a single MCP server configured."""
+    try:  # mcp >= 2
+        from mcp.shared.exceptions import MCPError
+    except ImportError:  # pragma: no cover - mcp 1.x
+        from mcp.shared.exceptions import McpError as MCPError  # type: ignore[attr-defined,no-redef]
+    return MCPError  # type: ignore[no-any-return]
+
 
 #: JSON-RPC code the SDK uses when the connection to the server is gone.
 CONNECTION_CLOSED = -32000
@@ -142,11 +148,12 @@ class Connection:
 
     async def call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run `fn(session)`; a closed connection restarts the server and retries once."""
+        mcp_error = _mcp_error()
         for attempt in (1, 2):
             session = await self.get()
             try:
                 return await asyncio.wait_for(fn(session), CALL_TIMEOUT)
-            except MCPError as exc:
+            except mcp_error as exc:
                 if getattr(exc, "code", None) == CONNECTION_CLOSED or "closed" in str(exc).lower():
                     logger.warning("MCP server %s: connection closed (attempt %d)", self.name, attempt)
                     await self._shutdown()

@@ -123,6 +123,19 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
         d.kill()
 
 
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One default daemon for a module's tests that neither restart it nor change its
+    config: each test works in sessions of its own (starting a daemon allocates every
+    slot's KV, seconds on a small machine)."""
+    d = DaemonProcess(tmp_path_factory.mktemp("shared"), [], None, None)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.kill()
+
+
 @pytest.fixture
 def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
     """A started daemon serving the embedded SmolLM2 model from a fresh var folder."""

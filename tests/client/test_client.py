@@ -464,9 +464,9 @@ def test_client_imports_without_server_dependencies() -> None:
 GREEDY = {"temperature": 0, "max_new_tokens": 32}
 
 
-async def test_real_inference_returns_text(daemon: Any) -> None:
+async def test_real_inference_returns_text(shared_daemon: Any) -> None:
     """Against the real daemon and model, inference() returns a non-empty reply."""
-    async with LLMWSEnhancedClient(daemon.ws_url) as client:
+    async with LLMWSEnhancedClient(shared_daemon.ws_url) as client:
         assert client.max_context and client.model.get("name")
         tokens: list[str] = []
         text = await asyncio.wait_for(
@@ -477,9 +477,9 @@ async def test_real_inference_returns_text(daemon: Any) -> None:
     assert "".join(tokens) == text
 
 
-async def test_real_streaming_form_reports_start_and_done(daemon: Any) -> None:
+async def test_real_streaming_form_reports_start_and_done(shared_daemon: Any) -> None:
     """The async-iterator form streams tokens and exposes start/done details."""
-    async with LLMWSEnhancedClient(daemon.ws_url) as client:
+    async with LLMWSEnhancedClient(shared_daemon.ws_url) as client:
         async with client.stream("Name three colors.", **GREEDY) as stream:
             tokens = [token async for token in stream]
         status = await client.get_status()
@@ -492,15 +492,15 @@ async def test_real_streaming_form_reports_start_and_done(daemon: Any) -> None:
 
 
 @pytest.mark.slow
-async def test_real_reconnect_mid_stream_equals_uninterrupted_greedy_run(daemon: Any) -> None:
+async def test_real_reconnect_mid_stream_equals_uninterrupted_greedy_run(shared_daemon: Any) -> None:
     """A connection dropped mid-reply resumes; the text equals an uninterrupted greedy run."""
     prompt = "Write a short paragraph about the ocean."
     config = {"temperature": 0, "max_new_tokens": 48, "seed": 1}
-    async with LLMWSEnhancedClient(daemon.ws_url) as client:
+    async with LLMWSEnhancedClient(shared_daemon.ws_url) as client:
         expected = await asyncio.wait_for(client.inference(prompt, **config), TIMEOUT * 6)
     states: list[str] = []
     client = LLMWSEnhancedClient(
-        daemon.ws_url, reconnect_delay=0.2, on_connection=lambda s, _: states.append(s)
+        shared_daemon.ws_url, reconnect_delay=0.2, on_connection=lambda s, _: states.append(s)
     )
     await client.connect()  # a fresh session: the same (empty) history as the first run
     async with client.stream(prompt, **config) as stream:
@@ -514,12 +514,12 @@ async def test_real_reconnect_mid_stream_equals_uninterrupted_greedy_run(daemon:
     assert stream.finish_reason in ("stop", "length")
 
 
-async def test_real_session_resumes_in_a_new_client(daemon: Any) -> None:
+async def test_real_session_resumes_in_a_new_client(shared_daemon: Any) -> None:
     """A second client given the session id resumes that session and its conversation."""
-    async with LLMWSEnhancedClient(daemon.ws_url) as first:
+    async with LLMWSEnhancedClient(shared_daemon.ws_url) as first:
         await first.inference("My name is Zorblax.", temperature=0, max_new_tokens=8)
         session_id = first.session_id
-    async with LLMWSEnhancedClient(daemon.ws_url) as second:
+    async with LLMWSEnhancedClient(shared_daemon.ws_url) as second:
         await second.disconnect()
         await second.connect(session_id=session_id)
         assert second.welcome["resumed"] is True
@@ -528,9 +528,9 @@ async def test_real_session_resumes_in_a_new_client(daemon: Any) -> None:
     assert status["history_messages"] == 2
 
 
-async def test_real_context_too_long_raises_with_limits(daemon: Any) -> None:
+async def test_real_context_too_long_raises_with_limits(shared_daemon: Any) -> None:
     """A prompt longer than the context raises ContextTooLongError carrying the limits."""
-    async with LLMWSEnhancedClient(daemon.ws_url) as client:
+    async with LLMWSEnhancedClient(shared_daemon.ws_url) as client:
         max_context = client.max_context
         assert isinstance(max_context, int)
         with pytest.raises(ContextTooLongError) as info:

@@ -389,29 +389,29 @@ def _llm(args: list[str], *, stdin: str | None = None, home: Any = None) -> Any:
     )
 
 
-def test_real_one_shot_prompt_prints_reply(daemon: Any) -> None:
+def test_real_one_shot_prompt_prints_reply(shared_daemon: Any) -> None:
     """`python llm.py --prompt Hello` prints the model's reply and exits 0."""
-    result = _llm(["--server", daemon.ws_url, "--prompt", "Hello", "--max-new-tokens", "16"])
+    result = _llm(["--server", shared_daemon.ws_url, "--prompt", "Hello", "--max-new-tokens", "16"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "Traceback" not in result.stderr
 
 
-def test_real_one_shot_reads_stdin(daemon: Any) -> None:
+def test_real_one_shot_reads_stdin(shared_daemon: Any) -> None:
     """`echo hi | python llm.py --prompt -` answers the piped prompt and exits 0."""
     result = _llm(
-        ["--server", daemon.ws_url, "--prompt", "-", "--max-new-tokens", "16"], stdin="hi\n"
+        ["--server", shared_daemon.ws_url, "--prompt", "-", "--max-new-tokens", "16"], stdin="hi\n"
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 
 
-def test_real_one_shot_session_continues_the_conversation(daemon: Any) -> None:
+def test_real_one_shot_session_continues_the_conversation(shared_daemon: Any) -> None:
     """--session ID continues a session: the daemon resumes it with the first turn kept."""
     first = _llm(
         [
             "--server",
-            daemon.ws_url,
+            shared_daemon.ws_url,
             "--prompt",
             "My name is Zorblax.",
             "--json",
@@ -426,7 +426,7 @@ def test_real_one_shot_session_continues_the_conversation(daemon: Any) -> None:
     second = _llm(
         [
             "--server",
-            daemon.ws_url,
+            shared_daemon.ws_url,
             "--session",
             session_id,
             "--prompt",
@@ -442,9 +442,9 @@ def test_real_one_shot_session_continues_the_conversation(daemon: Any) -> None:
     assert welcome["history_messages"] == 2
 
 
-async def test_real_repl_prompt_command_and_ctrl_c(daemon: Any) -> None:
+async def test_real_repl_prompt_command_and_ctrl_c(shared_daemon: Any) -> None:
     """The REPL against the real model: a streamed reply, /session, Ctrl-C stopping a reply."""
-    async with running_repl(daemon.ws_url, request_config={"temperature": 0}) as repl:
+    async with running_repl(shared_daemon.ws_url, request_config={"temperature": 0}) as repl:
         repl.type("/config max_new_tokens=24\r")
         await repl.wait_text("max_new_tokens=24")
         mark = len(repl.out.getvalue())
@@ -469,12 +469,12 @@ async def test_real_repl_prompt_command_and_ctrl_c(daemon: Any) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
-def test_real_repl_in_a_terminal(daemon: Any, tmp_path: Any) -> None:
+def test_real_repl_in_a_terminal(shared_daemon: Any, tmp_path: Any) -> None:
     """`python llm.py` in a real terminal (tmux): reply streams, Ctrl-C cancels, history saved."""
     name = f"llmws-test-{os.getpid()}"
     command = (
         f"cd {shlex.quote(str(REPO))} && HOME={shlex.quote(str(tmp_path))} "
-        f"{shlex.quote(sys.executable)} llm.py --server {daemon.ws_url} --temperature 0"
+        f"{shlex.quote(sys.executable)} llm.py --server {shared_daemon.ws_url} --temperature 0"
     )
     subprocess.run(
         ["tmux", "new-session", "-d", "-s", name, "-x", "120", "-y", "40", command], check=True

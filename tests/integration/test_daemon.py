@@ -13,9 +13,9 @@ from ..wire import Peer, text_of
 GREEDY = {"temperature": 0, "max_new_tokens": 24}
 
 
-async def test_seed_request_streams_start_tokens_done(daemon) -> None:
+async def test_seed_request_streams_start_tokens_done(shared_daemon) -> None:
     """The original client's inference request gets start, tokens and done with counts."""
-    peer = await Peer.open(daemon.ws_url)
+    peer = await Peer.open(shared_daemon.ws_url)
     assert peer.welcome["resumed"] is False and peer.welcome["max_context"] > 0
     await peer.send({"type": "inference", "prompt": {"system": "You are helpful", "user": "Hello"}, "config": GREEDY})
     events = await peer.until("done")
@@ -31,9 +31,9 @@ async def test_seed_request_streams_start_tokens_done(daemon) -> None:
     await peer.close()
 
 
-async def test_legacy_and_plain_prompts_equal_structured(daemon) -> None:
+async def test_legacy_and_plain_prompts_equal_structured(shared_daemon) -> None:
     """The legacy <|system|>…<|end|> string and the structured prompt give the same greedy reply."""
-    peer = await Peer.open(daemon.ws_url)
+    peer = await Peer.open(shared_daemon.ws_url)
     a, _ = await peer.infer({"system": "Answer briefly.", "user": "Name a color."}, "a", **GREEDY)
     await peer.send({"type": "reset"})
     await peer.until("reset_done")
@@ -46,10 +46,10 @@ async def test_legacy_and_plain_prompts_equal_structured(daemon) -> None:
     await peer.close()
 
 
-async def test_greedy_is_deterministic_across_sessions(daemon) -> None:
+async def test_greedy_is_deterministic_across_sessions(shared_daemon) -> None:
     """temperature 0 gives the same text in two fresh sessions."""
-    p1 = await Peer.open(daemon.ws_url)
-    p2 = await Peer.open(daemon.ws_url)
+    p1 = await Peer.open(shared_daemon.ws_url)
+    p2 = await Peer.open(shared_daemon.ws_url)
     t1, _ = await p1.infer("Write one sentence about the sea.", "x", **GREEDY)
     t2, _ = await p2.infer("Write one sentence about the sea.", "x", **GREEDY)
     assert t1 == t2 and t1
@@ -62,13 +62,13 @@ async def _memory_check(peer: Peer, rid: str) -> str:
     return text
 
 
-async def test_second_turn_sees_first_across_reconnect(daemon) -> None:
+async def test_second_turn_sees_first_across_reconnect(shared_daemon) -> None:
     """A session remembers the first turn after the client reconnects with its id."""
-    peer = await Peer.open(daemon.ws_url)
+    peer = await Peer.open(shared_daemon.ws_url)
     sid = peer.welcome["session_id"]
     await peer.infer("My name is Zorblax. Remember it.", "t1", temperature=0, max_new_tokens=16)
     await peer.close()
-    again = await Peer.open(daemon.ws_url, {"session_id": sid, "last_seq": 10**6})
+    again = await Peer.open(shared_daemon.ws_url, {"session_id": sid, "last_seq": 10**6})
     assert again.welcome["resumed"] is True and again.welcome["history_messages"] == 2
     answer = await _memory_check(again, "t2")
     assert "zorblax" in answer.lower()
@@ -89,16 +89,16 @@ async def test_history_survives_daemon_restart(daemon) -> None:
     await again.close()
 
 
-async def test_drop_mid_stream_then_resume_equals_uninterrupted(daemon) -> None:
+async def test_drop_mid_stream_then_resume_equals_uninterrupted(shared_daemon) -> None:
     """A client that drops mid-reply and resumes gets exactly the missing events: the
     text equals an uninterrupted greedy run, with no gap and no duplicate."""
     cfg = {"temperature": 0, "max_new_tokens": 120}
     prompt = "Tell me a long story about a dragon and a knight."
-    ref_peer = await Peer.open(daemon.ws_url)
+    ref_peer = await Peer.open(shared_daemon.ws_url)
     reference, _ = await ref_peer.infer(prompt, "ref", **cfg)
     await ref_peer.close()
 
-    peer = await Peer.open(daemon.ws_url)
+    peer = await Peer.open(shared_daemon.ws_url)
     sid = peer.welcome["session_id"]
     await peer.send({"type": "inference", "prompt": prompt, "request_id": "q", "config": cfg})
     seen: list[dict] = []
@@ -107,7 +107,7 @@ async def test_drop_mid_stream_then_resume_equals_uninterrupted(daemon) -> None:
     peer.ws.transport.abort()  # a dropped network: no close handshake
     last_seq = seen[-1]["seq"]
     await asyncio.sleep(0.3)
-    again = await Peer.open(daemon.ws_url, {"session_id": sid, "last_seq": last_seq})
+    again = await Peer.open(shared_daemon.ws_url, {"session_id": sid, "last_seq": last_seq})
     rest = await again.until("done", request_id="q")
     seqs = [e["seq"] for e in seen + rest]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "gap or duplicate in seq"
@@ -140,24 +140,24 @@ async def test_sigkill_mid_generation_replays_everything_seen(daemon) -> None:
     await again.close()
 
 
-async def test_on_disconnect_cancel_stops_generation(daemon) -> None:
+async def test_on_disconnect_cancel_stops_generation(shared_daemon) -> None:
     """With on_disconnect 'cancel', dropping the socket ends the reply as cancelled."""
-    peer = await Peer.open(daemon.ws_url)
+    peer = await Peer.open(shared_daemon.ws_url)
     sid = peer.welcome["session_id"]
     await peer.send({"type": "inference", "prompt": "Write a very long essay about rivers.", "request_id": "c", "on_disconnect": "cancel", "config": {"temperature": 0, "max_new_tokens": 1500}})
     await peer.until("token")
     await peer.close()
     await asyncio.sleep(1.0)
-    again = await Peer.open(daemon.ws_url, {"session_id": sid, "last_seq": 0})
+    again = await Peer.open(shared_daemon.ws_url, {"session_id": sid, "last_seq": 0})
     events = await again.until("done", request_id="c")
     assert events[-1]["finish_reason"] == "cancelled"
     assert events[-1]["total_tokens"] < 1500
     await again.close()
 
 
-async def test_cancel_message_and_pings_during_generation(daemon) -> None:
+async def test_cancel_message_and_pings_during_generation(shared_daemon) -> None:
     """Pings are answered during a long generation, and cancel ends it as cancelled."""
-    peer = await Peer.open(daemon.ws_url)
+    peer = await Peer.open(shared_daemon.ws_url)
     await peer.send({"type": "inference", "prompt": "Write a very long essay about mountains.", "request_id": "g", "config": {"temperature": 0, "max_new_tokens": 1500}})
     await peer.until("token")
     await peer.send({"type": "ping", "request_id": "p"})
@@ -168,10 +168,10 @@ async def test_cancel_message_and_pings_during_generation(daemon) -> None:
     await peer.close()
 
 
-async def test_unknown_session_id_is_not_silently_replaced(daemon) -> None:
+async def test_unknown_session_id_is_not_silently_replaced(shared_daemon) -> None:
     """An unknown or malformed id gets resumed false and a notice saying why."""
     for sid in (str(uuid.uuid4()), "../../etc/passwd", "not-a-uuid"):
-        peer = await Peer.open(daemon.ws_url, {"session_id": sid})
+        peer = await Peer.open(shared_daemon.ws_url, {"session_id": sid})
         assert peer.welcome["resumed"] is False and peer.welcome["session_id"] != sid
         notice = await peer.recv()
         assert notice["type"] == "notice" and "session" in notice["message"].lower()
@@ -195,9 +195,9 @@ async def test_unknown_session_id_is_not_silently_replaced(daemon) -> None:
         ("x" * (5 * 1024 * 1024), "frame_too_large"),
     ],
 )
-async def test_bad_input_gets_typed_error_and_connection_keeps_serving(daemon, frame, code) -> None:
+async def test_bad_input_gets_typed_error_and_connection_keeps_serving(shared_daemon, frame, code) -> None:
     """Every kind of bad input is answered with a typed error; the connection still serves."""
-    peer = await Peer.open(daemon.ws_url)
+    peer = await Peer.open(shared_daemon.ws_url)
     await peer.send(frame)
     err = await peer.recv()
     assert err["type"] == "error" and err["code"] == code, err
@@ -232,9 +232,9 @@ async def test_old_turns_dropped_with_warning_when_history_overflows(daemon_fact
     await peer.close()
 
 
-async def test_config_ack_and_session_config_applies(daemon) -> None:
+async def test_config_ack_and_session_config_applies(shared_daemon) -> None:
     """config changes the session's defaults and is echoed in config_ack."""
-    peer = await Peer.open(daemon.ws_url)
+    peer = await Peer.open(shared_daemon.ws_url)
     await peer.send({"type": "config", "data": {"temperature": 0, "max_new_tokens": 5}})
     ack = (await peer.until("config_ack"))[-1]
     assert ack["config"]["temperature"] == 0 and ack["config"]["max_new_tokens"] == 5
@@ -244,16 +244,16 @@ async def test_config_ack_and_session_config_applies(daemon) -> None:
     await peer.close()
 
 
-async def test_ack_trims_buffer_but_keeps_session(daemon) -> None:
+async def test_ack_trims_buffer_but_keeps_session(shared_daemon) -> None:
     """After ack, a resume replays nothing before the acked seq, and history stays."""
-    peer = await Peer.open(daemon.ws_url)
+    peer = await Peer.open(shared_daemon.ws_url)
     sid = peer.welcome["session_id"]
     await peer.infer("Hello there", "a1", **GREEDY)
     last = peer.events[-1]["seq"]
     await peer.send({"type": "ack", "seq": last})
     assert (await peer.until("ack_received"))[-1]["seq"] == last
     await peer.close()
-    again = await Peer.open(daemon.ws_url, {"session_id": sid, "last_seq": 0})
+    again = await Peer.open(shared_daemon.ws_url, {"session_id": sid, "last_seq": 0})
     assert again.welcome["resumed"] and again.welcome["history_messages"] == 2
     await again.send({"type": "ping"})
     assert (await again.recv())["type"] == "pong", "nothing acked may be replayed"
@@ -276,9 +276,9 @@ async def test_fifo_queue_reports_position(daemon_factory) -> None:
     await b.close()
 
 
-async def test_status_resources_models(daemon) -> None:
+async def test_status_resources_models(shared_daemon) -> None:
     """get_status, get_resources and list_models describe the loaded embedded model."""
-    peer = await Peer.open(daemon.ws_url)
+    peer = await Peer.open(shared_daemon.ws_url)
     await peer.send({"type": "get_status", "request_id": "s"})
     status = await peer.recv()
     assert status["type"] == "status" and status["model"]["backend"] == "llamacpp"
