@@ -104,7 +104,7 @@ async def ws_run(url: str, concurrency: int, tokens: int = TOKENS) -> Run:
             await ws.close()
 
 
-async def http_run(base: str, concurrency: int) -> Run:
+async def http_run(base: str, concurrency: int, name: str = "LLMWS over HTTP (SSE)") -> Run:
     """N streaming `/v1/chat/completions` requests at once (OpenAI SSE)."""
     import httpx
 
@@ -127,7 +127,53 @@ async def http_run(base: str, concurrency: int) -> Run:
         start = time.perf_counter()
         streams = await asyncio.gather(*(one(client) for _ in range(concurrency)))
     wall = max(s.stamps[-1] for s in streams) - start
-    return Run("LLMWS over HTTP (SSE)", concurrency, list(streams), wall)
+    return Run(name, concurrency, list(streams), wall)
+
+
+class LlamaServer:
+    """llama.cpp's own C++ `llama-server` on the same model, when a binary is given
+    (`LLAMA_SERVER=/path/to/llama-server`): the issue's reference, measured in the same run."""
+
+    def __init__(self, binary: str, threads: int, parallel: int = 4, ctx_per_slot: int = 8192) -> None:
+        import httpx
+
+        from bench.common import MODEL
+
+        self.root = Path(tempfile.mkdtemp(prefix="llama-server-"))
+        port = _free_port()
+        self.log = open(self.root / "server.log", "wb")
+        self.proc = subprocess.Popen(
+            [binary, "-m", str(MODEL), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+             "-tb", str(threads), "-np", str(parallel), "-c", str(ctx_per_slot * parallel), "--jinja"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((self.root / "server.log").read_text()[-3000:])
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def long_history(words: int = 760) -> str:
