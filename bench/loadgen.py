@@ -56,12 +56,16 @@ class Daemon:
         return int(psutil.Process(self.proc.pid).memory_info().rss)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        _stop(self.proc)
         self.log.close()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 async def _connect(url: str) -> Any:
@@ -160,11 +164,7 @@ class LlamaServer:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        _stop(self.proc)
         self.log.close()
 
 

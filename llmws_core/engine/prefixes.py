@@ -30,13 +30,13 @@ from pathlib import Path
 
 from .. import errors
 from ..sessions.crypto import NONCE_BYTES, Sealer
+from ..sessions.store import atomic_write
 
 logger = logging.getLogger("llmws.engine.prefixes")
 
 MAGIC = b"LLMWSKV1"
 SUFFIX = ".kv"
 _KIND = "prefix"
-_FILE_MODE = 0o600
 
 
 class PrefixStore:
@@ -148,18 +148,7 @@ class PrefixStore:
         plaintext = struct.pack("<I", len(header)) + header + state
         try:
             nonce, ciphertext = self._sealer.seal(self._aad_owner(model_id, owner), _KIND, 0, plaintext)
-            path = self.root / name
-            tmp = path.with_name(name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
-            try:
-                for part in (MAGIC, nonce, ciphertext):
-                    view = memoryview(part)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            atomic_write(self.root / name, MAGIC + nonce + ciphertext)
             logger.debug("stored a prefix of %d tokens (%d bytes)", len(tokens), len(ciphertext))
         except OSError as exc:
             logger.warning("cannot store a prefix (the prompt will be prefilled next time): %s", exc)

@@ -140,7 +140,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new file, whole."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
@@ -385,7 +385,7 @@ class Session:
         with self._lock:
             if self._broken:
                 return
-            _atomic_write(path, data)
+            atomic_write(path, data)
             old, self._fd = self._fd, None
             if old is not None:
                 os.close(old)
@@ -412,7 +412,7 @@ class Session:
         )
         body = _dumps({"v": STATE_FORMAT, "g": generation, "n": _b64(nonce), "c": _b64(ciphertext)})
         try:
-            _atomic_write(self._dir / STATE_NAME, body + b"\n")
+            atomic_write(self._dir / STATE_NAME, body + b"\n")
         except OSError as exc:
             logger.error("session %s: cannot save its state: %s", self.id, exc)
             raise errors.StorageError(_STORAGE_MESSAGE) from None
@@ -630,7 +630,7 @@ class SessionStore:
         try:
             staging.mkdir(mode=_DIR_MODE)
             session = Session(session_id, staging, self._sealer, created=now, last_active=now)
-            _atomic_write(staging / BUFFER_NAME, b"")
+            atomic_write(staging / BUFFER_NAME, b"")
             session.save_state()
             os.rename(staging, final)
             _fsync_dir(self._root)
