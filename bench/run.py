@@ -263,6 +263,14 @@ def main() -> None:
         ["| sessions | sealed + fsync tok/s per stream | persistence off tok/s per stream | ratio |", "|---:|---:|---:|---:|"]
         + [f"| {n} | {a:.1f} | {b:.1f} | {r:.2f} |" for n, a, b, r in persist_rows]
     )
+    import llama_cpp
+
+    cpp_line = (
+        f"llama-server rows: llama.cpp's C++ server built from the llama.cpp sources that llama-cpp-python "
+        f"{llama_cpp.__version__} vendors (the same engine), `-np 4 -c 32768 --jinja -t {threads}`, "
+        "streamed through its OpenAI route (`LLAMA_SERVER=/path/to/llama-server`).\n"
+        if runs["cpp"] else "llama-server was not measured in this run (set `LLAMA_SERVER` to a binary to include it).\n"
+    )
     doc = f"""## Benchmarks
 
 Measured by `python -m bench.run` on: {header}.
@@ -271,7 +279,7 @@ first / time from first to last token; TTFT = request sent -> first token; ITL =
 tokens; aggregate = all tokens / wall time. All contenders ran in the same run, interleaved
 level by level; ratios are against llama-cpp-python's own `Llama.generate` loop in process
 (it cannot batch, so N sessions run one after another). Run time: {time.perf_counter() - started:.0f} s.
-
+{cpp_line}
 {table}
 
 ![aggregate throughput]({pngs[0]})
