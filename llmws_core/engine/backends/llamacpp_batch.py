@@ -223,7 +223,12 @@ class BatchEngine:
         return any(s.req is not None for s in self.slots)
 
     def _pick_slot(self, key: str | None) -> Slot | None:
-        """The idle slot holding `key`'s KV, else the least recently used idle one."""
+        """The idle slot holding `key`'s KV, else an empty one, else the least recently
+        used; among those, one next to the busy slots.
+
+        llama.cpp attends over the range of KV streams from the lowest to the highest
+        sequence id in a batch, so busy slots 0 and 7 cost as much as all eight: keeping
+        them together keeps every decode step as small as it can be."""
         idle = [s for s in self.slots if s.req is None]
         if not idle:
             return None
@@ -231,7 +236,13 @@ class BatchEngine:
             for s in idle:
                 if s.owner == key:
                     return s
-        return min(idle, key=lambda s: (s.owner is not None, s.last_used))
+        busy = [s.seq_id for s in self.slots if s.req is not None]
+
+        def span(s: Slot) -> int:
+            ids = [*busy, s.seq_id]
+            return max(ids) - min(ids)
+
+        return min(idle, key=lambda s: (s.owner is not None, span(s), s.last_used))
 
     def _wipe(self, slot: Slot) -> None:
         self.ll.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)

@@ -29,8 +29,11 @@ PROBE_STEPS = 6
 #: Seconds between probes: doubled each time the current choice is confirmed.
 PROBE_MIN_INTERVAL = 2.0
 PROBE_MAX_INTERVAL = 60.0
-#: The other count must be this much faster to be preferred (noise margin).
-SWITCH_MARGIN = 0.85
+#: The probed count must take at most this share of the current count's step time to
+#: be kept: fewer threads must be clearly faster (on a quiet machine their steps are
+#: 30-40 % longer, and a busy event loop makes step times noisy), all cores a bit faster.
+FEWER_MARGIN = 0.7
+MORE_MARGIN = 0.9
 
 
 def _bucket(n_tokens: int) -> int:
@@ -107,7 +110,8 @@ class ThreadGovernor:
         bucket = probe[-1][0] if probe else 0
         probed = self._median(probe, bucket)
         before = self._median(self._recent, bucket)
-        if probed is not None and before is not None and probed < SWITCH_MARGIN * before:
+        margin = MORE_MARGIN if self.current > self._probe_from else FEWER_MARGIN
+        if probed is not None and before is not None and probed < margin * before:
             self.switches += 1  # the probed count is faster now: keep it
             self._recent = deque(probe, maxlen=PROBE_STEPS)
             self._interval = PROBE_MIN_INTERVAL
