@@ -175,6 +175,8 @@ class App:
                 expired = self.store.expire_idle(busy)
                 if expired:
                     logger.info("expired %d idle sessions", len(expired))
+                if self.models.prefixes is not None:
+                    await asyncio.to_thread(self.models.prefixes.prune_expired)
             except Exception:
                 logger.exception("session expiry failed")
 

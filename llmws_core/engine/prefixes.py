@@ -54,7 +54,7 @@ class PrefixStore:
         root: the folder (created 0700).
         sealer: the sessions' sealer (one master key for all of the daemon's data).
         max_bytes: total size kept; the least recently used files go first. 0 disables saving.
-        ttl_seconds: files untouched for longer are deleted at start; None keeps them.
+        ttl_seconds: files untouched for longer are deleted (at start and by `prune_expired`, which the daemon calls with its session expiry); None keeps them.
         """
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -64,7 +64,10 @@ class PrefixStore:
         self._pending: dict[str, tuple[list[int], bytes]] = {}  # file name -> what is being written
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmws-prefixes")
         self._futures: set[concurrent.futures.Future[None]] = set()
-        self._prune_expired(ttl_seconds)
+        self.ttl_seconds = ttl_seconds
+        for leftover in self.root.glob("*" + SUFFIX + ".tmp"):
+            leftover.unlink(missing_ok=True)  # a write cut short by a crash
+        self.prune_expired()
 
     # ------------------------------------------------------------------ public
 
@@ -105,12 +108,6 @@ class PrefixStore:
         except OSError:
             pass
         return tokens, state
-
-    def drop(self, model_id: str, owner: str) -> None:
-        """Forget `owner`'s prefix (its session was deleted or reset)."""
-        name = self._name(model_id, owner)
-        self.flush()
-        (self.root / name).unlink(missing_ok=True)
 
     def flush(self, timeout: float | None = 60.0) -> None:
         """Wait until every save so far is on disk."""
@@ -197,12 +194,11 @@ class PrefixStore:
             path.unlink(missing_ok=True)
             total -= size
 
-    def _prune_expired(self, ttl_seconds: float | None) -> None:
-        for leftover in self.root.glob("*" + SUFFIX + ".tmp"):
-            leftover.unlink(missing_ok=True)
-        if ttl_seconds is None:
+    def prune_expired(self) -> None:
+        """Delete prefixes untouched for longer than the TTL (their sessions expired too)."""
+        if self.ttl_seconds is None:
             return
-        cutoff = time.time() - ttl_seconds
+        cutoff = time.time() - self.ttl_seconds
         for path, _, mtime in self._files():
             if mtime < cutoff:
                 path.unlink(missing_ok=True)
