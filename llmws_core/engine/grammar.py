@@ -25,6 +25,29 @@ logger = logging.getLogger("llmws.engine.grammar")
 STRICT_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
 
 
+def parse_format(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The OpenAI `response_format` object, checked and normalized: None for text,
+    {"type": "json_object"} or {"type": "json_schema", "schema": {...}}.
+
+    Raises:
+        BadRequest: an unknown type or a json_schema without a schema object.
+    """
+    if not response_format:
+        return None
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise errors.BadRequest("response_format.type must be text, json_object or json_schema.")
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise errors.BadRequest("response_format json_schema needs json_schema.schema (a JSON Schema object).")
+    return {"type": "json_schema", "schema": schema}
+
+
 def grammar_for(response_format: dict[str, Any] | None) -> str | None:
     """The GBNF grammar (start rule `root`) a reply in `response_format` must follow.
 
@@ -40,19 +63,12 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
         BadRequest: an unknown type, a missing schema, or a schema that cannot be
             turned into a grammar (the converter's own message is logged, not sent).
     """
-    if not response_format:
+    fmt = parse_format(response_format)
+    if fmt is None:
         return None
-    kind = response_format.get("type")
-    if kind in (None, "text"):
-        return None
-    if kind == "json_object":
+    if fmt["type"] == "json_object":
         return _object_grammar()
-    if kind != "json_schema":
-        raise errors.BadRequest("response_format.type must be text, json_object or json_schema.")
-    spec = response_format.get("json_schema")
-    schema = spec.get("schema") if isinstance(spec, dict) else None
-    if not isinstance(schema, dict):
-        raise errors.BadRequest("response_format json_schema needs json_schema.schema (a JSON Schema object).")
+    schema = fmt["schema"]
     if not _local_refs_only(schema):
         # Checked here, not left to the converter: its refusal to fetch is an `assert`.
         raise errors.BadRequest("The JSON schema in response_format may only use local $refs (#/...).")

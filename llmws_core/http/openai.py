@@ -19,7 +19,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import errors
 from ..engine import grammar
 from ..engine.backends.base import Message
 from . import tools as toolcalls
@@ -84,24 +83,6 @@ def generation_overrides(body: ChatCompletionRequest) -> dict[str, Any]:
     }
 
 
-def json_mode(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
-    """{"type": "json_object"} or {"type": "json_schema", "schema": {...}}; None for text."""
-    if not response_format:
-        return None
-    kind = response_format.get("type")
-    if kind in (None, "text"):
-        return None
-    if kind == "json_object":
-        return {"type": "json_object"}
-    if kind == "json_schema":
-        spec = response_format.get("json_schema") or {}
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise errors.BadRequest("response_format json_schema needs json_schema.schema.")
-        return {"type": "json_schema", "schema": schema}
-    raise errors.BadRequest("response_format.type must be text, json_object or json_schema.")
-
-
 def with_json_instruction(messages: list[Message], fmt: dict[str, Any]) -> list[Message]:
     text = "Reply with a single valid JSON object and nothing else."
     if fmt.get("schema"):
@@ -144,7 +125,7 @@ class Prepared:
         self.params = make_params(request, **generation_overrides(body))
         forced = toolcalls.forced_call_format(self.tools, body.tool_choice)
         # A forced call is the whole reply, so response_format (which shapes content) yields.
-        self.json = None if forced else json_mode(body.response_format)
+        self.json = None if forced else grammar.parse_format(body.response_format)
         if self.json is not None:
             messages = with_json_instruction(messages, self.json)
         self.params.response_format = forced or (body.response_format if self.json is not None else None)
