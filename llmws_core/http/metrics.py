@@ -107,6 +107,7 @@ class StateCollector(Collector):
                 yield CounterMetricFamily("llmws_prefix_reused_tokens", "Prompt tokens reused from a cached KV prefix instead of evaluated.", value=stats.get("reused", 0))
                 yield CounterMetricFamily("llmws_prefix_restored_tokens", "Of the reused tokens, those whose KV was loaded from the sealed prefix store on disk.", value=stats.get("restored", 0))
                 yield CounterMetricFamily("llmws_prefix_stored", "KV prefixes sealed to disk (evictions, unloads, /restore_cache).", value=stats.get("stored", 0))
+                yield CounterMetricFamily("llmws_prefix_shared_tokens", "Prompt tokens of the chat template's fixed start (no session's text) copied into new conversations instead of evaluated.", value=stats.get("shared", 0))
         try:
             import psutil
 

@@ -158,6 +158,7 @@ class LlamaCppBackend(Backend):
         eos = self._token_text(meta.get("tokenizer.ggml.eos_token_id"))
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self._bos_text = bos
+        preamble = self._template_start()
         st = self.path.stat()
         self._engine = BatchEngine(
             ll, self._model, self._ctx, n_slots=n_slots, n_batch=self._n_batch, max_context=n_ctx,
@@ -166,6 +167,7 @@ class LlamaCppBackend(Backend):
             model_id=f"llamacpp|{self.path.name}|{st.st_size}|{int(st.st_mtime)}|{n_ctx}",
             # Only an automatic thread count adapts; a configured one is kept as given.
             adaptive_threads=0 if self._threads_configured else self._n_threads,
+            preamble=preamble,
         )
         self.max_concurrency = n_slots
         self.supports_grammar = True
@@ -204,6 +206,31 @@ class LlamaCppBackend(Backend):
             logger.warning("context estimate failed for %s: %s", self.path.name, exc)
             ctx, slots = self._n_ctx or 4096, self._parallel
         return ctx, slots
+
+    def _template_start(self) -> list[int]:
+        """The tokens every conversation's prompt starts with: what the chat template
+        renders before the first user message's text (a default system prompt, role
+        markers), found as the common start of two prompts with different texts. It
+        comes from the model file alone, never from a session."""
+        try:
+            a = self._template_tokens("A")
+            b = self._template_tokens("z")
+        except Exception as exc:  # a template that needs more than one user turn
+            logger.debug("no shared template start: %s", exc)
+            return []
+        n = min(len(a), len(b))
+        i = 0
+        while i < n and a[i] == b[i]:
+            i += 1
+        return a[:i]
+
+    def _template_tokens(self, text: str) -> list[int]:
+        prompt = self._formatter(messages=[{"role": "user", "content": text}]).prompt
+        add_bos = not (self._bos_text and prompt.startswith(self._bos_text))
+        data = prompt.encode("utf-8")
+        out = (ctypes.c_int32 * (len(data) + 8))()
+        n = self._ll.llama_tokenize(self._vocab, data, len(data), out, len(data) + 8, add_bos, True)
+        return out[: max(n, 0)]
 
     def _metadata(self) -> dict[str, str]:
         ll, out = self._ll, {}

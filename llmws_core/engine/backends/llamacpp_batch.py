@@ -25,9 +25,18 @@ request asks for it (`/restore_cache`); a key whose KV is in no slot gets its
 stored prefix loaded into the slot it is given (`llama_state_seq_set_data`), so
 its next turn skips the prefill after an eviction or a restart.
 
+The chat template's fixed start (its default system prompt and the opening of the
+first user turn, the same for every conversation and holding nothing of any
+session) is evaluated once when the engine starts; a new conversation gets that
+KV copied into its slot (`llama_state_seq_set_data`, a few hundred microseconds)
+instead of prefilling it, as `llama-server` reuses a slot's common prompt start.
+Only that template text is ever shared: a session's own KV never is.
+
 Per-token Python work is kept to a handful of ctypes calls: the batch arrays are
-written in place, sampling, end-of-generation checks and detokenization are
-native, and text goes to the caller's callback straight from this thread.
+written in place, sampling (or, for plain greedy decoding, an argmax over the
+logits row with numpy, which skips building llama.cpp's candidate array of the
+whole vocabulary), end-of-generation checks and detokenization are native, and
+text goes to the caller's callback straight from this thread.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from ... import errors
 from ..prefixes import PrefixStore
@@ -54,6 +65,9 @@ PENALTY_LAST_N = 64
 
 #: Prefixes shorter than this are neither stored nor loaded: prefilling them is cheaper.
 MIN_STORED_PREFIX = 32
+
+#: A template start shorter than this is prefilled with each prompt, not shared.
+MIN_SHARED_PREAMBLE = 8
 
 
 @dataclass
@@ -91,6 +105,7 @@ class Slot:
     next_token: int = -1  # sampled, not yet decoded
     n_out: int = 0
     decoder: Any = None
+    greedy: bool = False  # plain argmax: no native sampler chain
     matcher: StopMatcher | None = None
     out_row: int = -1  # this step's logits row in the batch, -1: none
 
@@ -101,8 +116,11 @@ class BatchEngine:
     def __init__(
         self, llama_cpp: Any, model: Any, ctx: Any, *, n_slots: int, n_batch: int, max_context: int,
         prefixes: PrefixStore | None = None, model_id: str = "", adaptive_threads: int = 0,
+        preamble: list[int] | None = None,
     ) -> None:
         """Args:
+        preamble: the tokens every conversation starts with (the chat template's fixed
+            start, no session's data): evaluated once, copied into new conversations.
         adaptive_threads: the context's thread count, to be lowered while the machine
             is contended (see threads.py); 0: keep the context's count as it is.
         prefixes: where evicted and restored KV prefixes are sealed; None: RAM only.
@@ -126,16 +144,23 @@ class BatchEngine:
         self._seq = self._batch.seq_id
         self._logits = self._batch.logits
         self._piece = ctypes.create_string_buffer(256)
+        self._logits_row = ctypes.c_float * self.n_vocab
+        #: (tokens, KV state) of the template's fixed start, made by the scheduler thread.
+        self._preamble_tokens = list(preamble or [])
+        self._preamble: tuple[list[int], bytes] | None = None
         self._queue: deque[Request] = deque()
         self._cv = threading.Condition()
         self._stopping = False
         self.prefixes = prefixes
         self.model_id = model_id
+        #: Plain greedy requests take the argmax themselves (False: the native chain, for tests).
+        self.fast_greedy = True
         self.governor = ThreadGovernor(adaptive_threads) if adaptive_threads > 1 else None
         self.threads = adaptive_threads
         #: Counters for tests, benchmarks and /metrics: prompt tokens prefilled vs reused
         #: from a cached prefix (of which `restored` came from disk), prefixes stored.
-        self.stats = {"prefilled": 0, "reused": 0, "restored": 0, "stored": 0, "steps": 0}
+        #: `shared`: prompt tokens of the template's fixed start copied instead of prefilled.
+        self.stats = {"prefilled": 0, "reused": 0, "restored": 0, "stored": 0, "steps": 0, "shared": 0}
         self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
 
@@ -190,6 +215,7 @@ class BatchEngine:
     # ------------------------------------------------------------------ scheduler
 
     def _run(self) -> None:
+        self._make_preamble()
         while True:
             with self._cv:
                 while not self._stopping and not self._queue and not self._busy():
@@ -218,6 +244,33 @@ class BatchEngine:
                     if slot.req is not None:
                         slot.req.error = errors.GenerationError("The model failed while generating.")
                         self._release(slot, wipe=True)
+
+    def _make_preamble(self) -> None:
+        """Evaluate the template's fixed start alone in slot 0 and keep its KV state."""
+        tokens = self._preamble_tokens[: self.n_batch]
+        if len(tokens) < MIN_SHARED_PREAMBLE:
+            return
+        ll, slot = self.ll, self.slots[0]
+        try:
+            for i, t in enumerate(tokens):
+                self._tok[i] = t
+                self._pos[i] = i
+                self._nseq[i] = 1
+                self._seq[i][0] = slot.seq_id
+                self._logits[i] = 0
+            self._logits[len(tokens) - 1] = 1
+            self._batch.n_tokens = len(tokens)
+            if ll.llama_decode(self.ctx, self._batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            size = ll.llama_state_seq_get_size(self.ctx, slot.seq_id)
+            buf = (ctypes.c_uint8 * size)()
+            n = ll.llama_state_seq_get_data(self.ctx, buf, size, slot.seq_id)
+            if n:
+                self._preamble = (tokens, bytes(memoryview(buf)[:n]))
+        except Exception as exc:  # an optimisation: serve without it
+            logger.warning("the template's start could not be evaluated ahead: %s", exc)
+        finally:
+            self._wipe(slot)
 
     def _busy(self) -> bool:
         return any(s.req is not None for s in self.slots)
@@ -271,8 +324,8 @@ class BatchEngine:
         slot.stored = len(slot.cached)
         self.stats["stored"] += 1
 
-    def _restore(self, slot: Slot, stored: tuple[list[int], bytes]) -> None:
-        """Load a stored prefix into the (wiped) slot's sequence."""
+    def _restore(self, slot: Slot, stored: tuple[list[int], bytes], *, count: bool = True) -> None:
+        """Load a stored prefix (or the shared template start) into the wiped slot."""
         tokens, state = stored
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         if not self.ll.llama_state_seq_set_data(self.ctx, buf, len(state), slot.seq_id):
@@ -280,8 +333,9 @@ class BatchEngine:
             self.ll.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
             return
         slot.cached = list(tokens)
-        slot.stored = len(tokens)
-        self.stats["restored"] += _common_prefix(tokens, slot.req.tokens if slot.req else tokens)
+        if count:
+            slot.stored = len(tokens)
+            self.stats["restored"] += _common_prefix(tokens, slot.req.tokens if slot.req else tokens)
 
     def _start(self, slot: Slot, req: Request) -> None:
         ll = self.ll
@@ -293,6 +347,12 @@ class BatchEngine:
             slot.req = req
             if key is not None and req.restored is not None:
                 self._restore(slot, req.restored)
+        shared = 0
+        if not slot.cached and self._preamble is not None:
+            tokens = self._preamble[0]
+            if len(req.tokens) > len(tokens) and req.tokens[: len(tokens)] == tokens:
+                self._restore(slot, self._preamble, count=False)
+                shared = len(slot.cached)
         req.restored = None  # the state's bytes are not needed any more
         n_keep = _common_prefix(slot.cached, req.tokens)
         if n_keep >= len(req.tokens):
@@ -303,7 +363,9 @@ class BatchEngine:
                 n_keep = 0
             slot.stored = -1
         del slot.cached[n_keep:]
-        self.stats["reused"] += n_keep
+        shared = min(shared, n_keep)
+        self.stats["shared"] += shared
+        self.stats["reused"] += n_keep - shared
         self.stats["prefilled"] += len(req.tokens) - n_keep
         slot.owner = key
         slot.req = req
@@ -312,7 +374,9 @@ class BatchEngine:
         slot.n_out = 0
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.matcher = StopMatcher(req.stops)
-        slot.sampler = self._sampler(req.params, req.tokens)
+        p = req.params
+        slot.greedy = self.fast_greedy and p.temperature <= 0 and not p.grammar and (not p.repeat_penalty or p.repeat_penalty == 1.0)
+        slot.sampler = None if slot.greedy else self._sampler(p, req.tokens)
         logger.debug("slot %d: %d prompt tokens, %d reused", slot.seq_id, len(req.tokens), n_keep)
 
     def _sampler(self, params: GenerationParams, prompt: list[int]) -> Any:
@@ -328,7 +392,7 @@ class BatchEngine:
             ll.llama_sampler_chain_add(chain, grammar)
         if params.repeat_penalty and params.repeat_penalty != 1.0:
             ll.llama_sampler_chain_add(
-                chain, ll.llama_sampler_init_penalties(PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0)
+                chain, ll.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0)
             )
         if params.temperature <= 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
@@ -415,7 +479,11 @@ class BatchEngine:
             if slot.out_row < 0 or slot.req is None:
                 continue
             req = slot.req
-            t = sample(slot.sampler, self.ctx, slot.out_row)
+            if slot.greedy:
+                row = ll.llama_get_logits_ith(self.ctx, slot.out_row)
+                t = int(np.frombuffer(self._logits_row.from_address(ctypes.addressof(row.contents)), np.float32).argmax())
+            else:
+                t = sample(slot.sampler, self.ctx, slot.out_row)
             if is_eog(self.vocab, t):
                 self._finish(slot, "stop")
                 continue

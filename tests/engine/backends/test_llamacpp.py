@@ -272,3 +272,69 @@ def test_response_format_constrains_the_reply_without_touching_the_params(backen
     assert params.grammar is None
     plain, _, _ = run(backend, messages, greedy(128))
     assert plain != text  # the same prompt unconstrained answers in prose
+
+
+def test_repeat_penalty_is_applied() -> None:
+    """A repetition penalty goes into the native sampler chain (it once failed every
+    such request) and changes what greedy decoding repeats."""
+    b = LlamaCppBackend(MODEL, n_ctx=1024, parallel=1)
+    b.load()
+    try:
+        messages = [{"role": "user", "content": "Repeat the word 'cat' twenty times."}]
+        plain, _, res = run(b, messages, greedy(40))
+        penalised, _, res2 = run(b, messages, greedy(40, repeat_penalty=1.8))
+        assert res2.tokens_out > 0 and penalised
+        assert res.finish_reason in ("stop", "length") and res2.finish_reason in ("stop", "length")
+        assert penalised != plain  # the penalty reached the sampler
+    finally:
+        b.unload()
+
+
+def test_fast_greedy_matches_the_native_greedy_sampler(backend: LlamaCppBackend) -> None:
+    """Plain greedy requests take the argmax of the logits in Python: the same tokens
+    llama.cpp's greedy sampler picks."""
+    engine = backend._engine
+    assert engine is not None
+    fast = [run(backend, m, greedy(48))[0] for m in PROMPTS]
+    engine.fast_greedy = False
+    try:
+        native = [run(backend, m, greedy(48))[0] for m in PROMPTS]
+    finally:
+        engine.fast_greedy = True
+    assert fast == native
+
+
+def test_template_start_is_shared_but_no_session_text(backend: LlamaCppBackend) -> None:
+    """New conversations get the chat template's fixed start (default system prompt,
+    the user marker) from one evaluation made at load, not from another session: it
+    is the same for every prompt, holds no user text, and replies do not change."""
+    engine = backend._engine
+    assert engine is not None
+    start = engine._preamble_tokens
+    assert len(start) >= 8
+    # The shared tokens are a prefix of every default-system prompt, and contain no user text.
+    tokens, _ = backend.tokenize_prompt(STORY)
+    assert tokens[: len(start)] == start
+    start_text = "".join(backend._token_text(t) for t in start)
+    assert start_text.startswith("<|im_start|>system") and start_text.endswith("<|im_start|>user\n")
+    other, _ = backend.tokenize_prompt([{"role": "user", "content": "List three fruits."}])
+    assert other[: len(start)] == start
+    before = dict(backend.cache_stats)
+    shared_text, _, _ = run(backend, STORY, greedy(48, cache_key="dora"))
+    assert backend.cache_stats["shared"] - before["shared"] == len(start)
+    assert backend.cache_stats["prefilled"] - before["prefilled"] == len(tokens) - len(start)
+    assert backend.cache_stats["reused"] == before["reused"]
+    # A conversation with its own system prompt starts differently: nothing is shared.
+    before = dict(backend.cache_stats)
+    run(backend, PROMPTS[3], greedy(4, cache_key="erin"))
+    assert backend.cache_stats["shared"] == before["shared"]
+    # The same reply as a model that prefills the whole prompt itself.
+    b = LlamaCppBackend(MODEL, n_ctx=1024, parallel=1)
+    b._template_start = lambda: []  # type: ignore[method-assign]
+    b.load()
+    try:
+        cold, _, _ = run(b, STORY, greedy(48))
+        assert b.cache_stats["shared"] == 0
+    finally:
+        b.unload()
+    assert shared_text == cold
