@@ -20,6 +20,18 @@ PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a rob
 MESSAGES = [{"role": "user", "content": PROMPT}]
 
 
+def prompt_for(k: int | None) -> str:
+    """The k-th benchmark prompt: each request of a run gets its own, as different
+    users' requests are (a server that caches whole prompts across requests, as
+    llama-server does, would otherwise answer every repeat from its cache). The
+    number comes first so that only the chat template's start is common."""
+    return PROMPT if k is None else f"{k}. {PROMPT}"
+
+
+def messages_for(k: int | None) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt_for(k)}]
+
+
 @dataclass
 class Stream:
     """Timestamps of one generation (seconds, perf_counter)."""

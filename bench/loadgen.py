@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import MESSAGES, PROMPT, REPO, TOKENS, Run, Stream
+from bench.common import REPO, TOKENS, Run, Stream, messages_for, prompt_for
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": TOKENS}
 
@@ -94,13 +94,17 @@ async def _inference(ws: Any, body: dict[str, Any]) -> Stream:
             raise RuntimeError(f"daemon error: {ev}")
 
 
-async def ws_run(url: str, concurrency: int, tokens: int = TOKENS) -> Run:
-    """N sessions, one connection each, all asking at once."""
+async def ws_run(url: str, concurrency: int, tokens: int = TOKENS, first: int | None = None) -> Run:
+    """N sessions, one connection each, all asking at once (stream i sends prompt
+    `first + i`; None: the same prompt for all)."""
     conns = [await _connect(url) for _ in range(concurrency)]
     config = {**GREEDY, "max_new_tokens": tokens}
     try:
         start = time.perf_counter()
-        streams = await asyncio.gather(*(_inference(ws, {"prompt": PROMPT, "config": config}) for ws in conns))
+        streams = await asyncio.gather(*(
+            _inference(ws, {"prompt": prompt_for(None if first is None else first + i), "config": config})
+            for i, ws in enumerate(conns)
+        ))
         wall = max(s.stamps[-1] for s in streams) - start
         return Run("LLMWS over WebSocket", concurrency, list(streams), wall)
     finally:
@@ -108,13 +112,13 @@ async def ws_run(url: str, concurrency: int, tokens: int = TOKENS) -> Run:
             await ws.close()
 
 
-async def http_run(base: str, concurrency: int, name: str = "LLMWS over HTTP (SSE)") -> Run:
+async def http_run(base: str, concurrency: int, name: str = "LLMWS over HTTP (SSE)", first: int | None = None) -> Run:
     """N streaming `/v1/chat/completions` requests at once (OpenAI SSE)."""
     import httpx
 
-    body = {"model": "default", "messages": MESSAGES, "stream": True, "temperature": 0.0, "max_tokens": TOKENS}
-
-    async def one(client: httpx.AsyncClient) -> Stream:
+    async def one(client: httpx.AsyncClient, i: int) -> Stream:
+        body = {"model": "default", "messages": messages_for(None if first is None else first + i), "stream": True,
+                "temperature": 0.0, "max_tokens": TOKENS}
         s = Stream(sent=time.perf_counter())
         async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
             resp.raise_for_status()
@@ -129,7 +133,7 @@ async def http_run(base: str, concurrency: int, name: str = "LLMWS over HTTP (SS
 
     async with httpx.AsyncClient(timeout=300) as client:
         start = time.perf_counter()
-        streams = await asyncio.gather(*(one(client) for _ in range(concurrency)))
+        streams = await asyncio.gather(*(one(client, i) for i in range(concurrency)))
     wall = max(s.stamps[-1] for s in streams) - start
     return Run(name, concurrency, list(streams), wall)
 

@@ -435,6 +435,10 @@ class ChatService:
                         "tokens_in": res.tokens_in, "finish_reason": res.finish_reason,
                     })
                     session.save_state()
+                    # The reply is complete and in the saved history: acks may trim it, and
+                    # status no longer lists it (clients see `done` at once).
+                    job.start_seq = None
+                    self.end_job(session.id, rid)
                     await asyncio.to_thread(session.sync)
                     return
                 if chunk.text:
@@ -464,9 +468,13 @@ class ChatService:
                 except errors.StorageError:
                     pass  # logged by the store; the state on disk stays the previous one
         finally:
-            self.jobs.get(session.id, {}).pop(rid, None)
-            if not self.jobs.get(session.id):
-                self.jobs.pop(session.id, None)
+            self.end_job(session.id, rid)
+
+    def end_job(self, session_id: str, request_id: str) -> None:
+        """The job no longer runs: status stops listing it (idempotent)."""
+        self.jobs.get(session_id, {}).pop(request_id, None)
+        if not self.jobs.get(session_id):
+            self.jobs.pop(session_id, None)
 
     def announce_start(
         self, session: Session, job: Job, user_text: str, tokens_in: int, dropped: int,

@@ -228,4 +228,6 @@ async def improve_job(
                 "reply": ev.text,
             })
             session.save_state()
+            job.start_seq = None  # complete and saved: acks may trim it, status drops it
+            chat.end_job(session.id, rid)
             await asyncio.to_thread(session.sync)

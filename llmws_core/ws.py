@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from . import errors, protocol
 from .sessions.store import Session
@@ -32,6 +33,9 @@ logger = logging.getLogger("llmws.ws")
 # A client that stops reading gets disconnected rather than growing our memory;
 # it resumes from the sealed buffer when it reconnects.
 MAX_OUTBOX = 20_000
+#: Bytes the socket may hold unsent before events wait in the outbox for the writer
+#: task (which waits for the socket to drain) instead of being written at once.
+DIRECT_WRITE_LIMIT = 256 * 1024
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -170,7 +174,28 @@ class Connection:
             self.closed = True
             self.outbox.put_nowait(None)
             return
-        self.outbox.put_nowait(protocol.encode(event))
+        frame = protocol.encode(event)
+        if self.outbox.empty() and self._write_now(frame):
+            return
+        self.outbox.put_nowait(frame)
+
+    def _write_now(self, frame: str) -> bool:
+        """Write a frame to the socket right away when nothing is queued before it and
+        the socket keeps up: one event per token then costs no writer-task wake-up.
+        False: queue it (connection not open, or the client is reading slowly)."""
+        ws = self.ws
+        try:
+            transport = ws.transport
+            if ws.protocol.state is not State.OPEN or transport.get_write_buffer_size() > DIRECT_WRITE_LIMIT:
+                return False
+        except Exception:  # not a connection we know how to write to directly
+            return False
+        try:
+            ws.protocol.send_text(frame.encode())
+            ws.send_data()
+        except Exception as exc:  # the socket broke; the client resumes with last_seq
+            logger.info("direct write failed: %s", exc)
+        return True
 
     def error(self, exc: BaseException, request_id: str | None = None) -> None:
         body = errors.to_wire(exc, request_id)
