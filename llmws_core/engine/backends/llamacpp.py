@@ -30,7 +30,7 @@ from .base import (
     ModelInfo,
     TokenCallback,
 )
-from .llamacpp_batch import BatchEngine, Request, StopMatcher
+from .llamacpp_batch import BatchEngine, Request, StopMatcher, _common_prefix
 
 __all__ = ["LlamaCppBackend", "StopMatcher", "default_threads"]
 
@@ -213,24 +213,12 @@ class LlamaCppBackend(Backend):
         markers), found as the common start of two prompts with different texts. It
         comes from the model file alone, never from a session."""
         try:
-            a = self._template_tokens("A")
-            b = self._template_tokens("z")
+            a = self._prompt_tokens([{"role": "user", "content": "A"}])[0]
+            b = self._prompt_tokens([{"role": "user", "content": "z"}])[0]
         except Exception as exc:  # a template that needs more than one user turn
             logger.debug("no shared template start: %s", exc)
             return []
-        n = min(len(a), len(b))
-        i = 0
-        while i < n and a[i] == b[i]:
-            i += 1
-        return a[:i]
-
-    def _template_tokens(self, text: str) -> list[int]:
-        prompt = self._formatter(messages=[{"role": "user", "content": text}]).prompt
-        add_bos = not (self._bos_text and prompt.startswith(self._bos_text))
-        data = prompt.encode("utf-8")
-        out = (ctypes.c_int32 * (len(data) + 8))()
-        n = self._ll.llama_tokenize(self._vocab, data, len(data), out, len(data) + 8, add_bos, True)
-        return out[: max(n, 0)]
+        return a[: _common_prefix(a, b)]
 
     def _metadata(self) -> dict[str, str]:
         ll, out = self._ll, {}
@@ -279,6 +267,9 @@ class LlamaCppBackend(Backend):
     def render(self, messages: Sequence[Message]) -> tuple[str, list[str]]:
         """The prompt text for `messages` and the template's stop strings."""
         self._require()
+        return self._render(messages)
+
+    def _render(self, messages: Sequence[Message]) -> tuple[str, list[str]]:
         try:
             result = self._formatter(messages=[dict(m) for m in messages])
         except Exception as exc:
@@ -289,7 +280,6 @@ class LlamaCppBackend(Backend):
 
     def _tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
         """llama_tokenize (thread-safe: it only reads the vocabulary)."""
-        self._require()
         data = text.encode("utf-8")
         cap = len(data) + 8
         out = (ctypes.c_int32 * cap)()
@@ -303,7 +293,11 @@ class LlamaCppBackend(Backend):
         return out[:n]
 
     def tokenize_prompt(self, messages: Sequence[Message]) -> tuple[list[int], list[str]]:
-        prompt, stops = self.render(messages)
+        self._require()
+        return self._prompt_tokens(messages)
+
+    def _prompt_tokens(self, messages: Sequence[Message]) -> tuple[list[int], list[str]]:
+        prompt, stops = self._render(messages)
         add_bos = not (self._bos_text and prompt.startswith(self._bos_text))
         return self._tokenize(prompt, add_bos=add_bos, special=True), stops
 
@@ -311,6 +305,7 @@ class LlamaCppBackend(Backend):
         return len(self.tokenize_prompt(messages)[0])
 
     def tokenize_text(self, text: str) -> int:
+        self._require()
         return len(self._tokenize(text, add_bos=False, special=False))
 
     # ------------------------------------------------------------------ generation

@@ -262,11 +262,9 @@ class BatchEngine:
             self._batch.n_tokens = len(tokens)
             if ll.llama_decode(self.ctx, self._batch) != 0:
                 raise RuntimeError("llama_decode failed")
-            size = ll.llama_state_seq_get_size(self.ctx, slot.seq_id)
-            buf = (ctypes.c_uint8 * size)()
-            n = ll.llama_state_seq_get_data(self.ctx, buf, size, slot.seq_id)
-            if n:
-                self._preamble = (tokens, bytes(memoryview(buf)[:n]))
+            state = self._seq_state(slot.seq_id)
+            if state:
+                self._preamble = (tokens, state)
         except Exception as exc:  # an optimisation: serve without it
             logger.warning("the template's start could not be evaluated ahead: %s", exc)
         finally:
@@ -310,19 +308,24 @@ class BatchEngine:
             or len(slot.cached) < MIN_STORED_PREFIX or slot.stored == len(slot.cached)
         ):
             return
-        ll = self.ll
         try:
-            size = ll.llama_state_seq_get_size(self.ctx, slot.seq_id)
-            buf = (ctypes.c_uint8 * size)()
-            n = ll.llama_state_seq_get_data(self.ctx, buf, size, slot.seq_id)
+            state = self._seq_state(slot.seq_id)
         except Exception as exc:  # storing is an optimisation: never fail a request for it
             logger.warning("could not read slot %d's KV state: %s", slot.seq_id, exc)
             return
-        if not n:
+        if not state:
             return
-        self.prefixes.save(self.model_id, slot.owner, list(slot.cached), bytes(memoryview(buf)[:n]))
+        self.prefixes.save(self.model_id, slot.owner, list(slot.cached), state)
         slot.stored = len(slot.cached)
         self.stats["stored"] += 1
+
+    def _seq_state(self, seq_id: int) -> bytes:
+        """The KV state of one sequence (`llama_state_seq_get_data`); b"": none."""
+        ll = self.ll
+        size = ll.llama_state_seq_get_size(self.ctx, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        n = ll.llama_state_seq_get_data(self.ctx, buf, size, seq_id)
+        return bytes(memoryview(buf)[:n]) if n else b""
 
     def _restore(self, slot: Slot, stored: tuple[list[int], bytes], *, count: bool = True) -> None:
         """Load a stored prefix (or the shared template start) into the wiped slot."""
