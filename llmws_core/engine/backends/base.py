@@ -8,7 +8,9 @@ through the per-token callback, the only streaming hook (as in gpt-fast).
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -85,6 +87,40 @@ class ModelInfo:
 
 TokenCallback = Callable[[str], None]
 CancelCheck = Callable[[], bool]
+
+_burst = threading.local()
+
+
+@contextmanager
+def token_burst() -> Iterator[None]:
+    """Mark a run of token callbacks that one decode step makes (one per sequence).
+
+    A consumer that must wake another thread per delivery (the event loop) can
+    ask `after_burst` to wake it once when the run ends, instead of at the first
+    token while the step is still emitting the others: on a batched step of four
+    sequences that is one loop wake-up instead of up to four."""
+    pending = getattr(_burst, "pending", None)
+    if pending is not None:  # nested: the outer burst flushes
+        yield
+        return
+    _burst.pending = pending = []
+    try:
+        yield
+    finally:
+        _burst.pending = None
+        for fn in pending:
+            fn()
+
+
+def after_burst(fn: Callable[[], None]) -> bool:
+    """Call `fn` when the calling thread's current `token_burst` ends (once, however
+    often it is asked). False when no burst is running: the caller acts now."""
+    pending = getattr(_burst, "pending", None)
+    if pending is None:
+        return False
+    if fn not in pending:
+        pending.append(fn)
+    return True
 
 
 class Backend(abc.ABC):

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ... import errors
-from .base import CancelCheck, GenerationParams, GenerationResult, TokenCallback
+from .base import CancelCheck, GenerationParams, GenerationResult, TokenCallback, token_burst
 from .stops import StopMatcher  # noqa: F401  (re-exported for callers)
 
 logger = logging.getLogger("llmws.engine.batching")
@@ -371,7 +371,8 @@ class BatchScheduler:
             self._fail_active(self._error_map(exc))
             return
         self._pos = self._pos + 1
-        gone = [s for s, t in zip(self._active, tokens, strict=True) if self._accept(s, t)]
+        with token_burst():  # one consumer wake-up for the whole step
+            gone = [s for s, t in zip(self._active, tokens, strict=True) if self._accept(s, t)]
         self._leave(gone)
 
     # ------------------------------------------------------------------ sampling

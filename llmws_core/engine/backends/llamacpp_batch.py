@@ -54,7 +54,7 @@ import numpy as np
 
 from ... import errors
 from ..prefixes import PrefixStore
-from .base import CancelCheck, GenerationParams, GenerationResult, TokenCallback
+from .base import CancelCheck, GenerationParams, GenerationResult, TokenCallback, token_burst
 from .stops import StopMatcher
 from .threads import ThreadGovernor
 
@@ -477,6 +477,13 @@ class BatchEngine:
                 slot.req.error = errors.GenerationError("The model failed while generating.")  # type: ignore[union-attr]
                 self._release(slot, wipe=True)
             return
+        with token_burst():  # the consumer wakes its event loop once, after the last slot
+            self._sample_all(active)
+
+    def _sample_all(self, active: list[Slot]) -> None:
+        """Sample every slot that has a logits row this step, emit its text, end it
+        when it stops."""
+        ll = self.ll
         sample, is_eog, to_piece, buf = ll.llama_sampler_sample, ll.llama_vocab_is_eog, ll.llama_token_to_piece, self._piece
         for slot in active:
             if slot.out_row < 0 or slot.req is None:
