@@ -30,16 +30,24 @@ PROMPTS = [
 ]
 
 
-async def _collect(peers: list[Peer], seconds: float) -> None:
-    """Read whatever arrives on every peer for `seconds` (events land in peer.events)."""
+async def _collect(peers: list[Peer], seconds: float, tokens: int | None = None) -> None:
+    """Read whatever arrives on every peer (events land in peer.events) for `seconds`,
+    or, with `tokens`, until that many token events have arrived in all (at most `seconds`)."""
+    enough = asyncio.Event()
+    seen = 0
 
     async def drain(peer: Peer) -> None:
+        nonlocal seen
         with contextlib.suppress(Exception):
             while True:
-                await peer.recv(3600)
+                event = await peer.recv(3600)
+                seen += event.get("type") == "token"
+                if tokens is not None and seen >= tokens:
+                    enough.set()
 
     tasks = [asyncio.create_task(drain(p)) for p in peers]
-    await asyncio.sleep(seconds)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(enough.wait(), seconds)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -94,8 +102,16 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(daemon_factor
                     },
                 }
             )
-        delay = rng.uniform(0.0, 2.5)
-        await _collect(peers, delay)
+        # Even rounds: a random moment up to 2.5 s on (before, inside or after the
+        # replies). Odd rounds: right after a random number of tokens has streamed,
+        # so that kills surely land inside replies too (they take under a second).
+        delay, after_tokens = rng.uniform(0.0, 2.5), rng.randint(1, 6)
+        if rnd % 2:
+            moment = f"after {after_tokens} tokens"
+            await _collect(peers, 60.0, after_tokens)
+        else:
+            moment = f"delay {delay:.2f}"
+            await _collect(peers, delay)
         daemon.kill()
         for sid, peer in zip(sids, peers, strict=True):
             for e in peer.events:
@@ -114,7 +130,7 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(daemon_factor
         for sid in sids:
             peer, backlog = await _backlog(daemon, sid)
             _check_buffer(
-                f"{sid} (seed {seed}, round {rnd}, delay {delay:.2f})",
+                f"{sid} (seed {seed}, round {rnd}, {moment})",
                 backlog,
                 received[sid],
                 peer.welcome["last_seq"],
