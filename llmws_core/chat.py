@@ -20,7 +20,7 @@ from typing import Any
 
 from . import errors, protocol
 from .config import Settings
-from .engine.backends.base import Backend, GenerationParams, GenerationResult, Message
+from .engine.backends.base import Backend, GenerationParams, GenerationResult, Message, after_burst
 from .engine.manager import ModelManager
 from .sessions.store import Session, SessionStore
 
@@ -44,7 +44,9 @@ class Handoff:
     A batched decode step emits a token for every running generation within
     microseconds; `call_soon_threadsafe` per token would wake the loop (a pipe
     write and a select) once per token. Here the first item of a burst schedules
-    one delivery and the rest ride along, so the loop wakes once per decode step.
+    one delivery and the rest ride along; a backend that marks its step's callbacks
+    as one `token_burst` has the wake-up wait for the last of them, so the loop
+    wakes once per decode step, not once per sequence.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -57,8 +59,11 @@ class Handoff:
         with self._lock:
             self._pending.append((queue, item))
             first = len(self._pending) == 1
-        if first:
-            self._loop.call_soon_threadsafe(self._deliver)
+        if first and not after_burst(self._wake):
+            self._wake()
+
+    def _wake(self) -> None:
+        self._loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self._lock:
@@ -128,6 +133,13 @@ class ChatService:
         session.touch()
         return session, True, None
 
+    async def open_session_async(self, session_id: str | None) -> tuple[Session, bool, str | None]:
+        """`open_session` for the event loop: a new session is made in a worker thread
+        (a folder, two files and four fsyncs), so other streams do not stall."""
+        if session_id is None:
+            return await asyncio.to_thread(self._new_session), False, None
+        return self.open_session(session_id)
+
     def _new_session(self) -> Session:
         session = self.store.create()
         session.state.setdefault("history", [])
@@ -143,9 +155,10 @@ class ChatService:
         if not inflight or session.id in self.jobs and inflight.get("request_id") in self.jobs[session.id]:
             return
         rid = inflight.get("request_id")
+        events = [e for e in session.replay(0) if e.get("request_id") == rid]
         tokens = [
-            e for e in session.replay(0)
-            if e.get("type") == "token" and e.get("request_id") == rid
+            e for e in events
+            if e.get("type") == "token"
             and e.get("stage") in (None, "final")  # improvement passes: only the final one
         ]
         text = "".join(e.get("data", "") for e in tokens)
@@ -153,10 +166,15 @@ class ChatService:
         history.append({"role": "user", "content": inflight.get("user", "")})
         history.append({"role": "assistant", "content": text})
         session.state.pop("inflight", None)
-        self.emit(session, {
-            "type": "done", "request_id": rid, "total_tokens": sum(int(e.get("tokens", 1)) for e in tokens),
-            "finish_reason": "interrupted",
-        })
+        # The reply may have ended (its `done` is in the buffer) with the daemon killed
+        # before the state saying so reached the disk: its clients have seen that
+        # `done`, so only the history is mended.
+        finished = any(e.get("type") in ("done", "error") for e in events)
+        if not finished:
+            self.emit(session, {
+                "type": "done", "request_id": rid, "total_tokens": sum(int(e.get("tokens", 1)) for e in tokens),
+                "finish_reason": "interrupted",
+            })
         session.save_state()
         session.sync()
         logger.info("session %s: closed out request %s interrupted by a restart", session.id, rid)
@@ -207,10 +225,10 @@ class ChatService:
     def session_config(self, session: Session) -> dict[str, Any]:
         return dict(session.state.get("config", {}))
 
-    def set_config(self, session: Session, data: protocol.GenerationConfig) -> dict[str, Any]:
+    async def set_config(self, session: Session, data: protocol.GenerationConfig) -> dict[str, Any]:
         cfg = session.state.setdefault("config", {})
         cfg.update(data.model_dump(exclude_none=True))
-        session.save_state()
+        await session.save_state_async()
         return self.effective_config(session)
 
     def effective_config(self, session: Session | None, override: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -221,20 +239,21 @@ class ChatService:
             cfg.update({k: v for k, v in override.items() if v is not None})
         return cfg
 
-    def reset(self, session: Session) -> None:
+    async def reset(self, session: Session) -> None:
         for job in self.jobs.get(session.id, {}).values():
             job.cancel.set()
         session.state["history"] = []
-        session.save_state()
+        await session.save_state_async()
 
-    def ack(self, session: Session, seq: int | None) -> int:
+    async def ack(self, session: Session, seq: int | None) -> int:
         """Trim the buffer, but never inside a reply that is still being generated:
-        a crash would otherwise lose the text needed to close it out."""
+        a crash would otherwise lose the text needed to close it out. The disk work
+        runs in worker threads."""
         limit = seq if seq is not None else session.last_seq
         for job in self.jobs.get(session.id, {}).values():
             if job.start_seq is not None:
                 limit = min(limit, job.start_seq - 1)
-        return session.ack(max(limit, session.acked_seq))
+        return await session.ack_async(max(limit, session.acked_seq))
 
     # ------------------------------------------------------------------ generation (shared)
 
@@ -434,12 +453,13 @@ class ChatService:
                         "type": "done", "request_id": rid, "total_tokens": res.tokens_out,
                         "tokens_in": res.tokens_in, "finish_reason": res.finish_reason,
                     })
-                    session.save_state()
-                    # The reply is complete and in the saved history: acks may trim it, and
-                    # status no longer lists it (clients see `done` at once).
+                    # The reply is complete and sealed into the next state (this save, or
+                    # any later one, lands with it): acks may trim it, and status no
+                    # longer lists it (clients see `done` at once). A crash before the
+                    # state reaches the disk is mended from the buffer (`_recover`).
                     job.start_seq = None
                     self.end_job(session.id, rid)
-                    await asyncio.to_thread(session.sync)
+                    await session.save_state_async()
                     return
                 if chunk.text:
                     text_parts.append(chunk.text)
@@ -449,7 +469,7 @@ class ChatService:
                     self.emit(session, event)
                     continue
                 # The first chunk: the prompt fits; announce the start.
-                self.announce_start(session, job, user_text, chunk.tokens_in, chunk.dropped_messages, params.max_new_tokens)
+                await self.announce_start(session, job, user_text, chunk.tokens_in, chunk.dropped_messages, params.max_new_tokens)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -463,8 +483,9 @@ class ChatService:
                 logger.error("session %s: error event not stored; sent live only", session.id)
                 self.send_transient(session, body)
             else:
+                self.end_job(session.id, rid)
                 try:
-                    session.save_state()
+                    await session.save_state_async()
                 except errors.StorageError:
                     pass  # logged by the store; the state on disk stays the previous one
         finally:
@@ -476,12 +497,13 @@ class ChatService:
         if not self.jobs.get(session_id):
             self.jobs.pop(session_id, None)
 
-    def announce_start(
+    async def announce_start(
         self, session: Session, job: Job, user_text: str, tokens_in: int, dropped: int,
         max_tokens: int, **extra: Any,
     ) -> None:
         """The prompt fits: drop what had to go (with a warning), mark the reply as in
-        flight (so a crash can close it out), and emit `start`."""
+        flight (so a crash can close it out; on disk before `start` goes out, with the
+        fsyncs in a worker thread), and emit `start`."""
         rid = job.request_id
         if dropped:
             self._drop_oldest(session, dropped)
@@ -491,7 +513,7 @@ class ChatService:
                 "dropped_messages": dropped,
             })
         session.state["inflight"] = {"request_id": rid, "user": user_text}
-        session.save_state()
+        await session.save_state_async()
         started = self.emit(session, {
             "type": "start", "request_id": rid, "tokens_in": tokens_in,
             "max_tokens": max_tokens, "prompt": user_text, **extra,

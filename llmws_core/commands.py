@@ -35,7 +35,7 @@ async def inference(conn: Connection, session: Session, msg: protocol.Inference)
 
 
 async def ack(conn: Connection, session: Session, msg: protocol.Ack) -> None:
-    seq = conn.app.chat.ack(session, msg.seq)
+    seq = await conn.app.chat.ack(session, msg.seq)
     conn.send({"type": "ack_received", "seq": seq})
 
 
@@ -44,7 +44,7 @@ async def cancel(conn: Connection, session: Session, msg: protocol.Cancel) -> No
 
 
 async def config(conn: Connection, session: Session, msg: protocol.Config) -> None:
-    cfg = conn.app.chat.set_config(session, msg.data)
+    cfg = await conn.app.chat.set_config(session, msg.data)
     conn.app.chat.emit(session, {"type": "config_ack", "config": cfg, **_rid(msg)})
 
 
@@ -118,7 +118,7 @@ async def get_resources(conn: Connection, session: Session, msg: protocol.GetRes
 
 
 async def reset(conn: Connection, session: Session, msg: protocol.Reset) -> None:
-    conn.app.chat.reset(session)
+    await conn.app.chat.reset(session)
     conn.app.chat.emit(session, {"type": "reset_done", **_rid(msg)})
 
 

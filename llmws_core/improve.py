@@ -15,7 +15,6 @@ cancellation, metrics), with the role system prompts from config `roles`
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -208,7 +207,7 @@ async def improve_job(
         if ev.kind == "stage":
             if not started:
                 started = True
-                chat.announce_start(session, job, user_text, ev.tokens_in, ev.dropped_messages,
+                await chat.announce_start(session, job, user_text, ev.tokens_in, ev.dropped_messages,
                                     params.max_new_tokens, mode="improve")
             chat.emit(session, {
                 "type": "stage", "request_id": rid, "stage": ev.stage, "label": ev.label,
@@ -227,7 +226,6 @@ async def improve_job(
                 "tokens_in": ev.tokens_in, "finish_reason": ev.finish_reason, "mode": "improve",
                 "reply": ev.text,
             })
-            session.save_state()
-            job.start_seq = None  # complete and saved: acks may trim it, status drops it
+            job.start_seq = None  # complete and sealed into the next state: acks may trim it
             chat.end_job(session.id, rid)
-            await asyncio.to_thread(session.sync)
+            await session.save_state_async()

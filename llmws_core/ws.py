@@ -152,7 +152,7 @@ class Connection:
         self.app = app
         self.ws = ws
         self.session: Session | None = None
-        self.outbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # UTF-8 JSON frames
         self.closed = False
         self.is_admin = False
         self.limiter = RateLimiter(app.settings.limits.messages_per_second)
@@ -174,12 +174,13 @@ class Connection:
             self.closed = True
             self.outbox.put_nowait(None)
             return
-        frame = protocol.encode(event)
+        # A stored event carries its JSON as sealed: the same bytes go to the socket.
+        frame = getattr(event, "frame", None) or protocol.encode(event).encode()
         if self.outbox.empty() and self._write_now(frame):
             return
         self.outbox.put_nowait(frame)
 
-    def _write_now(self, frame: str) -> bool:
+    def _write_now(self, frame: bytes) -> bool:
         """Write a frame to the socket right away when nothing is queued before it and
         the socket keeps up: one event per token then costs no writer-task wake-up.
         False: queue it (connection not open, or the client is reading slowly)."""
@@ -191,7 +192,7 @@ class Connection:
         except Exception:  # not a connection we know how to write to directly
             return False
         try:
-            ws.protocol.send_text(frame.encode())
+            ws.protocol.send_text(frame)
             ws.send_data()
         except Exception as exc:  # the socket broke; the client resumes with last_seq
             logger.info("direct write failed: %s", exc)
@@ -215,7 +216,7 @@ class Connection:
                     code, reason = self.close_code
                     await self.ws.close(code, reason)
                     return
-                await self.ws.send(frame)
+                await self.ws.send(frame.decode())
         except ConnectionClosed:
             pass
 
@@ -230,7 +231,7 @@ class Connection:
                 return
             handshake, pending = first
             try:
-                session, resumed, notice = app.chat.open_session(handshake.session_id)
+                session, resumed, notice = await app.chat.open_session_async(handshake.session_id)
             except errors.LLMWSError as exc:  # e.g. storage_error: the disk refused a new session
                 self.error(exc)
                 await self._close_soon(1011, "could not open a session")

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from pathlib import Path
 
-from llmws_core.chat import Handoff
+from llmws_core.chat import ChatService, Handoff
+from llmws_core.config import Settings
+from llmws_core.engine.backends.base import token_burst
+from llmws_core.sessions.crypto import Sealer
+from llmws_core.sessions.store import SessionStore
 
 
 async def test_handoff_delivers_everything_in_order_with_few_wakeups() -> None:
@@ -36,3 +42,74 @@ async def test_handoff_delivers_everything_in_order_with_few_wakeups() -> None:
         got = [q.get_nowait() for _ in range(q.qsize())]
         assert got == list(range(200))
     assert wakeups < 200 * len(queues)
+
+
+async def test_handoff_wakes_the_loop_once_per_token_burst() -> None:
+    """A decode step that marks its callbacks as one burst wakes the loop once, even
+    when the loop could run between two of them."""
+    loop = asyncio.get_running_loop()
+    handoff = Handoff(loop)
+    queues: list[asyncio.Queue[int]] = [asyncio.Queue() for _ in range(4)]
+    wakeups = 0
+    deliver = handoff._deliver
+
+    def counted() -> None:
+        nonlocal wakeups
+        wakeups += 1
+        deliver()
+
+    handoff._deliver = counted  # type: ignore[method-assign]
+
+    def producer() -> None:
+        for step in range(50):
+            with token_burst():
+                for q in queues:
+                    handoff.put(q, step)
+                    time.sleep(0.001)  # native calls between two slots' tokens
+
+    await asyncio.to_thread(producer)
+    await asyncio.sleep(0.05)
+    for q in queues:
+        assert [q.get_nowait() for _ in range(q.qsize())] == list(range(50))
+    assert wakeups <= 50
+
+
+def _chat(tmp_path: Path) -> tuple[ChatService, SessionStore]:
+    store = SessionStore(tmp_path / "sessions", Sealer(b"k" * 32))
+    return ChatService(Settings(), store, None), store  # type: ignore[arg-type]
+
+
+def test_restart_after_a_finished_reply_whose_state_was_not_saved_adds_no_second_done(tmp_path: Path) -> None:
+    """Killed after `done` was written but before the state saying so reached the disk:
+    the resumed session shows that reply once, with its one `done`, and has it in its
+    history."""
+    chat, store = _chat(tmp_path)
+    session = chat._new_session()
+    session.state["inflight"] = {"request_id": "r1", "user": "hi"}
+    session.save_state()
+    session.append({"type": "start", "request_id": "r1", "prompt": "hi"})
+    session.append({"type": "token", "request_id": "r1", "data": "Hello"})
+    session.append({"type": "done", "request_id": "r1", "total_tokens": 1, "finish_reason": "stop"})
+    # no save_state: the kill came first
+    chat2 = ChatService(Settings(), SessionStore(tmp_path / "sessions", Sealer(b"k" * 32)), None)  # type: ignore[arg-type]
+    resumed, ok, _ = chat2.open_session(session.id)
+    assert ok
+    events = resumed.replay(0)
+    assert [e["type"] for e in events] == ["start", "token", "done"]
+    assert resumed.state["history"][-2:] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]
+    assert "inflight" not in resumed.state
+
+
+def test_restart_mid_reply_closes_it_out_once(tmp_path: Path) -> None:
+    """Killed mid-reply: the resumed session gets one `interrupted` done."""
+    chat, store = _chat(tmp_path)
+    session = chat._new_session()
+    session.state["inflight"] = {"request_id": "r1", "user": "hi"}
+    session.save_state()
+    session.append({"type": "start", "request_id": "r1", "prompt": "hi"})
+    session.append({"type": "token", "request_id": "r1", "data": "Hel"})
+    chat2 = ChatService(Settings(), SessionStore(tmp_path / "sessions", Sealer(b"k" * 32)), None)  # type: ignore[arg-type]
+    resumed, _, _ = chat2.open_session(session.id)
+    done = [e for e in resumed.replay(0) if e["type"] == "done"]
+    assert len(done) == 1 and done[0]["finish_reason"] == "interrupted"
+    assert resumed.state["history"][-1] == {"role": "assistant", "content": "Hel"}

@@ -345,7 +345,7 @@ async def summarize(body: SummarizeRequest, request: Request) -> dict[str, Any]:
     after = await count_tokens(request, new_messages)
     if session is not None and not body.messages:
         session.state["history"] = [m for m in new_messages if m["role"] != "system"]
-        session.save_state()
+        await session.save_state_async()
     return {
         "success": True,
         "summary": summary,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import logging
 import os
@@ -158,7 +159,15 @@ def _aad(session_id: str, kind: str, seq: int) -> bytes:
         raise ValueError(f"kind must be one of {sorted(KINDS)}")
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
         raise ValueError("seq must be a non-negative int")
-    return json.dumps([_AAD_VERSION, session_id, kind, seq], separators=(",", ":")).encode()
+    return _aad_prefix(session_id, kind) + b"%d]" % seq
+
+
+@functools.lru_cache(maxsize=4096)
+def _aad_prefix(session_id: str, kind: str) -> bytes:
+    """`[version, session_id, kind,` as JSON: the part of the AAD that a session's
+    records share (sealing runs once per streamed token)."""
+    whole = json.dumps([_AAD_VERSION, session_id, kind, 0], separators=(",", ":")).encode()
+    return whole[: -len(b"0]")]
 
 
 class Sealer:

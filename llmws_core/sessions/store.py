@@ -59,9 +59,11 @@ One daemon owns a sessions folder at a time.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import bisect
+import contextlib
 import json
 import logging
 import os
@@ -123,7 +125,9 @@ def _unb64(text: object) -> bytes:
 
 
 def _encode_line(seq: int, nonce: bytes, ciphertext: bytes) -> bytes:
-    return _dumps({"s": seq, "n": _b64(nonce), "c": _b64(ciphertext)}) + b"\n"
+    """A buffer line: the bytes `_dumps({"s": seq, "n": ..., "c": ...}) + b"\n"` gives,
+    formatted directly (this runs once per streamed token)."""
+    return b'{"s":%d,"n":"%s","c":"%s"}\n' % (int(seq), base64.b64encode(nonce), base64.b64encode(ciphertext))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -140,19 +144,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new file, whole."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+class StoredEvent(dict[str, Any]):
+    """An event as `Session.append` stored it, with `frame`: its compact JSON exactly
+    as sealed (UTF-8 bytes, None when persistence is off), so a socket can send
+    those bytes instead of encoding the event again."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, event: dict[str, Any], frame: bytes | None) -> None:
+        super().__init__(event)
+        self.frame = frame
 
 
 @dataclass(slots=True)
@@ -219,7 +239,13 @@ class Session:
         self.last_active = last_active
         self._dir = directory
         self._sealer = sealer
-        self._generation = generation
+        self._generation = generation  # of the last state prepared
+        self._committed = generation  # of the state on disk
+        # Serializes state writes (loop or worker thread) so an older one never lands last.
+        self._state_lock = threading.Lock()
+        # One buffer rewrite at a time (acks from worker threads).
+        self._rewrite_lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # see sync()
         self._entries: list[_Entry] = []
         self._his: list[int] = []  # _entries[i].hi, for bisect
         self._lock = threading.Lock()
@@ -272,11 +298,12 @@ class Session:
         self._size = start + len(data)
         self._dirty = True
 
-    def append(self, event: dict[str, Any]) -> dict[str, Any]:
+    def append(self, event: dict[str, Any]) -> StoredEvent:
         """Assign the next seq to a copy of `event`, seal it and hand it to the OS.
 
-        Returns the copy (with "seq"); send that. The in-memory buffer keeps its own
-        copy, so later changes to the returned dict do not alter replays.
+        Returns the copy (with "seq" and its sealed JSON as `frame`); send that. The
+        in-memory buffer keeps its own copy, so later changes to the returned dict do
+        not alter replays.
 
         Raises:
             errors.StorageError: the write failed; the seq is not consumed and the
@@ -287,41 +314,49 @@ class Session:
             seq = self.last_seq + 1
             stored["seq"] = seq
             if self.persist_events:
-                nonce, ciphertext = self._sealer.seal(self.id, "event", seq, _dumps(stored))
+                plaintext: bytes | None = _dumps(stored)
+                nonce, ciphertext = self._sealer.seal(self.id, "event", seq, plaintext)  # type: ignore[arg-type]
                 line = _encode_line(seq, nonce, ciphertext)
                 self._write_locked(line)
             else:  # benchmark-only: the buffer lives in memory
-                line = b""
+                plaintext, line = None, b""
             self.last_seq = seq
-        self._entries.append(_Entry(seq, seq, stored, line))
-        self._his.append(seq)
+            # Listed under the lock: a buffer rewrite (worker thread) then sees exactly
+            # the lines the file has.
+            self._entries.append(_Entry(seq, seq, stored, line))
+            self._his.append(seq)
         self.last_active = time.time()
-        return dict(stored)
+        return StoredEvent(stored, plaintext)
 
     def sync(self) -> None:
         """fsync the buffer now if it has unsynced writes.
 
         Raises:
             errors.StorageError: fsync failed (the writes stay marked unsynced).
+
+        Syncs from several threads queue on `_sync_lock`: when one returns, every
+        write made before it was called is on disk, even if another thread's fsync
+        had already taken the dirty mark.
         """
-        with self._lock:
-            if not self._dirty or self._fd is None:
-                return
-            try:
-                fd = os.dup(self._fd)
-            except OSError as exc:
-                logger.error("session %s: cannot sync: %s", self.id, exc)
-                raise errors.StorageError(_STORAGE_MESSAGE) from None
-            self._dirty = False
-        try:
-            os.fsync(fd)
-        except OSError as exc:
+        with self._sync_lock:
             with self._lock:
-                self._dirty = True
-            logger.error("session %s: fsync failed: %s", self.id, exc)
-            raise errors.StorageError(_STORAGE_MESSAGE) from None
-        finally:
-            os.close(fd)
+                if not self._dirty or self._fd is None:
+                    return
+                try:
+                    fd = os.dup(self._fd)
+                except OSError as exc:
+                    logger.error("session %s: cannot sync: %s", self.id, exc)
+                    raise errors.StorageError(_STORAGE_MESSAGE) from None
+                self._dirty = False
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                with self._lock:
+                    self._dirty = True
+                logger.error("session %s: fsync failed: %s", self.id, exc)
+                raise errors.StorageError(_STORAGE_MESSAGE) from None
+            finally:
+                os.close(fd)
 
     @property
     def dirty(self) -> bool:
@@ -357,18 +392,16 @@ class Session:
         Raises:
             errors.StorageError: the state could not be saved; nothing was trimmed.
         """
-        target = self.last_seq if seq is None else min(int(seq), self.last_seq)
+        target = self._ack_target(seq)
         if target <= self.acked_seq:
             return self.acked_seq
-        self._write_state(target)
-        self.acked_seq = target
-        start = bisect.bisect_right(self._his, target)
-        entries = self._entries[start:]
-        if entries and entries[0].lo <= target:  # a gap that straddles the ack point
-            first = entries[0]
-            entries[0] = _Entry(target + 1, first.hi, first.event, first.raw)
-        self._entries = entries
-        self._his = self._his[start:]
+        previous, self.acked_seq = self.acked_seq, target
+        try:
+            self._write_state(target)
+        except BaseException:
+            self._undo_ack(previous, target)
+            raise
+        self._trim(target)
         try:
             self._rewrite_buffer()
         except OSError as exc:
@@ -376,21 +409,83 @@ class Session:
             logger.warning("session %s: could not trim its buffer: %s", self.id, exc)
         return target
 
+    async def ack_async(self, seq: int | None = None) -> int:
+        """`ack` with the disk work (the state's fsyncs, the buffer rewrite) in worker
+        threads, so the event loop keeps streaming meanwhile (on the loop)."""
+        target = self._ack_target(seq)
+        if target <= self.acked_seq:
+            return self.acked_seq
+        # Set before the state is sealed: any state prepared from now on (and so any
+        # that may land after this one) carries the new acked_seq.
+        previous, self.acked_seq = self.acked_seq, target
+        prepared = self._prepare_state(target)
+        try:
+            await asyncio.to_thread(self._commit_state, *prepared)
+        except BaseException:
+            self._undo_ack(previous, target)
+            raise
+        self._trim(target)
+        try:
+            await asyncio.to_thread(self._rewrite_buffer)
+        except OSError as exc:
+            logger.warning("session %s: could not trim its buffer: %s", self.id, exc)
+        return target
+
+    def _ack_target(self, seq: int | None) -> int:
+        return self.last_seq if seq is None else min(int(seq), self.last_seq)
+
+    def _undo_ack(self, previous: int, target: int) -> None:
+        if self.acked_seq == target:
+            self.acked_seq = previous
+
+    def _trim(self, target: int) -> None:
+        """Drop buffered events up to `target` from memory (the state already says so)."""
+        with self._lock:
+            start = bisect.bisect_right(self._his, target)
+            entries = self._entries[start:]
+            if entries and entries[0].lo <= target:  # a gap that straddles the ack point
+                first = entries[0]
+                entries[0] = _Entry(target + 1, first.hi, first.event, first.raw)
+            self._entries = entries
+            self._his = self._his[start:]
+
     def _rewrite_buffer(self) -> None:
-        """Replace the buffer file with the lines still unacknowledged."""
+        """Replace the buffer file with the lines still unacknowledged (any thread).
+
+        The bulk is written and fsynced without holding `_lock`, so appends go on
+        meanwhile; lines appended since are copied over under the lock, right
+        before the rename, and the new file becomes the append descriptor."""
         if not self.persist_events:
             return
-        path = self._dir / BUFFER_NAME
-        data = b"".join(entry.raw for entry in self._entries)
-        with self._lock:
-            if self._broken:
-                return
-            atomic_write(path, data)
-            old, self._fd = self._fd, None
+        with self._rewrite_lock:
+            path = self._dir / BUFFER_NAME
+            tmp = path.with_name(path.name + ".tmp")
+            with self._lock:
+                if self._broken:
+                    return
+                upto = self.last_seq
+                data = b"".join(entry.raw for entry in self._entries)
+            fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+                with self._lock:
+                    if self._broken:
+                        raise OSError("the buffer is broken")
+                    tail = b"".join(e.raw for e in self._entries[bisect.bisect_right(self._his, upto):])
+                    _write_all(fd, tail)
+                    os.replace(tmp, path)
+                    old, self._fd = self._fd, fd
+                    self._size = len(data) + len(tail)
+                    self._dirty = bool(tail)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             if old is not None:
                 os.close(old)
-            self._dirty = False
-            self._ensure_fd()
+            _fsync_dir(path.parent)
 
     def _state_doc(self, acked_seq: int) -> dict[str, Any]:
         return {
@@ -403,20 +498,33 @@ class Session:
             "state": self.state,
         }
 
-    def _write_state(self, acked_seq: int) -> None:
-        """Seal the state document and replace state.bin atomically."""
-        self.sync()  # the state must never claim a seq the disk does not hold
+    def _prepare_state(self, acked_seq: int) -> tuple[int, bytes]:
+        """Seal the state document as it is now (on the loop): (generation, line)."""
         generation = self._generation + 1
         nonce, ciphertext = self._sealer.seal(
             self.id, "state", generation, _dumps(self._state_doc(acked_seq))
         )
         body = _dumps({"v": STATE_FORMAT, "g": generation, "n": _b64(nonce), "c": _b64(ciphertext)})
-        try:
-            atomic_write(self._dir / STATE_NAME, body + b"\n")
-        except OSError as exc:
-            logger.error("session %s: cannot save its state: %s", self.id, exc)
-            raise errors.StorageError(_STORAGE_MESSAGE) from None
         self._generation = generation
+        return generation, body + b"\n"
+
+    def _commit_state(self, generation: int, body: bytes) -> None:
+        """Replace state.bin with a prepared state, atomically (any thread). A state
+        older than the one on disk is dropped: saves may finish out of order."""
+        with self._state_lock:
+            if generation <= self._committed:
+                return
+            self.sync()  # the state must never claim a seq the disk does not hold
+            try:
+                atomic_write(self._dir / STATE_NAME, body)
+            except OSError as exc:
+                logger.error("session %s: cannot save its state: %s", self.id, exc)
+                raise errors.StorageError(_STORAGE_MESSAGE) from None
+            self._committed = generation
+
+    def _write_state(self, acked_seq: int) -> None:
+        """Seal the state document and replace state.bin atomically."""
+        self._commit_state(*self._prepare_state(acked_seq))
 
     def save_state(self) -> None:
         """Seal `state`, seqs and timestamps to state.bin (tmp + fsync + rename).
@@ -426,6 +534,13 @@ class Session:
             TypeError, ValueError: `state` is not JSON-safe (a bug in the caller).
         """
         self._write_state(self.acked_seq)
+
+    async def save_state_async(self) -> None:
+        """`save_state` with its three fsyncs in a worker thread (on the loop): the
+        state is sealed now, as it is, and the event loop keeps streaming while the
+        disk works. Raises as `save_state` does."""
+        prepared = self._prepare_state(self.acked_seq)
+        await asyncio.to_thread(self._commit_state, *prepared)
 
     def touch(self) -> None:
         """Mark the session active now (saved with the next `save_state`)."""

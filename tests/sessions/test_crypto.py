@@ -156,3 +156,14 @@ def test_format_matches_documentation():
     nonce = os.urandom(12)
     ciphertext = AESGCM(okm).encrypt(nonce, b"documented", aad)
     assert Sealer(master).open(SID_A, "event", 5, nonce, ciphertext) == b"documented"
+
+
+def test_associated_data_is_the_json_of_its_context():
+    """The cached AAD prefix gives the same bytes as the JSON the format specifies."""
+    import json
+
+    from llmws_core.sessions import crypto
+
+    for sid, kind, seq in [("s-1", "event", 0), ('we"ird\\id', "state", 7), ("s-1", "event", 10**12)]:
+        expected = json.dumps([crypto._AAD_VERSION, sid, kind, seq], separators=(",", ":")).encode()
+        assert crypto._aad(sid, kind, seq) == expected

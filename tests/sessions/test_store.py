@@ -629,3 +629,145 @@ def test_sigkill_loses_nothing_that_was_sent(root, sealer):
     assert recovered.last_seq >= last_sent
     assert _seqs(replayed) == list(range(1, recovered.last_seq + 1))
     assert replayed[last_sent - 1]["data"] == f"t{last_sent}"
+
+
+# -- the fast paths: one JSON per event, disk work off the event loop ------------------
+
+
+def test_buffer_line_is_the_json_of_its_record(store):
+    """The hand-formatted buffer line is byte for byte the JSON the format describes."""
+    nonce, ciphertext = os.urandom(12), os.urandom(40)
+    line = store_mod._encode_line(17, nonce, ciphertext)
+    assert line == store_mod._dumps({"s": 17, "n": store_mod._b64(nonce), "c": store_mod._b64(ciphertext)}) + b"\n"
+
+
+def test_appended_event_carries_the_json_that_was_sealed(root, sealer, store):
+    """What a socket sends for an event (`frame`) is exactly what the buffer holds sealed."""
+    session = store.create()
+    event = session.append({"type": "token", "data": "héllo \"quoted\""})
+    assert json.loads(event.frame) == event
+    record = json.loads(_lines(root, session.id)[0])
+    opened = sealer.open(session.id, "event", record["s"], base64.b64decode(record["n"]), base64.b64decode(record["c"]))
+    assert opened == event.frame
+
+
+def _hold_fsync(monkeypatch, *, which: str) -> tuple[threading.Event, threading.Event]:
+    """Make the first fsync called from a worker thread inside `which` wait for a release."""
+    entered, release = threading.Event(), threading.Event()
+    real = os.fsync
+    held = []
+
+    def fsync(fd: int) -> None:
+        import traceback
+
+        if not held and threading.current_thread() is not threading.main_thread() and any(
+            f.name == which for f in traceback.extract_stack()
+        ):
+            held.append(fd)
+            entered.set()
+            assert release.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(store_mod.os, "fsync", fsync)
+    return entered, release
+
+
+def test_ack_keeps_what_is_appended_while_the_buffer_is_rewritten(root, sealer, store, monkeypatch):
+    """Tokens streamed while an ack rewrites the buffer (in a worker thread) are all
+    there after a SIGKILL, in order, with nothing reported missing."""
+    import asyncio
+
+    session = store.create()
+    _fill(session, 5)
+    entered, release = _hold_fsync(monkeypatch, which="_rewrite_buffer")
+
+    async def scenario() -> None:
+        ack = asyncio.create_task(session.ack_async(3))
+        assert await asyncio.to_thread(entered.wait, 10)
+        _fill(session, 4, start=6)  # the loop keeps streaming meanwhile
+        release.set()
+        assert await ack == 3
+        _fill(session, 2, start=10)
+
+    asyncio.run(scenario())
+    recovered = _reopen(root, sealer, session.id)
+    assert _seqs(recovered.replay(0)) == list(range(4, 12))
+    assert [e["data"].split()[0] for e in recovered.replay(0)] == [f"tok{i}" for i in range(4, 12)]
+    assert recovered.integrity_problems == 0
+
+
+def test_state_save_does_not_hold_up_the_event_loop(root, sealer, store, monkeypatch):
+    """While a state save waits on a slow disk, the loop keeps running other work."""
+    import asyncio
+
+    session = store.create()
+    entered, release = _hold_fsync(monkeypatch, which="_commit_state")
+    session.state["history"] = [{"role": "user", "content": "kept"}]
+
+    async def scenario() -> None:
+        save = asyncio.create_task(session.save_state_async())
+        assert await asyncio.to_thread(entered.wait, 10)
+        ticks = 0
+        for _ in range(5):
+            await asyncio.sleep(0)
+            ticks += 1
+        _fill(session, 1)  # appends work while the save is held
+        assert ticks == 5 and not save.done()
+        release.set()
+        await save
+
+    asyncio.run(scenario())
+    assert _reopen(root, sealer, session.id).state["history"] == [{"role": "user", "content": "kept"}]
+
+
+def test_a_state_save_that_finishes_late_never_replaces_a_newer_one(root, sealer, store, monkeypatch):
+    """Two saves in flight, the older one slower: the state on disk is the newer."""
+    import asyncio
+
+    session = store.create()
+    entered, release = _hold_fsync(monkeypatch, which="_commit_state")
+
+    async def scenario() -> None:
+        session.state["n"] = 1
+        first = asyncio.create_task(session.save_state_async())
+        assert await asyncio.to_thread(entered.wait, 10)  # the first save is stuck in fsync
+        session.state["n"] = 2
+        second = asyncio.create_task(session.save_state_async())
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.gather(first, second)
+
+    asyncio.run(scenario())
+    assert _reopen(root, sealer, session.id).state["n"] == 2
+
+
+def test_saves_committed_out_of_order_keep_the_newest(root, sealer, store):
+    """A state sealed earlier but written last (worker threads race) is dropped."""
+    session = store.create()
+    session.state["n"] = 1
+    older = session._prepare_state(session.acked_seq)
+    session.state["n"] = 2
+    newer = session._prepare_state(session.acked_seq)
+    session._commit_state(*newer)
+    session._commit_state(*older)
+    assert _reopen(root, sealer, session.id).state["n"] == 2
+
+
+def test_a_sync_returns_only_once_earlier_writes_are_on_disk(root, sealer, store, monkeypatch):
+    """Two threads sync one buffer: the second waits for the first's fsync instead of
+    returning at once (a state saved after it must never name an unsynced seq)."""
+    session = store.create()
+    _fill(session, 3)
+    entered, release = _hold_fsync(monkeypatch, which="sync")
+    first = threading.Thread(target=session.sync)
+    first.start()
+    assert entered.wait(10)
+    second_done = threading.Event()
+    second = threading.Thread(target=lambda: (session.sync(), second_done.set()))
+    second.start()
+    assert not second_done.wait(0.3), "a sync returned while the buffer's fsync was still running"
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert second_done.is_set()
+    assert not session.dirty
