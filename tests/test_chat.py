@@ -14,20 +14,24 @@ from llmws_core.sessions.crypto import Sealer
 from llmws_core.sessions.store import SessionStore
 
 
-async def test_handoff_delivers_everything_in_order_with_few_wakeups() -> None:
-    """Items put from worker threads arrive complete and in order, one loop wake-up per burst."""
-    loop = asyncio.get_running_loop()
-    handoff = Handoff(loop)
+def _counted_handoff() -> tuple[Handoff, list[asyncio.Queue[int]], list[int]]:
+    """A hand-off on the running loop, four queues, and a one-item list counting its loop wake-ups."""
+    handoff = Handoff(asyncio.get_running_loop())
     queues: list[asyncio.Queue[int]] = [asyncio.Queue() for _ in range(4)]
-    wakeups = 0
+    wakeups = [0]
     deliver = handoff._deliver
 
     def counted() -> None:
-        nonlocal wakeups
-        wakeups += 1
+        wakeups[0] += 1
         deliver()
 
     handoff._deliver = counted  # type: ignore[method-assign]
+    return handoff, queues, wakeups
+
+
+async def test_handoff_delivers_everything_in_order_with_few_wakeups() -> None:
+    """Items put from worker threads arrive complete and in order, one loop wake-up per burst."""
+    handoff, queues, wakeups = _counted_handoff()
 
     def producer() -> None:
         for step in range(200):  # a decode step emits one token per running stream
@@ -41,24 +45,13 @@ async def test_handoff_delivers_everything_in_order_with_few_wakeups() -> None:
     for q in queues:
         got = [q.get_nowait() for _ in range(q.qsize())]
         assert got == list(range(200))
-    assert wakeups < 200 * len(queues)
+    assert wakeups[0] < 200 * len(queues)
 
 
 async def test_handoff_wakes_the_loop_once_per_token_burst() -> None:
     """A decode step that marks its callbacks as one burst wakes the loop once, even
     when the loop could run between two of them."""
-    loop = asyncio.get_running_loop()
-    handoff = Handoff(loop)
-    queues: list[asyncio.Queue[int]] = [asyncio.Queue() for _ in range(4)]
-    wakeups = 0
-    deliver = handoff._deliver
-
-    def counted() -> None:
-        nonlocal wakeups
-        wakeups += 1
-        deliver()
-
-    handoff._deliver = counted  # type: ignore[method-assign]
+    handoff, queues, wakeups = _counted_handoff()
 
     def producer() -> None:
         for step in range(50):
@@ -71,7 +64,7 @@ async def test_handoff_wakes_the_loop_once_per_token_burst() -> None:
     await asyncio.sleep(0.05)
     for q in queues:
         assert [q.get_nowait() for _ in range(q.qsize())] == list(range(50))
-    assert wakeups <= 50
+    assert wakeups[0] <= 50
 
 
 def _chat(tmp_path: Path) -> tuple[ChatService, SessionStore]:
