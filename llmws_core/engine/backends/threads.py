@@ -11,6 +11,10 @@ decode 15 times faster. Neither count is right on every machine at every moment.
 and fewer: it switches at once when three steps in a row take several times their
 usual time, and otherwise tries the other count for a few steps now and then (less
 and less often while the choice keeps being confirmed), keeping whichever is faster.
+"Faster" is the mean step time, not the median: on contended cores most steps on all
+threads take as long as on fewer, and one in four or five takes many times longer
+(a thread descheduled at a barrier); the median hides exactly those steps, which are
+where the time goes.
 Pure logic with no llama.cpp import, so it is tested with made-up timings.
 """
 
@@ -26,6 +30,9 @@ COLLAPSE_FACTOR = 4.0
 COLLAPSE_STEPS = 3
 #: Steps timed with the other thread count during a probe.
 PROBE_STEPS = 6
+#: Steps at the current count that a probe is compared with: more than a probe has, so
+#: that one stray slow step (a page fault, a busy event loop) does not decide alone.
+RECENT_STEPS = 24
 #: Seconds between probes: doubled each time the current choice is confirmed.
 PROBE_MIN_INTERVAL = 2.0
 PROBE_MAX_INTERVAL = 60.0
@@ -51,7 +58,7 @@ class ThreadGovernor:
         #: (threads, bucket) -> usual seconds per step (an EWMA of unremarkable steps).
         self._usual: dict[tuple[int, int], float] = {}
         #: The last steps at the current count, slow ones included: (bucket, seconds).
-        self._recent: deque[tuple[int, float]] = deque(maxlen=PROBE_STEPS)
+        self._recent: deque[tuple[int, float]] = deque(maxlen=RECENT_STEPS)
         self._slow = 0
         self._probe: list[tuple[int, float]] | None = None  # steps of the probe in progress
         self._probe_from = self.current
@@ -105,15 +112,22 @@ class ThreadGovernor:
         self._probe = []
         self.current = next(c for c in self.choices if c != self.current)
 
+    @staticmethod
+    def _mean(steps: Iterable[tuple[int, float]], bucket: int) -> float | None:
+        steps = list(steps)
+        same = [s for b, s in steps if b == bucket] or [s for _, s in steps]
+        return statistics.fmean(same) if same else None
+
     def _end_probe(self) -> None:
         probe, self._probe = self._probe or [], None
         bucket = probe[-1][0] if probe else 0
-        probed = self._median(probe, bucket)
-        before = self._median(self._recent, bucket)
+        # Throughput decides: the mean step, slow ones included (see the module's docstring).
+        probed = self._mean(probe, bucket)
+        before = self._mean(self._recent, bucket)
         margin = MORE_MARGIN if self.current > self._probe_from else FEWER_MARGIN
         if probed is not None and before is not None and probed < margin * before:
             self.switches += 1  # the probed count is faster now: keep it
-            self._recent = deque(probe, maxlen=PROBE_STEPS)
+            self._recent = deque(probe, maxlen=RECENT_STEPS)
             self._interval = PROBE_MIN_INTERVAL
         else:
             self.current = self._probe_from

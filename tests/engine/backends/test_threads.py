@@ -64,3 +64,36 @@ def test_one_thread_has_nothing_to_govern() -> None:
     """With a single core there is no other choice to try."""
     gov = ThreadGovernor(1)
     assert not gov.enabled and gov.observe(1, 1.0) == 1
+
+
+def test_a_slow_tail_on_all_cores_counts_even_when_most_steps_are_fast() -> None:
+    """Contended cores as measured here: most two-thread steps take as long as one-thread
+    steps, every fourth is seven times slower. Two threads then decode at 40 % of the
+    rate of one, and the governor must settle on one although the typical step looks alike."""
+    clock = Clock()
+    gov = ThreadGovernor(2, clock=clock)
+    drive(gov, clock, QUIET, 200)
+    used = []
+    for i in range(2_000):
+        n = gov.current
+        used.append(n)
+        cost = 0.028 if n == 1 else (0.2 if i % 4 == 3 else 0.03)
+        clock.now += cost
+        gov.observe(1, cost)
+    assert gov.current == 1
+    assert used[100:].count(2) / len(used[100:]) < 0.05
+
+
+def test_a_stray_slow_step_on_a_quiet_machine_does_not_drop_threads() -> None:
+    """One step in fifty stalls (a page fault, a busy event loop): all cores stay the choice."""
+    clock = Clock()
+    gov = ThreadGovernor(2, clock=clock)
+    used = []
+    for i in range(20_000):
+        n = gov.current
+        used.append(n)
+        cost = 0.1 if i % 50 == 49 else QUIET[n]
+        clock.now += cost
+        gov.observe(1, cost)
+    assert gov.current == 2
+    assert used.count(1) / len(used) < 0.02
