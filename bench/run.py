@@ -105,6 +105,8 @@ def plot(runs: dict[str, list[Run]]) -> list[str]:
 
 
 BUSY_TOKENS = 64
+#: Runs of each contender on the busy machine (one is at the mercy of the scheduler).
+BUSY_ROUNDS = 4
 
 
 def busy_hogs() -> int:
@@ -119,7 +121,7 @@ def busy_machine(daemon: loadgen.Daemon, lcp: inprocess.Isolated, threads: int) 
     ref: list[Stream] = []
     ws: list[Stream] = []
     try:
-        for _ in range(2):
+        for _ in range(BUSY_ROUNDS):
             ref += lcp.llama_cpp_python(1, threads, tokens=BUSY_TOKENS).streams
             logger.info("busy machine, llama-cpp-python: %.1f tok/s", ref[-1].rate)
             ws += asyncio.run(loadgen.ws_run(daemon.ws, 1, tokens=BUSY_TOKENS)).streams
@@ -129,6 +131,10 @@ def busy_machine(daemon: loadgen.Daemon, lcp: inprocess.Isolated, threads: int) 
             h.kill()
             h.wait()
     return [Run("llama-cpp-python (in process)", 1, ref, 0.0), Run("LLMWS over WebSocket", 1, ws, 0.0)]
+
+
+def busy_median(r: Run) -> float:
+    return statistics.median(s.rate for s in r.streams)
 
 
 def splice_docs(path: Path, section: str) -> None:
@@ -153,12 +159,14 @@ def cpp_goals(raw: dict[tuple[str, int], list[Run]], ws1: Run, ws4: Run, lcp1: R
         out = []
         r1 = paired(raw[("ws", 1)], raw[("cpp", 1)], "rate")
         out.append(verdict(r1 >= 1.0, f"single stream over WebSocket {ws1.rate:.1f} tok/s vs llama-server's "
-                           f"{median_run(raw[('cpp', 1)]).rate:.1f}: {r1:.2f}x (goal >= 1.0x)"))
+                           f"{median_run(raw[('cpp', 1)]).rate:.1f}: {r1:.2f}x, {spread(raw[('ws', 1)], raw[('cpp', 1)], 'rate')} "
+                           "(goal >= 1.0x)"))
         for n in (4, 8):
             if ("cpp", n) in raw:
                 r = paired(raw[("ws", n)], raw[("cpp", n)], "aggregate")
                 out.append(verdict(r >= 1.0, f"{n} sessions aggregate over WebSocket {median_run(raw[('ws', n)]).aggregate:.1f} "
-                                   f"tok/s vs llama-server -np 4's {median_run(raw[('cpp', n)]).aggregate:.1f}: {r:.2f}x (goal >= 1.0x)"))
+                                   f"tok/s vs llama-server -np 4's {median_run(raw[('cpp', n)]).aggregate:.1f}: {r:.2f}x, "
+                                   f"{spread(raw[('ws', n)], raw[('cpp', n)], 'aggregate')} (goal >= 1.0x)"))
         return out
     return [
         verdict(ws1.rate >= CPP_SERVER_SINGLE * lcp1.rate / 128,
@@ -180,9 +188,20 @@ def median_run(runs: list[Run]) -> Run:
     return ordered[(len(ordered) - 1) // 2]
 
 
+def ratios(a: list[Run], b: list[Run], metric: str) -> list[float]:
+    """a's metric / b's for each repetition (the pair measured in the same round)."""
+    return [getattr(x, metric) / getattr(y, metric) for x, y in zip(a, b, strict=True)]
+
+
 def paired(a: list[Run], b: list[Run], metric: str) -> float:
-    """The median over repetitions of a's metric / b's, each pair measured back to back."""
-    return statistics.median(getattr(x, metric) / getattr(y, metric) for x, y in zip(a, b, strict=True))
+    """The median over repetitions of a's metric / b's, each pair measured in the same round."""
+    return statistics.median(ratios(a, b, metric))
+
+
+def spread(a: list[Run], b: list[Run], metric: str) -> str:
+    """The range of the per-repetition ratios: how far one run of this machine can move them."""
+    rs = ratios(a, b, metric)
+    return f"runs {min(rs):.2f}-{max(rs):.2f}" if len(rs) > 1 else "one run"
 
 
 def main() -> None:
@@ -224,20 +243,27 @@ def main() -> None:
         lcp.llama_cpp_python(1, threads, tokens=16)
         if cpp is not None:
             asyncio.run(loadgen.http_run(cpp.base, 1, "warm-up"))
-        for _ in range(reps):
+        for rep in range(reps):
             for n in levels:
                 f = next(counter) * 100
-                # Interleave contenders level by level so that drift in machine load hits all.
-                measure("lcp", n, f, lambda n, f: lcp.llama_cpp_python(n, threads, first=f))
-                measure("engine", n, f, lambda n, f: engine.engine(n, first=f))
-                measure("ws", n, f, lambda n, f: asyncio.run(loadgen.ws_run(daemon.ws, n, first=f)))
+                # Interleave contenders level by level so that drift in machine load hits all,
+                # and start each repetition one contender later, so that none is always the
+                # one measured first (or next to the same neighbour) after a change of level.
+                order: list[tuple[str, Any]] = [
+                    ("lcp", lambda n, f: lcp.llama_cpp_python(n, threads, first=f)),
+                    ("engine", lambda n, f: engine.engine(n, first=f)),
+                    ("ws", lambda n, f: asyncio.run(loadgen.ws_run(daemon.ws, n, first=f))),
+                ]
                 if n in (1, 4):
-                    measure("memory", n, f, lambda n, f: asyncio.run(loadgen.ws_run(memory_daemon.ws, n, first=f)))
+                    order.append(("memory", lambda n, f: asyncio.run(loadgen.ws_run(memory_daemon.ws, n, first=f))))
                 if cpp is not None:
-                    measure("cpp", n, f, lambda n, f: asyncio.run(
-                        loadgen.http_run(cpp.base, n, "llama.cpp llama-server (C++, -np 4)", first=f)))
+                    order.append(("cpp", lambda n, f: asyncio.run(
+                        loadgen.http_run(cpp.base, n, "llama.cpp llama-server (C++, -np 4)", first=f))))
                 if daemon.http and n in (1, 4):
-                    measure("http", n, f, lambda n, f: asyncio.run(loadgen.http_run(daemon.http, n, first=f)))
+                    order.append(("http", lambda n, f: asyncio.run(loadgen.http_run(daemon.http, n, first=f))))
+                k = rep % len(order)
+                for key, fn in order[k:] + order[:k]:
+                    measure(key, n, f, fn)
         engine.close()
         busy = busy_machine(daemon, lcp, threads)
         lcp.close()
@@ -258,7 +284,8 @@ def main() -> None:
         for key in ("ws", "engine", "lcp", "http", "cpp", "memory")
     }
     persist_rows = [
-        (n, median_run(raw[("ws", n)]).rate, median_run(raw[("memory", n)]).rate, paired(raw[("ws", n)], raw[("memory", n)], "rate"))
+        (n, median_run(raw[("ws", n)]).rate, median_run(raw[("memory", n)]).rate, paired(raw[("ws", n)], raw[("memory", n)], "rate"),
+         spread(raw[("ws", n)], raw[("memory", n)], "rate"))
         for n in (1, 4) if ("memory", n) in raw
     ]
     by_level = {r.concurrency: r for r in runs["lcp"]}
@@ -273,7 +300,8 @@ def main() -> None:
     vs_lcp = paired(raw[("ws", 1)], raw[("lcp", 1)], "rate")
     goals = [
         verdict(vs_lcp >= 0.98,
-                f"single stream over WebSocket {ws1.rate:.1f} tok/s = {vs_lcp:.2f}x llama-cpp-python in process (goal >= 0.98x); "
+                f"single stream over WebSocket {ws1.rate:.1f} tok/s = {vs_lcp:.2f}x llama-cpp-python in process, "
+                f"{spread(raw[('ws', 1)], raw[('lcp', 1)], 'rate')} (goal >= 0.98x); "
                 f"{paired(raw[('ws', 1)], raw[('engine', 1)], 'rate'):.2f}x the LLMWS engine in process"),
         *cpp_goals(raw, ws1, ws4, lcp1),
         verdict(min(r.fairness for r in runs["ws"]) >= 0.8,
@@ -283,7 +311,7 @@ def main() -> None:
                 f"{reuse['turn2_ttft'] / reuse['cold_ttft']:.2f}x a cold prefill ({reuse['cold_ttft'] * 1000:.0f} ms) (goal <= 0.3x)"),
         verdict(min(r[3] for r in persist_rows) >= 0.97,
                 "daemon with sealed, fsync-batched buffers decodes at "
-                + ", ".join(f"{r[3]:.2f}x ({r[0]} sessions)" for r in persist_rows)
+                + ", ".join(f"{r[3]:.2f}x ({r[0]} sessions, {r[4]})" for r in persist_rows)
                 + " the same daemon with `sessions.persist: false` (goal >= 0.97x, i.e. <= 3 % cost)"),
         verdict(idle["added_mb"] <= 100 * idle["sessions"] / 1000,
                 f"{idle['sessions']} idle sessions add {idle['added_mb']:.1f} MB RSS (goal <= 100 MB per 1,000)"),
@@ -294,7 +322,7 @@ def main() -> None:
                  "llama-server (C++, -np 4)": runs["cpp"], "llama-cpp-python in process (serial)": runs["lcp"]})
     persist_table = "\n".join(
         ["| sessions | sealed + fsync tok/s per stream | persistence off tok/s per stream | ratio |", "|---:|---:|---:|---:|"]
-        + [f"| {n} | {a:.1f} | {b:.1f} | {r:.2f} |" for n, a, b, r in persist_rows]
+        + [f"| {n} | {a:.1f} | {b:.1f} | {r:.2f} |" for n, a, b, r, _ in persist_rows]
     )
     import llama_cpp
 
@@ -311,7 +339,8 @@ Measured by `python -m bench.run` on: {header}.
 first / time from first to last token; TTFT = request sent -> first token; ITL = gaps between
 tokens; aggregate = all tokens / wall time. All contenders ran in the same run, interleaved
 level by level, {reps} time(s) over; each row is the repetition with the median aggregate, and
-the goals below are medians of the ratios of runs made back to back. Ratios in the table are
+the goals below are medians of the ratios of runs made in the same round, with the range
+of those ratios over the rounds (each round starts with another contender). Ratios in the table are
 against llama-cpp-python's own `Llama.generate` loop in process (it cannot batch, so N
 sessions run one after another); it and the LLMWS engine each ran in a child process of its
 own (two llama.cpp users in one process slow each other's OpenMP barriers down; see
@@ -345,7 +374,8 @@ Run time: {time.perf_counter() - started:.0f} s.
 | {idle['sessions']} | {idle['rss_before_mb']:.0f} MB | {idle['rss_after_mb']:.0f} MB | {idle['added_mb']:.1f} MB | {control['per_second']:.0f} |
 """
     busy_rows = "\n".join(
-        f"| {r.name} | {r.rate:.1f} | {r.rate / busy[0].rate:.2f}x | {min(s.rate for s in r.streams):.1f} |" for r in busy
+        f"| {r.name} | {busy_median(r):.1f} | {busy_median(r) / busy_median(busy[0]):.2f}x | "
+        f"{min(s.rate for s in r.streams):.1f} | {max(s.rate for s in r.streams):.1f} |" for r in busy
     )
     doc += f"""
 ### On a busy machine
@@ -354,10 +384,11 @@ The same single stream ({BUSY_TOKENS} tokens) while {busy_hogs()} other processe
 busy (`while True: pass`), as on a laptop running a build. llama.cpp's threads meet at a barrier
 hundreds of times per token, so one descheduled thread stalls the others; LLMWS measures its
 decode steps and drops to fewer threads while the cores are contended (engine/backends/threads.py).
-Two runs of each, interleaved.
+{BUSY_ROUNDS} runs of each, interleaved; with every core taken, one run's rate is at the mercy of the
+scheduler (the range shows by how much).
 
-| contender | decode tok/s per stream (mean) | vs llama-cpp-python | slowest run tok/s |
-|---|---:|---:|---:|
+| contender | decode tok/s (median run) | vs llama-cpp-python | slowest run tok/s | fastest run tok/s |
+|---|---:|---:|---:|---:|
 {busy_rows}
 """
     print(doc)
