@@ -274,9 +274,10 @@ class Connection:
         deadline = time.monotonic() + limits.handshake_timeout
         while True:
             try:
-                frame = await asyncio.wait_for(
-                    self.ws.recv(), timeout=max(0.0, deadline - time.monotonic())
-                )
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancel (daemon shutdown) that lands together with the frame.
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    frame = await self.ws.recv()
             except TimeoutError:
                 self.error(errors.BadRequest("No handshake within the time limit."))
                 await self._close_soon(1008, "handshake timeout")

@@ -34,12 +34,13 @@ async def _collect(peers: list[Peer], seconds: float, tokens: int | None = None)
     """Read whatever arrives on every peer (events land in peer.events) for `seconds`,
     or, with `tokens`, until that many token events have arrived in all (at most `seconds`)."""
     enough = asyncio.Event()
+    stop = False
     seen = 0
 
     async def drain(peer: Peer) -> None:
         nonlocal seen
         with contextlib.suppress(Exception):
-            while True:
+            while not stop:
                 event = await peer.recv(3600)
                 seen += event.get("type") == "token"
                 if tokens is not None and seen >= tokens:
@@ -48,6 +49,10 @@ async def _collect(peers: list[Peer], seconds: float, tokens: int | None = None)
     tasks = [asyncio.create_task(drain(p)) for p in peers]
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(enough.wait(), seconds)
+    # Python 3.11's wait_for (inside peer.recv) swallows a cancel that lands in the
+    # same loop iteration as the frame it waits for: the drain then returns the frame
+    # instead of raising. Seeing `stop`, it ends rather than wait an hour for the next.
+    stop = True
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
