@@ -118,8 +118,10 @@ async def http_run(base: str, concurrency: int, name: str = "LLMWS over HTTP (SS
 
     async def one(client: httpx.AsyncClient, i: int) -> Stream:
         body = {"model": "default", "messages": messages_for(None if first is None else first + i), "stream": True,
-                "temperature": 0.0, "max_tokens": TOKENS}
+                "temperature": 0.0, "max_tokens": TOKENS, "stream_options": {"include_usage": True}}
         s = Stream(sent=time.perf_counter())
+        pieces: list[tuple[float, int]] = []  # (arrival, characters) of each content delta
+        tokens = 0
         async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
             resp.raise_for_status()
             async for line in resp.aiter_lines():
@@ -128,7 +130,9 @@ async def http_run(base: str, concurrency: int, name: str = "LLMWS over HTTP (SS
                 chunk = json.loads(line[5:])
                 delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
                 if delta.get("content"):
-                    s.stamps.append(time.perf_counter())
+                    pieces.append((time.perf_counter(), len(delta["content"])))
+                tokens = int((chunk.get("usage") or {}).get("completion_tokens") or tokens)
+        s.stamps = _spread_tokens(pieces, tokens)
         return s
 
     async with httpx.AsyncClient(timeout=300) as client:
@@ -136,6 +140,23 @@ async def http_run(base: str, concurrency: int, name: str = "LLMWS over HTTP (SS
         streams = await asyncio.gather(*(one(client, i) for i in range(concurrency)))
     wall = max(s.stamps[-1] for s in streams) - start
     return Run(name, concurrency, list(streams), wall)
+
+
+def _spread_tokens(pieces: list[tuple[float, int]], tokens: int) -> list[float]:
+    """One stamp per token. A busy LLMWS joins the text of several tokens into one SSE
+    delta (the WebSocket says how many; SSE has no field for it), so when the usage
+    counts more tokens than deltas arrived, each delta stands for a share of them by
+    its length in characters (at least one each)."""
+    if tokens <= len(pieces):
+        return [t for t, _ in pieces]
+    chars = sum(c for _, c in pieces) or 1
+    extra = tokens - len(pieces)
+    shares = [extra * c / chars for _, c in pieces]
+    counts = [1 + int(x) for x in shares]
+    by_remainder = sorted(range(len(pieces)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
+    for i in by_remainder[: tokens - sum(counts)]:
+        counts[i] += 1
+    return [t for (t, _), k in zip(pieces, counts, strict=True) for _ in range(k)]
 
 
 class LlamaServer:

@@ -208,12 +208,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 and 4 sessions only, one repetition, 200 idle sessions")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of every contender at every level (interleaved)")
+    ap.add_argument("--single-rounds", type=int, default=3,
+                    help="rounds of the single-stream level per repetition (its goals sit within a few per cent, "
+                         "and a round takes seconds)")
     ap.add_argument("--docs", type=Path, default=REPO / "DOCUMENTATION.md",
                     help="the file whose '## Benchmarks' section (up to '### GPU check') is replaced")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     levels = [1, 4] if args.quick else [1, 2, 4, 8]
     reps = 1 if args.quick else max(1, args.reps)
+    single_rounds = 1 if args.quick else max(1, args.single_rounds)
     started = time.perf_counter()
     header = machine()
     logger.info("machine: %s", header)
@@ -243,8 +247,9 @@ def main() -> None:
         lcp.llama_cpp_python(1, threads, tokens=16)
         if cpp is not None:
             asyncio.run(loadgen.http_run(cpp.base, 1, "warm-up"))
-        for rep in range(reps):
-            for n in levels:
+        rounds = 0
+        for _rep in range(reps):
+            for n in [lvl for lvl in levels for _ in range(single_rounds if lvl == 1 else 1)]:
                 f = next(counter) * 100
                 # Interleave contenders level by level so that drift in machine load hits all,
                 # and start each repetition one contender later, so that none is always the
@@ -259,9 +264,10 @@ def main() -> None:
                 if cpp is not None:
                     order.append(("cpp", lambda n, f: asyncio.run(
                         loadgen.http_run(cpp.base, n, "llama.cpp llama-server (C++, -np 4)", first=f))))
-                if daemon.http and n in (1, 4):
+                if daemon.http:
                     order.append(("http", lambda n, f: asyncio.run(loadgen.http_run(daemon.http, n, first=f))))
-                k = rep % len(order)
+                k = rounds % len(order)
+                rounds += 1
                 for key, fn in order[k:] + order[:k]:
                     measure(key, n, f, fn)
         engine.close()
@@ -338,7 +344,8 @@ Measured by `python -m bench.run` on: {header}.
 {TOKENS} tokens, greedy, the embedded SmolLM2-135M-Instruct Q4_1; decode rate = tokens after the
 first / time from first to last token; TTFT = request sent -> first token; ITL = gaps between
 tokens; aggregate = all tokens / wall time. All contenders ran in the same run, interleaved
-level by level, {reps} time(s) over; each row is the repetition with the median aggregate, and
+level by level, {reps} time(s) over ({reps * single_rounds} rounds of the single stream, whose goals sit within a
+few per cent); each row is the repetition with the median aggregate, and
 the goals below are medians of the ratios of runs made in the same round, with the range
 of those ratios over the rounds (each round starts with another contender). Ratios in the table are
 against llama-cpp-python's own `Llama.generate` loop in process (it cannot batch, so N
