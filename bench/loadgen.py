@@ -55,6 +55,14 @@ class Daemon:
 
         return int(psutil.Process(self.proc.pid).memory_info().rss)
 
+    def loop_cpu(self) -> float:
+        """CPU seconds used so far by the daemon's main thread: the event loop, which
+        seals, writes and sends every event (llama.cpp decodes in threads of its own)."""
+        import psutil
+
+        main = next(t for t in psutil.Process(self.proc.pid).threads() if t.id == self.proc.pid)
+        return float(main.user_time + main.system_time)
+
     def stop(self) -> None:
         _stop(self.proc)
         self.log.close()
@@ -187,6 +195,14 @@ class LlamaServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+
+    def loop_cpu(self) -> float:
+        """CPU seconds used so far by the daemon's main thread: the event loop, which
+        seals, writes and sends every event (llama.cpp decodes in threads of its own)."""
+        import psutil
+
+        main = next(t for t in psutil.Process(self.proc.pid).threads() if t.id == self.proc.pid)
+        return float(main.user_time + main.system_time)
 
     def stop(self) -> None:
         _stop(self.proc)
