@@ -196,14 +196,6 @@ class LlamaServer:
                 pass
             time.sleep(0.2)
 
-    def loop_cpu(self) -> float:
-        """CPU seconds used so far by the daemon's main thread: the event loop, which
-        seals, writes and sends every event (llama.cpp decodes in threads of its own)."""
-        import psutil
-
-        main = next(t for t in psutil.Process(self.proc.pid).threads() if t.id == self.proc.pid)
-        return float(main.user_time + main.system_time)
-
     def stop(self) -> None:
         _stop(self.proc)
         self.log.close()
