@@ -308,8 +308,8 @@ def main() -> None:
         return cpu / tokens * 1e6 if tokens else float("nan")
 
     # The cost of sealing, writing and fsyncing measured as the event loop's CPU per
-    # token, against the time of one decode step (1 / per-stream rate): it does not
-    # move with the machine's noise as the rates do.
+    # token, as a share of the wall time per token of all streams together (1 /
+    # aggregate rate): it does not move with the machine's noise as the rates do.
     persist_cpu = {
         n: (us_per_token("ws", n), us_per_token("memory", n),
             (us_per_token("ws", n) - us_per_token("memory", n)) * 1e-6 * median_run(raw[("ws", n)]).aggregate * 100)
