@@ -24,7 +24,7 @@ import re
 import shlex
 import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -564,14 +564,13 @@ class _KeyWatcher:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> _KeyWatcher:
+        from prompt_toolkit.input.typeahead import get_typeahead, store_typeahead
         from prompt_toolkit.keys import Keys
 
-        def ready() -> None:
-            from prompt_toolkit.input.typeahead import store_typeahead
-
+        def take(key_presses: list[Any]) -> None:
             keep = []
-            for key_press in self.input.read_keys():
-                if key_press.key == Keys.ControlC:
+            for key_press in key_presses:
+                if key_press.key in (Keys.ControlC, Keys.SIGINT):
                     self.on_interrupt()
                 else:
                     keep.append(key_press)
@@ -580,7 +579,10 @@ class _KeyWatcher:
 
         try:
             self._stack.enter_context(self.input.raw_mode())
-            self._stack.enter_context(self.input.attach(ready))
+            self._stack.enter_context(self.input.attach(lambda: take(self.input.read_keys())))
+            # Keys the prompt read after the accepted line (Enter, then Ctrl-C in one read)
+            # were kept by prompt-toolkit as typeahead: a Ctrl-C among them is for this work.
+            take(get_typeahead(self.input))
         except Exception:  # not a terminal we can read: SIGINT still works
             logger.debug("cannot watch the keyboard during generation", exc_info=True)
         return self
@@ -629,6 +631,11 @@ class Repl:
         self.model_names: list[str] = []
         self._prompt_session: Any = None
         self._busy = False
+        # Ctrl-C handlers of the work in progress, innermost last (see _interruptible).
+        self._interrupts: list[Callable[[], None]] = []
+        self._at_prompt = False
+        self._pending_interrupt = False  # a SIGINT after a line's Enter, before its work began
+        self._sigint_routed = False
         client.on_unsolicited = self._on_unsolicited
         client.on_connection = self._on_connection
 
@@ -715,15 +722,22 @@ class Repl:
         self._greet()
         self._prompt_session = self._make_prompt_session()
         try:
-            while True:
-                try:
-                    text = await self._prompt_session.prompt_async()
-                except KeyboardInterrupt:
-                    continue  # Ctrl-C at the prompt clears the line, like a shell
-                except EOFError:
-                    break
-                if not await self.handle(text):
-                    break
+            # SIGINT is ours for the whole session, not prompt-toolkit's between prompts: it
+            # restores Python's default handler when a prompt ends, and a Ctrl-C landing there
+            # (the terminal briefly out of raw mode) would end the REPL.
+            with self._routing_sigint():
+                while True:
+                    self._at_prompt, self._pending_interrupt = True, False
+                    try:
+                        text = await self._prompt_session.prompt_async(handle_sigint=False)
+                    except KeyboardInterrupt:
+                        continue  # Ctrl-C at the prompt clears the line, like a shell
+                    except EOFError:
+                        break
+                    finally:
+                        self._at_prompt = False
+                    if not await self.handle(text):
+                        break
         finally:
             await self.client.disconnect()
         return EXIT_OK
@@ -777,9 +791,19 @@ class Repl:
         return True
 
     async def _guarded(self, work: Any) -> None:
-        """Run a command or a chat turn; errors become one red line."""
+        """Run a command or a chat turn; errors become one red line.
+
+        Ctrl-C is watched for the whole of it, not only while a reply streams: a press while
+        a command waits for the daemon (or before a reply's first token) stops that work and
+        comes back to the prompt, as in a shell, instead of ending the REPL.
+        """
         try:
-            await work
+            await self._interruptible(work, None)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            self.console.notice("interrupted")
         except LLMWSConnectionError as exc:
             self.console.error(exc.message)
         except LLMWSClientError as exc:
@@ -789,7 +813,13 @@ class Repl:
 
     async def _interruptible(self, work: Any, on_first: Callable[[], Any] | None) -> Any:
         """Await `work` while Ctrl-C is watched: the first press calls `on_first` (if given),
-        the next one (or the first, without `on_first`) cancels the work."""
+        the next one (or the first, without `on_first`) cancels the work.
+
+        Calls nest: a press goes to the innermost work in progress. The outermost call owns the
+        keyboard watcher, and SIGINT is routed to `_interrupt` (by `run` for the whole session,
+        else here), so no moment between two nested calls is left with Python's default SIGINT,
+        which would end the REPL.
+        """
         task = asyncio.ensure_future(work)
         presses = 0
 
@@ -803,16 +833,41 @@ class Repl:
             else:
                 task.cancel()
 
-        loop = asyncio.get_running_loop()
-        sigint = False
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGINT, interrupt)
-            sigint = True
+        self._interrupts.append(interrupt)
         try:
-            with _KeyWatcher(self.input_for_keys(), interrupt):
+            if len(self._interrupts) > 1:
+                return await task
+            if self._pending_interrupt:
+                self._pending_interrupt = False
+                interrupt()
+            with self._routing_sigint(), _KeyWatcher(self.input_for_keys(), self._interrupt):
                 return await task
         finally:
-            if sigint:
+            self._interrupts.remove(interrupt)
+
+    def _interrupt(self) -> None:
+        """A Ctrl-C (key press or SIGINT): for the innermost work in progress."""
+        if self._interrupts:
+            self._interrupts[-1]()
+        elif not self._at_prompt:
+            # Between a line's Enter and the start of its work: the press is for that work.
+            self._pending_interrupt = True
+
+    @contextlib.contextmanager
+    def _routing_sigint(self) -> Iterator[None]:
+        """SIGINT calls _interrupt while inside (nested entries keep the outer handler)."""
+        loop = asyncio.get_running_loop()
+        routed = False
+        if not self._sigint_routed:
+            # Not the main thread, or no signals here: key presses still work.
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGINT, self._interrupt)
+                routed = self._sigint_routed = True
+        try:
+            yield
+        finally:
+            if routed:
+                self._sigint_routed = False
                 loop.remove_signal_handler(signal.SIGINT)
 
     def input_for_keys(self) -> Any:
