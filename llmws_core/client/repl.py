@@ -550,6 +550,13 @@ def _make_key_bindings() -> Any:
     return kb
 
 
+def _cancelled_from_outside() -> bool:
+    """Inside `except CancelledError`: True when this task itself is being cancelled (leave),
+    False when only the work it awaited was (a Ctrl-C: report it and carry on)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class _KeyWatcher:
     """While a reply streams, read keys from the terminal: Ctrl-C cancels, others are kept.
 
@@ -800,8 +807,7 @@ class Repl:
         try:
             await self._interruptible(work, None)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if _cancelled_from_outside():
                 raise
             self.console.notice("interrupted")
         except LLMWSConnectionError as exc:
@@ -889,7 +895,7 @@ class Repl:
                 try:
                     await self._interruptible(consume(), stream.cancel)
                 except asyncio.CancelledError:
-                    if asyncio.current_task() and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    if _cancelled_from_outside():
                         raise
                     self.console.notice("stopped waiting for the reply")
                     return
@@ -1016,8 +1022,7 @@ class Repl:
                 self.client.download_model(repo, target, on_progress=progress), None
             )
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if _cancelled_from_outside():
                 raise
             self.console.notice("download cancelled")
             return
