@@ -26,6 +26,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from . import __version__, commands, errors
 from .chat import ChatService
 from .config import Settings, describe_settings, load_settings
+from .embeddings import EmbeddingService
 from .engine.manager import ModelManager
 from .engine.prefixes import PrefixStore
 from .sessions.crypto import Sealer, load_or_create_master_key
@@ -56,6 +57,7 @@ class App:
             )
         self.models = ModelManager(settings, prefixes=prefixes)
         self.chat = ChatService(settings, self.store, self.models)
+        self.embeddings = EmbeddingService(settings, self.models)
         self._downloads: Any = None
         self.handlers = dict(commands.HANDLERS)
         self.started = time.monotonic()
@@ -197,7 +199,8 @@ class App:
             found = await asyncio.to_thread(self.models.dirs.scan)
         except Exception:
             found = []
-        candidates += sorted(found, key=lambda e: (e.source != "models", e.name.lower()))
+        chat_models = [e for e in found if e.kind == "chat"]
+        candidates += sorted(chat_models, key=lambda e: (e.source != "models", e.name.lower()))
         embedded = embedded_entry()
         if embedded is not None:
             candidates.append(embedded)

@@ -3,6 +3,7 @@
 One module per surface, each a thin adapter over the chat service:
 
 - openai.py    `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
+- embeddings.py `/v1/embeddings` over the embedding service
 - legacy.py    the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
                `/chat/completions`, `/restore_cache`
 - stream.py    nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
@@ -28,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from .. import __version__, errors
 from ..config import REPO_ROOT
-from . import blocking, legacy, mcp, metrics, openai, stream
+from . import blocking, embeddings, legacy, mcp, metrics, openai, stream
 from .auth import HostCheck
 from .common import openai_error, status_of
 
@@ -40,11 +41,12 @@ logger = logging.getLogger("llmws.http")
 WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
 
 #: Routes whose errors are OpenAI error objects; every other route answers {"detail": ...}.
-OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/chat/completions"})
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/v1/embeddings", "/chat/completions"})
 
 
 def _wants_openai_errors(request: Request) -> bool:
-    return request.url.path in OPENAI_PATHS
+    path = request.url.path
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
 
 
 def create_app(app: App) -> FastAPI:
@@ -114,7 +116,7 @@ def create_app(app: App) -> FastAPI:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return FileResponse(WEB_CLIENT, media_type="text/html")
 
-    for module in (openai, legacy, stream, blocking):
+    for module in (openai, embeddings, legacy, stream, blocking):
         api.include_router(module.router)
 
     sec = app.settings.security

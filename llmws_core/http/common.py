@@ -62,7 +62,7 @@ def openai_error(exc: BaseException) -> dict[str, Any]:
     body: dict[str, Any] = {
         "message": wire["message"],
         "type": OPENAI_ERROR_TYPES.get(status, "server_error"),
-        "param": None,
+        "param": wire.get("param") if isinstance(wire.get("param"), str) else None,
         "code": wire["code"],
     }
     for key in ("max_context", "input_length"):

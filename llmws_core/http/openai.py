@@ -7,6 +7,7 @@ serves the earlier llama-cpp server's `POST /chat/completions` (see legacy.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -19,6 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import errors
 from ..engine import grammar
 from ..engine.backends.base import Message
 from . import tools as toolcalls
@@ -161,27 +163,44 @@ def finish_reason(reason: str, calls: list[dict[str, Any]]) -> str:
     return "length" if reason == "length" else "stop"
 
 
+def capabilities(model: dict[str, Any]) -> list[str]:
+    """What a listed model serves: "embeddings", or "chat", "completion" and "tools"."""
+    if model.get("kind") == "embedding":
+        return ["embeddings"]
+    return ["chat", "completion", "tools"]
+
+
+def model_object(model: dict[str, Any]) -> dict[str, Any]:
+    """One `models_list` entry as an OpenAI model object (plus what LLMWS knows of it)."""
+    return {
+        "id": model["name"],
+        "object": "model",
+        "created": 0,
+        "owned_by": model.get("source", "local"),
+        "loaded": model.get("loaded", False),
+        "kind": model.get("kind", "chat"),
+        "capabilities": capabilities(model),
+        **({"max_context": model["max_context"]} if model.get("max_context") else {}),
+    }
+
+
 @router.get("/v1/models", summary="List the local models (OpenAI shape)")
 async def list_models(request: Request) -> dict[str, Any]:
-    """Every model in models/, var/models/ and the embedded one, as OpenAI model objects."""
-    import asyncio
+    """Every model in models/, var/models/, the embedded ones and the remote ones, as
+    OpenAI model objects."""
+    models = await asyncio.to_thread(llmws(request).models.list_models)
+    return {"object": "list", "data": [model_object(m) for m in models]}
 
-    app = llmws(request)
-    models = await asyncio.to_thread(app.models.list_models)
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": m["name"],
-                "object": "model",
-                "created": 0,
-                "owned_by": m.get("source", "local"),
-                "loaded": m.get("loaded", False),
-                **({"max_context": m["max_context"]} if m.get("max_context") else {}),
-            }
-            for m in models
-        ],
-    }
+
+@router.get("/v1/models/{model_id:path}", summary="One model (OpenAI shape)")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """The model listed under `model_id` (its name or its path), or an OpenAI 404."""
+    models = await asyncio.to_thread(llmws(request).models.list_models)
+    for m in models:
+        if model_id in (m["name"], m.get("path")):
+            return model_object(m)
+    exc = errors.ModelNotFound(f"The model '{model_id[:120]}' does not exist.", param="model")
+    raise exc
 
 
 @router.post("/v1/chat/completions", summary="Chat completion (OpenAI-compatible; stream or not)")
