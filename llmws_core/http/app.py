@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, errors
 from ..config import REPO_ROOT
@@ -83,6 +85,10 @@ def create_app(app: App) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         if _wants_openai_errors(request):
             first = exc.errors()[0] if exc.errors() else {}
+            if first.get("type") == "json_invalid":
+                # loc is ("body", <character offset>): no parameter to name.
+                body = openai_error(errors.BadRequest("The request body is not valid JSON."))
+                return JSONResponse(body, status_code=400)
             where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
             msg = f"Invalid request: {where}: {first.get('msg', 'invalid value')}" if where else "Invalid request body."
             body = openai_error(errors.BadRequest(msg))
@@ -91,6 +97,14 @@ def create_app(app: App) -> FastAPI:
         # FastAPI's own shape ({"detail": [...]}, 422), minus the echoed input.
         detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Unknown routes and wrong methods under /v1 answer as OpenAI does, so an SDK
+        # reports "not found" instead of failing to parse {"detail": ...}.
+        if request.url.path.startswith("/v1/") or _wants_openai_errors(request):
+            return JSONResponse(_route_error(exc.status_code, request), status_code=exc.status_code, headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     @api.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -130,6 +144,17 @@ def create_app(app: App) -> FastAPI:
     # Added last so it runs first: a rebinding attack is refused before anything else.
     api.add_middleware(HostCheck, app=app)
     return api
+
+
+def _route_error(status: int, request: Request) -> dict[str, Any]:
+    """The OpenAI error body of a 404 (no such route) or 405 (wrong method)."""
+    if status == 405:
+        message, code = f"Method {request.method} is not allowed on {request.url.path[:200]}.", "method_not_allowed"
+    elif status == 404:
+        message, code = f"Unknown request URL: {request.method} {request.url.path[:200]}.", "unknown_url"
+    else:
+        message, code = "The request could not be served.", "http_error"
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
 
 
 def _error_response(request: Request, exc: BaseException) -> JSONResponse:

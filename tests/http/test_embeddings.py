@@ -189,20 +189,3 @@ async def test_ws_models_list_shows_the_embedding_model(module_daemon: DaemonPro
     kinds = {m["name"]: m["kind"] for m in event["models"]}
     assert kinds[EMBEDDER] == "embedding"
     assert "chat" in kinds.values()
-
-
-def test_sdk_retrieves_one_model(client: openai.OpenAI) -> None:
-    """models.retrieve returns the chat model and the embedding model by id."""
-    emb = client.models.retrieve(EMBEDDER)
-    assert emb.id == EMBEDDER and emb.object == "model"
-    chat_id = next(m.id for m in client.models.list() if getattr(m, "kind", None) == "chat")
-    assert client.models.retrieve(chat_id).id == chat_id
-
-
-def test_unknown_model_is_an_openai_404(client: openai.OpenAI, http: httpx.Client) -> None:
-    """An unknown model id is a 404 in OpenAI's error shape, as the SDK expects."""
-    with pytest.raises(openai.NotFoundError) as info:
-        client.models.retrieve("no-such-model")
-    body = http.get("/v1/models/no-such-model").json()
-    assert body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
-    assert info.value.status_code == 404
