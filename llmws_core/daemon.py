@@ -28,6 +28,7 @@ from .chat import ChatService
 from .config import Settings, describe_settings, load_settings
 from .engine.manager import ModelManager
 from .engine.prefixes import PrefixStore
+from .legacy import capabilities
 from .services import Services
 from .services.generation import GenerationService
 from .services.models import ModelService
@@ -113,6 +114,7 @@ class App:
             "resumed": resumed,
             "model": self.models.model_info(),
             "max_context": self.models.max_context,
+            "capabilities": capabilities(self.models.model_info(), self.models.max_context),
             "last_seq": session.last_seq,
             "acked_seq": session.acked_seq,
             "config": self.chat.effective_config(session),
