@@ -26,9 +26,13 @@ from websockets.asyncio.server import ServerConnection, serve
 from . import __version__, commands, errors
 from .chat import ChatService
 from .config import Settings, describe_settings, load_settings
-from .embeddings import EmbeddingService
 from .engine.manager import ModelManager
 from .engine.prefixes import PrefixStore
+from .legacy import capabilities
+from .services import Services
+from .services.embeddings import EmbeddingService
+from .services.generation import GenerationService
+from .services.models import ModelService
 from .sessions.crypto import Sealer, load_or_create_master_key
 from .sessions.store import Session, SessionStore
 from .ws import Connection, is_loopback, make_origin_check
@@ -57,7 +61,11 @@ class App:
             )
         self.models = ModelManager(settings, prefixes=prefixes)
         self.chat = ChatService(settings, self.store, self.models)
-        self.embeddings = EmbeddingService(settings, self.models)
+        model_service = ModelService(self.models, self.chat)
+        self.services = Services(
+            generation=GenerationService(self.chat, model_service), models=model_service,
+            embeddings=EmbeddingService(settings, self.models),
+        )
         self._downloads: Any = None
         self.handlers = dict(commands.HANDLERS)
         self.started = time.monotonic()
@@ -98,19 +106,8 @@ class App:
         return task
 
     def broadcast(self, event: dict[str, Any], origin: Session | None = None, extra: dict[str, Any] | None = None) -> None:
-        """Emit `event` into every session with a connected client (and the origin's)."""
-        targets = {sid for sid in self.chat._subscribers}
-        if origin is not None:
-            targets.add(origin.id)
-        for sid in targets:
-            try:
-                session = self.store.get(sid)
-            except errors.LLMWSError:
-                continue
-            body = dict(event)
-            if origin is not None and sid == origin.id and extra:
-                body.update(extra)
-            self.chat.emit(session, body)
+        """Emit `event` into every session with a connected client (see `ChatService.broadcast`)."""
+        self.chat.broadcast(event, origin, extra)
 
     def welcome(self, session: Session, resumed: bool) -> dict[str, Any]:
         return {
@@ -121,6 +118,7 @@ class App:
             "resumed": resumed,
             "model": self.models.model_info(),
             "max_context": self.models.max_context,
+            "capabilities": capabilities(self.models.model_info(), self.models.max_context),
             "last_seq": session.last_seq,
             "acked_seq": session.acked_seq,
             "config": self.chat.effective_config(session),

@@ -31,9 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, errors
 from ..config import REPO_ROOT
+from ..services.generation import ErrorEvent
 from . import blocking, embeddings, legacy, mcp, metrics, openai, stream
 from .auth import HostCheck
-from .common import openai_error, status_of
 
 if TYPE_CHECKING:
     from ..daemon import App
@@ -42,13 +42,14 @@ logger = logging.getLogger("llmws.http")
 
 WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
 
-#: Routes whose errors are OpenAI error objects; every other route answers {"detail": ...}.
-OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/v1/embeddings", "/chat/completions"})
+#: Surfaces with an error shape of their own: each has `owns_path(path) -> bool` and
+#: `error_body(event: ErrorEvent, param: str | None) -> dict`. Every other route
+#: answers {"detail": ..., "code": ...}.
+ERROR_SHAPES: tuple[Any, ...] = (openai,)
 
 
-def _wants_openai_errors(request: Request) -> bool:
-    path = request.url.path
-    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+def _error_shape(request: Request) -> Any:
+    return next((door for door in ERROR_SHAPES if door.owns_path(request.url.path)), None)
 
 
 def create_app(app: App) -> FastAPI:
@@ -83,17 +84,16 @@ def create_app(app: App) -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if _wants_openai_errors(request):
+        door = _error_shape(request)
+        if door is not None:
             first = exc.errors()[0] if exc.errors() else {}
             if first.get("type") == "json_invalid":
                 # loc is ("body", <character offset>): no parameter to name.
-                body = openai_error(errors.BadRequest("The request body is not valid JSON."))
-                return JSONResponse(body, status_code=400)
+                event = ErrorEvent.of(errors.BadRequest("The request body is not valid JSON."))
+                return JSONResponse(door.error_body(event, None), status_code=400)
             where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
             msg = f"Invalid request: {where}: {first.get('msg', 'invalid value')}" if where else "Invalid request body."
-            body = openai_error(errors.BadRequest(msg))
-            body["error"]["param"] = where or None
-            return JSONResponse(body, status_code=400)
+            return JSONResponse(door.error_body(ErrorEvent.of(errors.BadRequest(msg)), where or None), status_code=400)
         # FastAPI's own shape ({"detail": [...]}, 422), minus the echoed input.
         detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
@@ -102,7 +102,7 @@ def create_app(app: App) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         # Unknown routes and wrong methods under /v1 answer as OpenAI does, so an SDK
         # reports "not found" instead of failing to parse {"detail": ...}.
-        if request.url.path.startswith("/v1/") or _wants_openai_errors(request):
+        if request.url.path.startswith("/v1/") or _error_shape(request) is openai:
             return JSONResponse(_route_error(exc.status_code, request), status_code=exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
@@ -158,11 +158,11 @@ def _route_error(status: int, request: Request) -> dict[str, Any]:
 
 
 def _error_response(request: Request, exc: BaseException) -> JSONResponse:
-    status = status_of(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    if _wants_openai_errors(request):
-        return JSONResponse(openai_error(exc), status_code=status, headers=headers)
-    wire = errors.to_wire(exc)
-    body = {"detail": wire["message"], "code": wire["code"]}
-    body.update({k: v for k, v in wire.items() if k not in ("type", "code", "message")})
-    return JSONResponse(body, status_code=status, headers=headers)
+    event = ErrorEvent.of(exc)  # logs an unexpected error; its text is never sent
+    headers = {"WWW-Authenticate": "Bearer"} if event.status == 401 else None
+    door = _error_shape(request)
+    if door is not None:
+        param = event.details.get("param")
+        return JSONResponse(door.error_body(event, param if isinstance(param, str) else None), status_code=event.status, headers=headers)
+    body = {"detail": event.message, "code": event.code, **event.details}
+    return JSONResponse(body, status_code=event.status, headers=headers)

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import errors
-from ..embeddings import EmbedRequest
+from ..services.embeddings import EmbedRequest
 from .auth import llmws, user_key
 
 router = APIRouter(tags=["OpenAI-compatible"], dependencies=[Depends(user_key)])
@@ -80,7 +80,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
     except InvalidInput as exc:
         exc.fields["param"] = "input"
         raise
-    result = await llmws(request).embeddings.embed(
+    result = await llmws(request).services.embeddings.embed(
         EmbedRequest(inputs=inputs, model=body.model, dimensions=body.dimensions)
     )
     return {

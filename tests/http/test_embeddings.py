@@ -180,7 +180,7 @@ def test_chat_and_embeddings_serve_concurrently(client: openai.OpenAI, http: htt
 
 async def test_ws_models_list_shows_the_embedding_model(module_daemon: DaemonProcess) -> None:
     """The WebSocket models_list carries the embedding model with kind "embedding"."""
-    peer = await Peer.open(module_daemon.ws_url)
+    peer = await Peer.open(module_daemon.ws_url, {"protocol": 1})
     try:
         await peer.send({"type": "list_models"})
         event = (await peer.until("models_list"))[-1]

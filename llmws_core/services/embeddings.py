@@ -13,13 +13,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import errors
-from .engine.embedding import EmbeddingModels, EmbedInput, embedded_entry
-from .engine.scan import ModelEntry
+from .. import errors
+from ..engine.embedding import EmbeddingModels, EmbedInput, embedded_entry
+from ..engine.scan import ModelEntry
 
 if TYPE_CHECKING:
-    from .config import Settings
-    from .engine.manager import ModelManager
+    from ..config import Settings
+    from ..engine.manager import ModelManager
 
 #: Inputs one request may carry (OpenAI's limit).
 MAX_INPUTS = 2048
