@@ -3,7 +3,9 @@
 One module per surface, each a thin adapter over the chat service:
 
 - openai.py    `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
+- completions.py `/v1/completions` (raw-text continuation)
 - embeddings.py `/v1/embeddings` over the embedding service
+- choices.py   what chat and text completions share: `n`, logprobs, system_fingerprint
 - legacy.py    the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
                `/chat/completions`, `/restore_cache`
 - stream.py    nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
@@ -32,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__, errors
 from ..config import REPO_ROOT
 from ..services.generation import ErrorEvent
-from . import blocking, embeddings, legacy, mcp, metrics, openai, stream
+from . import blocking, completions, embeddings, legacy, mcp, metrics, openai, stream
 from .auth import HostCheck
 
 if TYPE_CHECKING:
@@ -130,7 +132,7 @@ def create_app(app: App) -> FastAPI:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return FileResponse(WEB_CLIENT, media_type="text/html")
 
-    for module in (openai, embeddings, legacy, stream, blocking):
+    for module in (openai, completions, embeddings, legacy, stream, blocking):
         api.include_router(module.router)
 
     sec = app.settings.security

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .. import errors
 from ..engine import grammar
-from ..engine.backends.base import GenerationParams, Message
+from ..engine.backends.base import GenerationParams, Message, TokenLogprob
 from . import tools as toolcalls
 from .tools import Tool, ToolCall, ToolChoice
 
@@ -141,6 +141,13 @@ class GenerationRequest:
     on_disconnect: Literal["cancel", "continue"] = "cancel"
     #: Who asks (a digest of the API key): prompt-prefix caches are shared only within one.
     principal: str = "local"
+    #: Raw text (or token ids) to continue without the chat template (`/v1/completions`);
+    #: `messages` is then ignored. None: a chat reply to `messages`.
+    prompt: str | list[int] | None = None
+    #: Report each token's log-probability with this many likeliest alternatives (0: the
+    #: chosen token's only); None: off. A backend that cannot is a BadRequest-class error
+    #: (`unsupported`) from `start`, never a silent omission.
+    logprobs: int | None = None
 
 
 # ---------------------------------------------------------------------- events
@@ -166,6 +173,8 @@ class TokenEvent:
 
     text: str
     count: int = 1
+    #: The log-probabilities of the tokens this text came from (when the request asked).
+    logprobs: tuple[TokenLogprob, ...] = ()
     kind: Literal["token"] = "token"
 
 
@@ -204,6 +213,8 @@ class DoneEvent:
     tokens_out: int
     content: str | None
     tool_calls: tuple[ToolCall, ...] = ()
+    #: Every generated token's log-probability, when the request asked for them.
+    logprobs: tuple[TokenLogprob, ...] | None = None
     kind: Literal["done"] = "done"
 
 
@@ -457,10 +468,23 @@ class Generation:
         hold = False
         held: list[str] = []
         parts: list[str] = []
+        # Filled by the backend's thread just before each token's text is handed over,
+        # so the entries of a text chunk are here when the chunk is.
+        pending: list[TokenLogprob] = []
+        if plan.params.logprobs is not None:
+            plan.params.on_logprob = pending.append
+
+        def take() -> tuple[TokenLogprob, ...]:
+            n = len(pending)
+            out = tuple(pending[:n])
+            del pending[:n]
+            return out
+
         try:
             async for chunk in chat.generate(
                 plan.messages, plan.params, cancel=self._cancel,
                 trim_history=plan.request.keep_reply_room, model=plan.remote,
+                prompt=plan.request.prompt,
             ):
                 self._running = True
                 if chunk.result is not None:
@@ -479,6 +503,7 @@ class Generation:
                     put(DoneEvent(
                         "tool_calls" if calls else result.finish_reason,
                         result.tokens_in, result.tokens_out, content, tuple(calls),
+                        tuple(result.logprobs) if result.logprobs is not None else None,
                     ))
                 elif chunk.text:
                     parts.append(chunk.text)
@@ -489,7 +514,7 @@ class Generation:
                             put(TokenEvent(joined, len(held)))
                             hold, held = False, []
                     else:
-                        put(TokenEvent(chunk.text, chunk.count))
+                        put(TokenEvent(chunk.text, chunk.count, take()))
                 else:  # the first chunk: the prompt fits
                     constrained = chunk.constrained
                     # Held back while the reply may still become a tool call or must be JSON-extracted.
@@ -536,6 +561,8 @@ class GenerationService:
         Raises:
             BadRequest: bad messages, tools, tool_choice or response_format.
         """
+        if request.prompt is not None:
+            return self._prepare_completion(request)
         messages = render_messages(request.messages)
         tools = request.tools if request.tools and request.tool_choice != "none" else None
         messages = toolcalls.with_tools(messages, tools, request.tool_choice)
@@ -546,10 +573,23 @@ class GenerationService:
         if fmt is not None:
             messages = with_json_instruction(messages, fmt)
         params.response_format = forced or (fmt.as_openai() if fmt is not None else None)
+        params.logprobs = request.logprobs
         # A schema no grammar can be made of is the client's error on every backend, and
         # must be refused before a stream starts (the grammar is cached for the backend).
         grammar.grammar_for(params.response_format)
         return Generation(self, _Plan(messages, params, tools, fmt, request))
+
+    def _prepare_completion(self, request: GenerationRequest) -> Generation:
+        """A raw-text continuation: no chat template, no tools; a response format is only
+        a grammar (there is no system message to instruct)."""
+        if request.tools:
+            raise errors.BadRequest("Tools need a chat request; a raw prompt cannot offer them.")
+        params = self.params(request.sampling, request.principal)
+        params.logprobs = request.logprobs
+        fmt = request.response_format
+        params.response_format = fmt.as_openai() if fmt is not None else None
+        grammar.grammar_for(params.response_format)
+        return Generation(self, _Plan([], params, None, fmt, request))
 
     def params(self, sampling: Sampling, principal: str) -> GenerationParams:
         """Generation parameters: the server's defaults under `sampling`, cached for `principal`."""
