@@ -348,6 +348,8 @@ class _Plan:
     json: ResponseFormat | None
     request: GenerationRequest
     remote: str | None = None
+    #: The reply is forced to be a call (tool_choice "required" or a tool's name).
+    forced: bool = False
 
 
 _END = object()
@@ -493,15 +495,17 @@ class Generation:
                         put(self._start_event(0, 0, False))
                         started = True
                     text = "".join(parts)
-                    content, calls = self._finish(text, constrained)
+                    cut = result.finish_reason == "length"
+                    content, calls = self._finish(text, constrained, cut)
                     if held:
-                        held_content, held_calls = self._finish("".join(held), constrained)
+                        held_content, held_calls = self._finish("".join(held), constrained, cut)
                         if held_calls:
                             put(ToolCallEvent(tuple(held_calls)))
                         elif held_content:
                             put(TokenEvent(held_content, len(held)))
+                    partial = any(c.partial_arguments is not None for c in calls)
                     put(DoneEvent(
-                        "tool_calls" if calls else result.finish_reason,
+                        "length" if partial else "tool_calls" if calls else result.finish_reason,
                         result.tokens_in, result.tokens_out, content, tuple(calls),
                         tuple(result.logprobs) if result.logprobs is not None else None,
                     ))
@@ -536,11 +540,19 @@ class Generation:
         name = plan.remote or self._service.models.name or plan.request.model or "llmws"
         return StartEvent(tokens_in, plan.params.max_new_tokens, name, dropped, constrained)
 
-    def _finish(self, text: str, constrained: bool) -> tuple[str | None, list[ToolCall]]:
-        """Final (content, tool calls) of a complete reply."""
+    def _finish(self, text: str, constrained: bool, cut: bool = False) -> tuple[str | None, list[ToolCall]]:
+        """Final (content, tool calls) of a complete reply (`cut`: by the token limit).
+
+        A forced call cut short is returned as that call with its arguments as far as
+        they got (OpenAI's partial `tool_calls` with finish_reason "length"), never as
+        the call's JSON text in the content."""
         calls: list[ToolCall] = []
         if self._plan.tools:
             text, calls = toolcalls.parse_tool_calls(text, self._plan.tools)
+            if not calls and cut and self._plan.forced:
+                partial = toolcalls.partial_call(text, self._plan.tools)
+                if partial is not None:
+                    return None, [partial]
         if self._plan.json is not None and not constrained and not calls:
             text = extract_json(text)
         return (text if text or not calls else None), calls
@@ -577,7 +589,7 @@ class GenerationService:
         # A schema no grammar can be made of is the client's error on every backend, and
         # must be refused before a stream starts (the grammar is cached for the backend).
         grammar.grammar_for(params.response_format)
-        return Generation(self, _Plan(messages, params, tools, fmt, request))
+        return Generation(self, _Plan(messages, params, tools, fmt, request, forced=forced is not None))
 
     def _prepare_completion(self, request: GenerationRequest) -> Generation:
         """A raw-text continuation: no chat template, no tools; a response format is only

@@ -257,3 +257,41 @@ def test_completions_bad_requests_are_openai_400s(http: httpx.Client, body: dict
     r = http.post("/v1/completions", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+import json  # noqa: E402
+
+PERSON = [{"type": "function", "function": {"name": "Person", "parameters": {
+    "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name", "age"]}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_call_cut_by_max_tokens_is_a_partial_tool_call(client: openai.OpenAI, stream: bool) -> None:
+    """A forced call cut by max_tokens comes back as a partial tool call with finish_reason "length",
+    never as the call's JSON text in the content (what LangChain's structured output reads)."""
+    kw = {"model": "x", "messages": [{"role": "user", "content": "Bob is thirty years old."}], "tools": PERSON,
+          "tool_choice": {"type": "function", "function": {"name": "Person"}}, "max_tokens": 16, "temperature": 0}
+    if not stream:
+        r = client.chat.completions.create(**kw)  # type: ignore[call-overload]
+        choice = r.choices[0]
+        assert choice.finish_reason == "length" and not choice.message.content
+        call = choice.message.tool_calls[0]
+        name, args = call.function.name, call.function.arguments
+    else:
+        content, name, args, finish = "", None, "", None
+        for chunk in client.chat.completions.create(stream=True, **kw):  # type: ignore[call-overload]
+            for c in chunk.choices:
+                content += c.delta.content or ""
+                for tc in c.delta.tool_calls or []:
+                    name = tc.function.name or name
+                    args += tc.function.arguments or ""
+                finish = c.finish_reason or finish
+        assert finish == "length" and not content
+    assert name == "Person"
+    assert args.startswith("{")
+    with pytest.raises(ValueError):
+        json.loads(args)  # cut short: not yet a whole object
+    full = client.chat.completions.create(**{**kw, "max_tokens": 60})  # type: ignore[call-overload]
+    assert full.choices[0].finish_reason == "tool_calls"
+    whole = full.choices[0].message.tool_calls[0].function.arguments
+    assert whole.replace(" ", "").startswith(args.replace(" ", "")[:8])  # the same call, as far as it got
