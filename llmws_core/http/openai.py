@@ -202,14 +202,14 @@ def model_object(model: dict[str, Any]) -> dict[str, Any]:
 async def list_models(request: Request) -> dict[str, Any]:
     """Every model in models/, var/models/, the embedded ones and the remote ones, as
     OpenAI model objects."""
-    models = await llmws(request).services.models.list()
+    models = await llmws(request).models.list()
     return {"object": "list", "data": [model_object(m) for m in models]}
 
 
 @router.get("/v1/models/{model_id:path}", summary="One model (OpenAI shape)")
 async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
     """The model listed under `model_id` (its name or its path), or an OpenAI 404."""
-    models = await llmws(request).services.models.list()
+    models = await llmws(request).models.list()
     for m in models:
         if model_id in (m["name"], m.get("path")):
             return model_object(m)
