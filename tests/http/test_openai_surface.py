@@ -295,3 +295,15 @@ def test_forced_call_cut_by_max_tokens_is_a_partial_tool_call(client: openai.Ope
     assert full.choices[0].finish_reason == "tool_calls"
     whole = full.choices[0].message.tool_calls[0].function.arguments
     assert whole.replace(" ", "").startswith(args.replace(" ", "")[:8])  # the same call, as far as it got
+
+
+@pytest.mark.filterwarnings("ignore:Items? .* (is|are) using the `ReadOnly` qualifier:UserWarning")
+def test_litellm_text_completion_client(module_daemon: DaemonProcess) -> None:
+    """LiteLLM's `text_completion` (OpenAI-compatible provider) continues raw text through /v1/completions."""
+    litellm = pytest.importorskip("litellm")
+    r = litellm.text_completion(
+        model="openai/local", prompt="1, 2, 3, 4,", max_tokens=6, temperature=0,
+        api_base=module_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120),
+    )
+    assert "5" in r.choices[0].text
+    assert r.usage.completion_tokens <= 6
