@@ -5,6 +5,7 @@ One module per surface, each a thin adapter over the chat service:
 - openai.py    `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
 - completions.py `/v1/completions` (raw-text continuation)
 - embeddings.py `/v1/embeddings` over the embedding service
+- tokenize.py  llama.cpp server's `/tokenize`, `/detokenize`
 - choices.py   what chat and text completions share: `n`, logprobs, system_fingerprint
 - legacy.py    the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
                `/chat/completions`, `/restore_cache`
@@ -34,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__, errors
 from ..config import REPO_ROOT
 from ..services.generation import ErrorEvent
-from . import blocking, completions, embeddings, legacy, mcp, metrics, openai, stream
+from . import blocking, completions, embeddings, legacy, mcp, metrics, openai, stream, tokenize
 from .auth import HostCheck
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
 #: Surfaces with an error shape of their own: each has `owns_path(path) -> bool` and
 #: `error_body(event: ErrorEvent, param: str | None) -> dict`. Every other route
 #: answers {"detail": ..., "code": ...}.
-ERROR_SHAPES: tuple[Any, ...] = (openai,)
+ERROR_SHAPES: tuple[Any, ...] = (openai, tokenize)
 
 
 def _error_shape(request: Request) -> Any:
@@ -132,7 +133,7 @@ def create_app(app: Services) -> FastAPI:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return FileResponse(WEB_CLIENT, media_type="text/html")
 
-    for module in (openai, completions, embeddings, legacy, stream, blocking):
+    for module in (openai, completions, embeddings, tokenize, legacy, stream, blocking):
         api.include_router(module.router)
 
     sec = app.settings.security

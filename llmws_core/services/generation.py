@@ -631,6 +631,20 @@ class GenerationService:
             raise errors.ModelNotLoaded("No model is loaded yet.")
         return await asyncio.to_thread(backend.count_tokens, render_messages(messages))
 
+    async def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        """Token ids of plain text under the loaded model (no chat template)."""
+        backend = self.chat.models.backend
+        if backend is None:
+            raise errors.ModelNotLoaded("No model is loaded yet.")
+        return await asyncio.to_thread(backend.tokenize, text, add_special=add_special)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids under the loaded model."""
+        backend = self.chat.models.backend
+        if backend is None:
+            raise errors.ModelNotLoaded("No model is loaded yet.")
+        return await asyncio.to_thread(backend.detokenize, tokens)
+
     async def summarize(self, messages: list[ChatMessage], *, max_tokens: int | None = None, principal: str = "local") -> Summary:
         """Summarize a conversation into a shorter replacement history that keeps the
         system message; the token counts are real tokenizer counts.

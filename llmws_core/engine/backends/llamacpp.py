@@ -390,10 +390,18 @@ class LlamaCppBackend(Backend):
             req.restored = engine.load_prefix(params.cache_key, tokens)
         return engine.submit(req)
 
-    def detokenize(self, tokens: list[int]) -> str:
-        """The text of token ids (what `/detokenize` and an echoed token prompt show)."""
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
         self._require()
-        return b"".join(self._require()._piece_of(t) for t in tokens).decode("utf-8", errors="replace")
+        add_bos = add_special and bool(self._ll.llama_vocab_get_add_bos(self._vocab))
+        return self._tokenize(text, add_bos=add_bos, special=True)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids (what `/detokenize` shows)."""
+        engine = self._require()
+        n_vocab = int(self._ll.llama_vocab_n_tokens(self._vocab))
+        if any(not 0 <= t < n_vocab for t in tokens):
+            raise errors.BadRequest(f"Token ids must lie in 0..{n_vocab - 1} for this model.")
+        return b"".join(engine._piece_of(t) for t in tokens).decode("utf-8", errors="replace")
 
     def warm_prefix(self, messages: Sequence[Message], cache_key: str | None) -> tuple[int, bool]:
         """Evaluate `messages` into `cache_key`'s slot and store the KV on disk.

@@ -436,6 +436,15 @@ class TransformersBackend(Backend):
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self.prompt_ids(messages))
 
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def detokenize(self, tokens: list[int]) -> str:
+        vocab = len(self._tokenizer)
+        if any(not 0 <= t < vocab for t in tokens):
+            raise errors.BadRequest(f"Token ids must lie in 0..{vocab - 1} for this model.")
+        return str(self._tokenizer.decode(tokens, skip_special_tokens=False))
+
     def tokenize_text(self, text: str) -> int:
         self._require()
         with self._tok_lock:
