@@ -178,9 +178,11 @@ def finish_reason(reason: str) -> str:
 
 
 def capabilities(model: dict[str, Any]) -> list[str]:
-    """What a listed model serves: "embeddings", or "chat", "completion" and "tools"."""
+    """What a listed model serves: "embeddings", or "chat", "tools" and (local models) "completion"."""
     if model.get("kind") == "embedding":
         return ["embeddings"]
+    if model.get("format") == "remote":
+        return ["chat", "tools"]  # raw-text completion is served by local backends only
     return ["chat", "completion", "tools"]
 
 
