@@ -45,11 +45,7 @@ if TYPE_CHECKING:
     from ..chat import ChatService
     from .models import ModelService
 
-__all__ = [
-    "GenerationParams",
-    "GenerationResult",
-    "Message",
-]  # for doors, which never import the engine
+__all__ = ["GenerationParams", "GenerationResult", "Message"]  # for doors, which never import the engine
 
 logger = logging.getLogger("llmws.services.generation")
 
@@ -260,10 +256,7 @@ def render_messages(messages: list[ChatMessage]) -> list[Message]:
         if not isinstance(text, str):
             raise errors.BadRequest("A message's content must be text.")
         if role == "assistant" and m.get("tool_calls"):
-            calls = "\n".join(
-                toolcalls.call_text(c.get("name"), c.get("arguments") or {})
-                for c in m["tool_calls"]
-            )
+            calls = "\n".join(toolcalls.call_text(c.get("name"), c.get("arguments") or {}) for c in m["tool_calls"])
             text = (text + "\n" if text else "") + calls
         elif role == "tool":
             role, text = "user", toolcalls.result_text(text)
@@ -296,17 +289,10 @@ def extract_json(text: str) -> str:
     return text
 
 
-def limits_warning(
-    n_messages: int, tokens_in: int, dropped: int, max_context: int | None
-) -> WarningEvent | None:
+def limits_warning(n_messages: int, tokens_in: int, dropped: int, max_context: int | None) -> WarningEvent | None:
     """The warning for a conversation near or over the limits, with a suggestion."""
     suggestion = "Summarize the conversation (POST /v1/chat/summarize) and continue with the shorter history."
-    base = {
-        "messages": n_messages,
-        "tokens": tokens_in,
-        "max_context": max_context,
-        "suggestion": suggestion,
-    }
+    base = {"messages": n_messages, "tokens": tokens_in, "max_context": max_context, "suggestion": suggestion}
     if dropped:
         return WarningEvent(
             "history_truncated",
@@ -322,9 +308,7 @@ def limits_warning(
         )
     if n_messages > MAX_MESSAGES_WARN:
         return WarningEvent(
-            "too_many_messages",
-            f"The conversation has {n_messages} messages (more than {MAX_MESSAGES_WARN}).",
-            base,
+            "too_many_messages", f"The conversation has {n_messages} messages (more than {MAX_MESSAGES_WARN}).", base
         )
     return None
 
@@ -390,9 +374,7 @@ class Generation:
             Cancelled: `cancel()` was called while the request waited for its turn.
         """
         plan = self._plan
-        plan.remote = await self._service.models.serve_request_model(
-            plan.request.model, may_switch=plan.request.may_switch
-        )
+        plan.remote = await self._service.models.serve_request_model(plan.request.model, may_switch=plan.request.may_switch)
         self._task = self._service._spawn(self._run())
         # The end mark comes from the task's end, so it comes even for a task
         # cancelled before its first step.
@@ -436,10 +418,7 @@ class Generation:
         return self
 
     async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
 
@@ -483,11 +462,8 @@ class Generation:
         parts: list[str] = []
         try:
             async for chunk in chat.generate(
-                plan.messages,
-                plan.params,
-                cancel=self._cancel,
-                trim_history=plan.request.keep_reply_room,
-                model=plan.remote,
+                plan.messages, plan.params, cancel=self._cancel,
+                trim_history=plan.request.keep_reply_room, model=plan.remote,
             ):
                 self._running = True
                 if chunk.result is not None:
@@ -503,15 +479,10 @@ class Generation:
                             put(ToolCallEvent(tuple(held_calls)))
                         elif held_content:
                             put(TokenEvent(held_content, len(held)))
-                    put(
-                        DoneEvent(
-                            "tool_calls" if calls else result.finish_reason,
-                            result.tokens_in,
-                            result.tokens_out,
-                            content,
-                            tuple(calls),
-                        )
-                    )
+                    put(DoneEvent(
+                        "tool_calls" if calls else result.finish_reason,
+                        result.tokens_in, result.tokens_out, content, tuple(calls),
+                    ))
                 elif chunk.text:
                     parts.append(chunk.text)
                     if hold:
@@ -529,10 +500,7 @@ class Generation:
                     put(self._start_event(chunk.tokens_in, chunk.dropped_messages, constrained))
                     started = True
                     warning = limits_warning(
-                        len(plan.messages),
-                        chunk.tokens_in,
-                        chunk.dropped_messages,
-                        self._service.models.max_context,
+                        len(plan.messages), chunk.tokens_in, chunk.dropped_messages, self._service.models.max_context
                     )
                     if warning is not None:
                         put(warning)
@@ -611,13 +579,7 @@ class GenerationService:
             raise errors.ModelNotLoaded("No model is loaded yet.")
         return await asyncio.to_thread(backend.count_tokens, render_messages(messages))
 
-    async def summarize(
-        self,
-        messages: list[ChatMessage],
-        *,
-        max_tokens: int | None = None,
-        principal: str = "local",
-    ) -> Summary:
+    async def summarize(self, messages: list[ChatMessage], *, max_tokens: int | None = None, principal: str = "local") -> Summary:
         """Summarize a conversation into a shorter replacement history that keeps the
         system message; the token counts are real tokenizer counts.
 
@@ -635,29 +597,23 @@ class GenerationService:
         room = max_ctx - budget - 128
         if before > room:  # keep the most recent part of a transcript that does not fit
             text = text[-max(256, int(len(text) * room / before)) :]
-        done = await self.complete(
-            GenerationRequest(
-                messages=[
-                    {"role": "system", "content": SUMMARY_SYSTEM},
-                    {"role": "user", "content": f"Summarize this conversation:\n\n{text}"},
-                ],
-                sampling=Sampling(max_tokens=budget, temperature=0.0, seed=0),
-                principal=principal,
-            )
-        )
+        done = await self.complete(GenerationRequest(
+            messages=[
+                {"role": "system", "content": SUMMARY_SYSTEM},
+                {"role": "user", "content": f"Summarize this conversation:\n\n{text}"},
+            ],
+            sampling=Sampling(max_tokens=budget, temperature=0.0, seed=0),
+            principal=principal,
+        ))
         summary = (done.content or "").strip()
         if not summary:
             raise errors.GenerationError("The model returned an empty summary.")
         shorter: list[Message] = [m for m in rendered if m["role"] == "system"][:1]
-        shorter.append(
-            {"role": "assistant", "content": f"Summary of the conversation so far: {summary}"}
-        )
+        shorter.append({"role": "assistant", "content": f"Summary of the conversation so far: {summary}"})
         after = await self.count_tokens(shorter)
         return Summary(summary, shorter, before, after)
 
-    async def warm(
-        self, messages: list[ChatMessage], tools: list[Tool] | None, *, principal: str
-    ) -> tuple[int, bool]:
+    async def warm(self, messages: list[ChatMessage], tools: list[Tool] | None, *, principal: str) -> tuple[int, bool]:
         """Evaluate a prompt prefix (`messages` and `tools`) into the model's cache for
         `principal`, so its next request that starts with them skips their prefill.
 
@@ -668,20 +624,18 @@ class GenerationService:
         """
         rendered = toolcalls.with_tools(render_messages(messages), tools, "auto")
         params = self.params(Sampling(max_tokens=1, temperature=0.0, seed=0), principal)
-        persistent = False
-        if hasattr(self.chat.models.backend, "warm_prefix"):
-            # A backend with a real prefix cache (kept in RAM, sealed on disk).
-            async with self.chat.models.use() as backend:
-                cached, persistent = await asyncio.to_thread(
-                    backend.warm_prefix, rendered, params.cache_key
-                )  # type: ignore[attr-defined]
-        else:
+        cached, persistent, warmed = 0, False, False
+        async with self.chat.models.use() as backend:
+            # Asked of the backend this request holds: a switch may have changed it since.
+            warm_prefix = getattr(backend, "warm_prefix", None)
+            if warm_prefix is not None:
+                # A backend with a real prefix cache (kept in RAM, sealed on disk).
+                cached, persistent = await asyncio.to_thread(warm_prefix, rendered, params.cache_key)
+                warmed = True
+        if not warmed:
             # llama.cpp keeps the KV state of its last evaluation and reuses the longest
             # common prefix: evaluating the prompt (one token out) leaves it warm.
-            cached = 0
-            async for chunk in self.chat.generate(
-                rendered, params, cancel=threading.Event(), trim_history=False
-            ):
+            async for chunk in self.chat.generate(rendered, params, cancel=threading.Event(), trim_history=False):
                 if chunk.result is not None:
                     cached = chunk.result.tokens_in
                 elif chunk.tokens_in:
@@ -691,12 +645,7 @@ class GenerationService:
         return cached, persistent
 
     def improve(
-        self,
-        messages: list[ChatMessage],
-        sampling: Sampling,
-        *,
-        principal: str,
-        cancel: threading.Event,
+        self, messages: list[ChatMessage], sampling: Sampling, *, principal: str, cancel: threading.Event
     ) -> AsyncIterator[ImproveEvent]:
         """The improvement pipeline (draft, review, revision, ...; see improve.py) over
         `messages`, as its labelled events; `cancel` stops it.

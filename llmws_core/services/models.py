@@ -180,9 +180,7 @@ class ModelService:
                 await self._models.load(entry)
                 return
             except errors.LLMWSError as exc:
-                logger.error(
-                    "could not load %s: %s; trying the next model", entry.name, exc.message
-                )
+                logger.error("could not load %s: %s; trying the next model", entry.name, exc.message)
         logger.warning("no model could be loaded: waiting for a download or switch_model")
 
     async def serve_request_model(self, name: str | None, *, may_switch: bool) -> str | None:

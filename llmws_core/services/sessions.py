@@ -56,9 +56,7 @@ class SessionService:
     def conversation(self, session: Session) -> list[dict[str, Any]]:
         """The session's system prompt (if any) and its history."""
         system = self._chat.effective_config(session).get("system")
-        return ([{"role": "system", "content": system}] if system else []) + list(
-            session.state.get("history", [])
-        )
+        return ([{"role": "system", "content": system}] if system else []) + list(session.state.get("history", []))
 
     async def replace_history(self, session: Session, messages: list[dict[str, Any]]) -> None:
         """Make `messages` (without system messages) the session's history, saved."""

@@ -80,9 +80,7 @@ def call_schema(tool: Tool) -> dict[str, Any]:
     }
 
 
-def forced_call_format(
-    tools: list[Tool] | None, tool_choice: ToolChoice | None
-) -> dict[str, Any] | None:
+def forced_call_format(tools: list[Tool] | None, tool_choice: ToolChoice | None) -> dict[str, Any] | None:
     """The `response_format` that makes the reply a call, when `tool_choice` forces one.
 
     A named tool gets its own call schema, `"required"` any offered tool's (anyOf);
@@ -135,9 +133,7 @@ def with_system_text(messages: list[dict[str, Any]], extra: str) -> list[dict[st
     return out
 
 
-def with_tools(
-    messages: list[dict[str, Any]], tools: list[Tool] | None, tool_choice: ToolChoice | None
-) -> list[dict[str, Any]]:
+def with_tools(messages: list[dict[str, Any]], tools: list[Tool] | None, tool_choice: ToolChoice | None) -> list[dict[str, Any]]:
     """`messages` with the tool description merged into (or added as) the system message."""
     if not tools or tool_choice == "none":
         return messages
