@@ -23,16 +23,60 @@ from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
 
-from . import __version__, commands, errors
+from . import __version__, commands, errors, logs
 from .chat import ChatService
 from .config import Settings, describe_settings, load_settings
 from .engine.manager import ModelManager
 from .engine.prefixes import PrefixStore
-from .sessions.crypto import Sealer, load_or_create_master_key
+from .sessions.crypto import Sealer, load_or_create_master_key, private_dir
 from .sessions.store import Session, SessionStore
 from .ws import Connection, is_loopback, make_origin_check
 
 logger = logging.getLogger("llmws.daemon")
+
+
+class FdBudget:
+    """How many descriptors each kind of user may hold, within RLIMIT_NOFILE.
+
+    Idle sockets and open buffers past the process's open-file limit make every
+    accept and every session write fail. The configured bounds are kept when they
+    fit; with a low limit (1,024 is a common desktop default) they are scaled down
+    so that WebSocket connections, HTTP connections and open buffers together
+    leave `RESERVE` descriptors for models, logs, state files and the loop."""
+
+    RESERVE = 128
+
+    def __init__(self, ws_connections: int, http_connections: int, buffers: int, limit: int | None) -> None:
+        self.ws_connections = ws_connections
+        self.http_connections = http_connections
+        self.buffers = buffers
+        self.limit = limit
+
+    @classmethod
+    def for_process(cls, settings: Settings) -> FdBudget:
+        lim, ses = settings.limits, settings.sessions
+        want_ws, want_http = lim.max_connections, lim.max_http_connections
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            unlimited = soft == resource.RLIM_INFINITY
+        except (ImportError, OSError, ValueError):  # no such limit here
+            soft, unlimited = -1, True
+        if unlimited or soft <= 0:
+            return cls(want_ws, want_http, ses.max_open_buffers, None)
+        buffers = max(8, min(ses.max_open_buffers, soft // 8))
+        room = max(16, soft - cls.RESERVE - buffers)
+        ws, http = want_ws, want_http
+        if ws + http > room:
+            ws = max(8, room * want_ws // (want_ws + want_http))
+            http = max(8, room - ws)
+            logger.warning(
+                "open-file limit %d: serving at most %d WebSocket and %d HTTP connections "
+                "and %d open session buffers (raise `ulimit -n` for more)",
+                soft, ws, http, buffers,
+            )
+        return cls(ws, http, buffers, soft)
 
 
 class App:
@@ -41,10 +85,17 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         var = settings.var_dir
-        for sub in ("sessions", "keys", "models", "logs"):
-            (var / sub).mkdir(parents=True, exist_ok=True)
+        # Every folder under var/ holds what only this user may read (session ids,
+        # the master key, downloaded models, logs): 0700, tightened if looser.
+        private_dir(var)
+        for sub in ("sessions", "keys", "models", "logs", "prefixes"):
+            private_dir(var / sub)
         sealer = Sealer(load_or_create_master_key(var / "keys"))
-        self.store = SessionStore(var / "sessions", sealer, ttl_seconds=settings.sessions.ttl_seconds)
+        self.fd_budget = FdBudget.for_process(settings)
+        self.store = SessionStore(
+            var / "sessions", sealer, ttl_seconds=settings.sessions.ttl_seconds,
+            max_open_buffers=self.fd_budget.buffers,
+        )
         if not settings.sessions.persist:
             logger.warning("sessions.persist is false: events are not written (benchmark mode)")
             Session.persist_events = False
@@ -274,6 +325,7 @@ class App:
         import uvicorn
 
         from .http.app import create_app
+        from .http.guard import Guard, guarded_protocol
 
         class _Server(uvicorn.Server):
             # The daemon owns signals; uvicorn must not install its own.
@@ -284,9 +336,12 @@ class App:
             def capture_signals(self):  # type: ignore[no-untyped-def]
                 yield
 
+        lim = self.settings.limits
+        guard = Guard(header_timeout=lim.http_header_timeout, max_connections=self.fd_budget.http_connections)
         config = uvicorn.Config(
             create_app(self), host=self.settings.server.host, port=port,
             log_level="warning", lifespan="on", access_log=False,
+            http=guarded_protocol(guard), timeout_keep_alive=lim.http_keepalive_timeout,  # type: ignore[arg-type]
         )
         server = _Server(config)
         task = asyncio.create_task(server.serve())
@@ -392,6 +447,7 @@ def main(argv: list[str] | None = None) -> None:
         level=getattr(logging, settings.server.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logs.install()
     try:
         asyncio.run(run(settings))
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ service. A bad message gets an `error` event; the connection keeps serving.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import re
@@ -23,6 +24,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from . import errors, protocol
+from .chat import CLIENT
 from .sessions.store import Session
 
 if TYPE_CHECKING:
@@ -126,6 +128,14 @@ def key_matches(given: str | None, keys: list[str]) -> bool:
     return ok
 
 
+def key_owner(given: str | None, keys: list[str]) -> str | None:
+    """The owner a valid key makes of the sessions it creates: a digest of the key
+    (kept in the sealed session state, never the key itself); None without one."""
+    if not key_matches(given, keys):
+        return None
+    return "key:" + hashlib.sha256(given.encode()).hexdigest()[:32]  # type: ignore[union-attr]
+
+
 class RateLimiter:
     """Token bucket: `rate` messages per second sustained, bursts of 2x."""
 
@@ -155,6 +165,7 @@ class Connection:
         self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # UTF-8 JSON frames
         self.closed = False
         self.is_admin = False
+        self.owner: str | None = None  # see `key_owner`
         self.limiter = RateLimiter(app.settings.limits.messages_per_second)
         # What the writer closes with when it reaches the end of the outbox.
         self.close_code: tuple[int, str] = (1013, "client too slow; reconnect to resume")
@@ -230,8 +241,13 @@ class Connection:
             if first is None:
                 return
             handshake, pending = first
+            # Session jobs started from this connection inherit it (per-client limit).
+            peer = self.ws.remote_address[0] if self.ws.remote_address else "?"
+            CLIENT.set(f"{peer}|{self.owner or 'none'}")
             try:
-                session, resumed, notice = await app.chat.open_session_async(handshake.session_id)
+                session, resumed, notice = await app.chat.open_session_async(
+                    handshake.session_id, owner=self.owner
+                )
             except errors.LLMWSError as exc:  # e.g. storage_error: the disk refused a new session
                 self.error(exc)
                 await self._close_soon(1011, "could not open a session")
@@ -334,6 +350,7 @@ class Connection:
             if not given:
                 query = parse_qs(urlsplit(request.path).query)
                 given = (query.get("api_key") or query.get("x_api_key") or [None])[0]
+        self.owner = key_owner(given, [*sec.api_keys, *sec.admin_keys])
         if not self.app.keys_required:
             self.is_admin = key_matches(given, sec.admin_keys) if sec.admin_keys else True
             return True
@@ -393,7 +410,7 @@ def make_origin_check(app: App) -> Callable[[ServerConnection, Request], Respons
             logger.warning("refused WebSocket from origin %r", origin[:200])
             return connection.respond(HTTPStatus.FORBIDDEN, "Origin not allowed\n")
         peer = connection.remote_address[0] if connection.remote_address else "?"
-        if app.connection_count >= app.settings.limits.max_connections:
+        if app.connection_count >= app.fd_budget.ws_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections\n")
         if app.per_ip.get(peer, 0) >= app.settings.limits.max_connections_per_ip:
             return connection.respond(

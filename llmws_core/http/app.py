@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from .. import __version__, errors
 from ..config import REPO_ROOT
 from . import blocking, legacy, mcp, metrics, openai, stream
-from .auth import HostCheck
+from .auth import ClientTag, HostCheck
 from .common import openai_error, status_of
 
 if TYPE_CHECKING:
@@ -125,6 +125,7 @@ def create_app(app: App) -> FastAPI:
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "Last-Event-ID"],
         )
+    api.add_middleware(ClientTag, app=app)
     # Added last so it runs first: a rebinding attack is refused before anything else.
     api.add_middleware(HostCheck, app=app)
     return api

@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import errors, protocol
 from ..engine.backends.base import Message
 from ..sessions.store import Session
-from .auth import llmws, user_key
+from ..ws import key_owner
+from .auth import given_key, llmws, user_key
 from .common import (
     SSE_HEADERS,
     cancel_on_disconnect,
@@ -110,10 +111,12 @@ def session_backed(request: Request, session_id: str | None) -> Session | None:
     if not session_id:
         return None
     app = llmws(request)
-    if not app.store.exists(session_id):
+    sec = app.settings.security
+    owner = key_owner(given_key(request), [*sec.api_keys, *sec.admin_keys])
+    if not app.store.exists(session_id) or not app.chat.may_resume(session_id, owner):
         return None
     try:
-        session, resumed, _ = app.chat.open_session(session_id)
+        session, resumed, _ = app.chat.open_session(session_id, owner)
     except errors.LLMWSError:
         return None
     return session if resumed else None

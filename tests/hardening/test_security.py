@@ -23,6 +23,7 @@ from ..wire import Peer
 
 USER_KEY = "user-key-7f3a9c1e5b2d4680"
 ADMIN_KEY = "admin-key-0e8d6b4a2c1f3957"
+OTHER_KEY = "other-user-key-3c5e7a9b1d2f"
 WRONG_KEY = "wrong-key-55aa55aa55aa55aa"
 ALLOWED = "https://allowed.example"
 
@@ -33,7 +34,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     config = {
         "security": {
             "require_api_key": True,
-            "api_keys": [USER_KEY],
+            "api_keys": [USER_KEY, OTHER_KEY],
             "admin_keys": [ADMIN_KEY],
             "allowed_origins": [ALLOWED],
             "allow_file_origin": False,
@@ -277,3 +278,88 @@ async def test_http_cors_is_off_by_default(open_daemon: DaemonProcess) -> None:
         assert got.status_code == 200 and "access-control-allow-origin" not in {
             k.lower() for k in got.headers
         }
+
+
+# ------------------------------------------------------------------ local users
+
+
+def _modes_under(var: Path) -> dict[str, str]:
+    """Every folder under `var` (itself included) with its permission bits, in octal."""
+    folders = [var, *(p for p in var.rglob("*") if p.is_dir())]
+    return {str(p.relative_to(var.parent)): oct(p.stat().st_mode & 0o777) for p in folders}
+
+
+def test_var_folders_are_private_even_when_they_existed_looser(daemon_factory) -> None:
+    """Folders under var/ that a previous run left 0755 are 0700 once the daemon runs, so another local user cannot list session ids."""
+    d = daemon_factory(start=False)
+    for sub in ("", "sessions", "keys", "models", "logs"):
+        (d.var_dir / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(d.var_dir / sub, 0o755)
+    d.start()
+    modes = _modes_under(d.var_dir)
+    assert modes and all(mode == "0o700" for mode in modes.values()), modes
+    assert "tightening permissions" in d.log()
+
+
+def test_var_folder_of_another_user_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    """A var/sessions folder owned by another user stops the start with a message naming it, instead of serving from it."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to give a folder to another user")
+    var = tmp_path / "var"
+    (var / "sessions").mkdir(parents=True)
+    os.chown(var / "sessions", 4242, 4242)
+    proc = subprocess.run(
+        [
+            sys.executable, str(REPO / "llmws.py"), "--port", "0", "--http-port", "0",
+            "--var-dir", str(var), "--models-dir", str(tmp_path / "models"),
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=scaled(120),
+    )
+    assert proc.returncode != 0
+    assert "belongs to another user" in proc.stderr and "sessions" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_folder_that_cannot_be_made_private_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When chmod fails the daemon does not run with a world-readable folder: it stops and says what to fix."""
+    from llmws_core.sessions import crypto
+
+    folder = tmp_path / "sessions"
+    folder.mkdir(mode=0o755)
+    os.chmod(folder, 0o755)
+
+    def refuse(path: Any, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(crypto.os, "chmod", refuse)
+    with pytest.raises(SystemExit) as stopped:
+        crypto.private_dir(folder)
+    assert str(folder) in str(stopped.value) and "chmod 700" in str(stopped.value)
+
+
+async def test_a_session_resumes_only_with_the_key_that_created_it(keyed: DaemonProcess) -> None:
+    """A session made with one user key is unknown to another user key, to the admin key and to a request without key; its own key resumes it."""
+    owner = await Peer.open(keyed.ws_url, {"api_key": USER_KEY})
+    sid = owner.welcome["session_id"]
+    await owner.infer("Say hi.", "mine", temperature=0, max_new_tokens=3)
+    await owner.close()
+    for key in (OTHER_KEY, ADMIN_KEY):
+        other = await Peer.open(keyed.ws_url, {"session_id": sid, "last_seq": 0, "api_key": key})
+        assert other.welcome["resumed"] is False and other.welcome["session_id"] != sid
+        assert other.welcome["history_messages"] == 0
+        notice = await other.recv()
+        assert notice["code"] == "session_not_resumed" and "No session" in notice["message"]
+        await other.close()
+    again = await Peer.open(keyed.ws_url, {"session_id": sid, "last_seq": 0, "api_key": USER_KEY})
+    assert again.welcome["resumed"] is True and again.welcome["history_messages"] == 2
+    await again.close()
+    # The HTTP door's session-backed stream follows the same rule: another key gets a
+    # stateless reply (nash's protocol echoes the id it was given), never that
+    # session's events.
+    async with httpx.AsyncClient(base_url=keyed.http_url, timeout=scaled(120)) as http:
+        got = await http.post(
+            "/v1/chat/completions/stream",
+            headers={"X-API-Key": OTHER_KEY, "Last-Event-ID": "0"},
+            json={"messages": [{"role": "user", "content": "Say hi."}], "session_id": sid, "max_tokens": 3},
+        )
+        assert got.status_code == 200
+        assert '"content"' in got.text and "mine" not in got.text  # a new reply, not the replay

@@ -771,3 +771,38 @@ def test_a_sync_returns_only_once_earlier_writes_are_on_disk(root, sealer, store
     second.join(10)
     assert second_done.is_set()
     assert not session.dirty
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count descriptors")
+def test_open_buffer_files_are_bounded_and_closed_ones_reopen(root, sealer):
+    """300 sessions that each wrote an event hold at most `max_open_buffers` descriptors; a closed buffer reopens on its next append and its events survive a reload."""
+    store = SessionStore(root, sealer, max_open_buffers=16)
+    before = _open_fds()
+    sessions = [store.create() for _ in range(300)]
+    for s in sessions:
+        s.append({"type": "reset_done"})
+    assert store.open_buffers() <= 16
+    assert _open_fds() - before <= 16 + 2
+    first = sessions[0]
+    assert not first.has_fd
+    first.append({"type": "pong"})  # reopens
+    first.sync()
+    store.sync_dirty()  # syncs the ones whose descriptor was closed, through a new one
+    assert not any(s.dirty for s in sessions)
+    store.close_all()
+    again = SessionStore(root, sealer)
+    assert [e["type"] for e in again.get(first.id).replay(0)] == ["reset_done", "pong"]
+
+
+def test_idle_buffers_are_closed(root, sealer):
+    """A buffer with no write for a while gives its descriptor back."""
+    store = SessionStore(root, sealer)
+    s = store.create()
+    s.append({"type": "reset_done"})
+    assert s.has_fd
+    assert store.close_idle_buffers(now=time.time() + SessionStore.IDLE_CLOSE_SECONDS + 1) == 1
+    assert not s.has_fd and store.open_buffers() == 0
