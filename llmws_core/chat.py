@@ -125,28 +125,37 @@ class ChatService:
     # ------------------------------------------------------------------ sessions
 
     def open_session(
-        self, session_id: str | None, owner: str | None = None
+        self, session_id: str | None, owner: str | None = None, *, null_origin: bool = False
     ) -> tuple[Session, bool, str | None]:
         """Return (session, resumed, notice). An unknown id is never silently swapped:
         a new session is made and the notice says why.
 
         `owner` is who asks (`ws.key_owner`: a digest of a valid API key; None: no
         key). A session created with a key can be resumed only with that key; asked
-        for by anyone else it reads as unknown, so its existence is not revealed."""
+        for by anyone else it reads as unknown, so its existence is not revealed.
+
+        `null_origin`: the peer is a page opened from disk or a sandboxed frame
+        (`Origin: null`, which any web site can produce); it may resume only sessions
+        that such peers created, never a conversation started elsewhere."""
         if session_id is None:
-            return self._new_session(owner), False, None
+            return self._new_session(owner, null_origin), False, None
         unknown = "No session with that id exists; a new one was started."
         try:
             session = self.store.get(session_id)
         except errors.SessionExpired:
-            return self._new_session(owner), False, "That session expired; a new one was started."
+            return self._new_session(owner, null_origin), False, "That session expired; a new one was started."
         except errors.SessionNotFound:
-            return self._new_session(owner), False, unknown
+            return self._new_session(owner, null_origin), False, unknown
         except errors.CorruptRecord:
-            return self._new_session(owner), False, "That session's stored data failed its integrity check; a new one was started."
+            return self._new_session(owner, null_origin), False, "That session's stored data failed its integrity check; a new one was started."
         if not self._owned_by(session, owner):
             logger.warning("session %s: refused a resume by another key", session.id)
-            return self._new_session(owner), False, unknown
+            return self._new_session(owner, null_origin), False, unknown
+        if null_origin and not session.state.get("null_origin"):
+            return self._new_session(owner, null_origin), False, (
+                "That session was not started from a page opened from disk, so such a page cannot "
+                "resume it; a new one was started."
+            )
         self._recover(session)
         session.touch()
         return session, True, None
@@ -164,20 +173,22 @@ class ChatService:
             return False
 
     async def open_session_async(
-        self, session_id: str | None, owner: str | None = None
+        self, session_id: str | None, owner: str | None = None, *, null_origin: bool = False
     ) -> tuple[Session, bool, str | None]:
         """`open_session` for the event loop: a new session is made in a worker thread
         (a folder, two files and four fsyncs), so other streams do not stall."""
         if session_id is None:
-            return await asyncio.to_thread(self._new_session, owner), False, None
-        return self.open_session(session_id, owner)
+            return await asyncio.to_thread(self._new_session, owner, null_origin), False, None
+        return self.open_session(session_id, owner, null_origin=null_origin)
 
-    def _new_session(self, owner: str | None = None) -> Session:
+    def _new_session(self, owner: str | None = None, null_origin: bool = False) -> Session:
         session = self.store.create()
         if owner is not None:
             session.state["owner"] = owner
         session.state.setdefault("history", [])
         session.state.setdefault("config", {})
+        if null_origin:
+            session.state["null_origin"] = True
         if self.settings.generation_defaults.system:
             session.state["config"]["system"] = self.settings.generation_defaults.system
         session.save_state()
@@ -513,6 +524,15 @@ class ChatService:
             raise errors.BadRequest("A request with that request_id is already running.", request_id=rid)
         if msg.prompt is None and not msg.messages:
             raise errors.BadRequest("inference needs a prompt or messages.", request_id=rid)
+        if isinstance(msg.prompt, protocol.PromptParts) and msg.prompt.images:
+            info = self.models.model_info() or {}
+            if not info.get("vision"):
+                name = info.get("name") or "no model"
+                raise errors.Unsupported(
+                    f"The loaded model ({name}) takes text only, so this prompt's images cannot be "
+                    "read; send it without images or switch to a vision model.",
+                    request_id=rid,
+                )
         job = Job(rid, session.id, msg.on_disconnect, origin)
         jobs[rid] = job
         job.task = asyncio.create_task(self._run_job(session, job, msg))
