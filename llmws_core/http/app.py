@@ -15,6 +15,7 @@ One module per surface, each a thin adapter over the chat service:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -24,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from .. import __version__, errors
 from ..config import REPO_ROOT
 from . import blocking, legacy, mcp, metrics, openai, stream
 from .auth import ClientTag, HostCheck
 from .common import openai_error, status_of
+from .sitecheck import CrossSiteGuard, ui_headers
 
 if TYPE_CHECKING:
     from ..daemon import App
@@ -110,9 +112,11 @@ def create_app(app: App) -> FastAPI:
     @api.get("/ui", tags=["Status"], summary="The browser client (web_client_enhanced.html)")
     async def ui() -> Any:
         """The single-file browser client."""
-        if not Path(WEB_CLIENT).exists():
+        try:
+            page = await asyncio.to_thread(Path(WEB_CLIENT).read_bytes)
+        except FileNotFoundError:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
-        return FileResponse(WEB_CLIENT, media_type="text/html")
+        return Response(page, media_type="text/html", headers=ui_headers(page))
 
     for module in (openai, legacy, stream, blocking):
         api.include_router(module.router)
@@ -125,6 +129,7 @@ def create_app(app: App) -> FastAPI:
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "Last-Event-ID"],
         )
+    api.add_middleware(CrossSiteGuard, app=app, respond=_error_response)
     api.add_middleware(ClientTag, app=app)
     # Added last so it runs first: a rebinding attack is refused before anything else.
     api.add_middleware(HostCheck, app=app)

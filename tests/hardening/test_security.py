@@ -363,3 +363,57 @@ async def test_a_session_resumes_only_with_the_key_that_created_it(keyed: Daemon
         )
         assert got.status_code == 200
         assert '"content"' in got.text and "mine" not in got.text  # a new reply, not the replay
+
+
+# ------------------------------------------------------------------ web pages
+
+
+EVIL = "https://evil.example"
+CROSS_SITE = [
+    {"Origin": EVIL},
+    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},  # an <img> or <script> tag
+    {"Sec-Fetch-Site": "same-site"},  # another port of localhost
+    {"Origin": "null"},  # a sandboxed frame: any site can make one
+]
+
+
+async def test_cross_site_requests_that_generate_or_change_state_are_refused(open_daemon: DaemonProcess) -> None:
+    """A page of another site cannot make the daemon generate (GET included) or switch models; each refusal is a 403 in the route's own error shape."""
+    async with httpx.AsyncClient(base_url=open_daemon.http_url, timeout=scaled(60)) as http:
+        for headers in CROSS_SITE:
+            got = await http.get("/chat/blocking", params={"prompt": "hi", "max_tokens": 2}, headers=headers)
+            assert got.status_code == 403 and got.json()["code"] == "forbidden", (headers, got.text)
+            got = await http.get("/chat/stream", params={"prompt": "hi", "max_tokens": 2}, headers=headers)
+            assert got.status_code == 403, headers
+            got = await http.post(
+                "/v1/chat/completions", headers=headers,
+                json={"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            )
+            assert got.status_code == 403 and got.json()["error"]["type"], (headers, got.text)
+            got = await http.post("/setModel", headers=headers, json={"model": "nope.gguf"})
+            assert got.status_code == 403, headers
+        # Pages a link may open stay reachable.
+        assert (await http.get("/ui", headers=CROSS_SITE[1])).status_code == 200
+        assert (await http.get("/health", headers={"Origin": EVIL})).status_code == 200
+
+
+async def test_own_origin_and_non_browser_clients_are_served(open_daemon: DaemonProcess) -> None:
+    """The daemon's own pages (its Origin, same-origin fetches) and curl-like clients (no browser headers) still generate."""
+    own = {"Origin": open_daemon.http_url, "Sec-Fetch-Site": "same-origin"}
+    async with httpx.AsyncClient(base_url=open_daemon.http_url, timeout=scaled(120)) as http:
+        for headers in (own, {}, {"Sec-Fetch-Site": "none"}):
+            got = await http.get("/chat/blocking", params={"prompt": "hi", "max_tokens": 2}, headers=headers)
+            assert got.status_code == 200, (headers, got.text)
+
+
+async def test_ui_cannot_be_framed_and_runs_only_its_own_scripts(open_daemon: DaemonProcess) -> None:
+    """/ui forbids framing (X-Frame-Options and frame-ancestors) and its CSP allows only the daemon's own scripts, the page's inline ones by hash."""
+    async with httpx.AsyncClient(base_url=open_daemon.http_url, timeout=scaled(30)) as http:
+        got = await http.get("/ui")
+    assert got.status_code == 200 and "<script" in got.text
+    assert got.headers["x-frame-options"] == "DENY"
+    csp = {d.split()[0]: d.split()[1:] for d in got.headers["content-security-policy"].split("; ")}
+    assert csp["frame-ancestors"] == ["'none'"] and csp["default-src"] == ["'none'"]
+    scripts = csp["script-src"]
+    assert "'unsafe-inline'" not in scripts and "'unsafe-eval'" not in scripts
+    assert "'self'" in scripts and any(s.startswith("'sha256-") for s in scripts)
