@@ -417,3 +417,22 @@ async def test_ui_cannot_be_framed_and_runs_only_its_own_scripts(open_daemon: Da
     scripts = csp["script-src"]
     assert "'unsafe-inline'" not in scripts and "'unsafe-eval'" not in scripts
     assert "'self'" in scripts and any(s.startswith("'sha256-") for s in scripts)
+
+
+async def test_no_conversation_text_in_the_log_at_debug(keyed: DaemonProcess) -> None:
+    """At --log-level DEBUG the log holds no system prompt, prompt or reply text (the transport's frame dumps are off)."""
+    secret_system, secret_user = "zebra-system-8841", "quokka-prompt-5519"
+    peer = await Peer.open(keyed.ws_url, {"api_key": USER_KEY})
+    # Short frames: a transport that dumps frames would show them whole.
+    await peer.send({"type": "config", "data": {"system": secret_system}})
+    await peer.until("config_ack", 30)
+    reply, events = await peer.infer(secret_user, "z", temperature=0, max_new_tokens=12)
+    await peer.close()
+    await asyncio.sleep(0.5)
+    log = keyed.log_path.read_text(errors="replace")
+    assert "DEBUG" in log, "the daemon did not log at DEBUG: nothing was checked"
+    for text in (secret_system, secret_user):
+        assert text not in log, f"{text!r} is in the log"
+    tokens = [e["data"] for e in events if e["type"] == "token"]
+    assert tokens and not any(f'"data":{json.dumps(t)}' in log for t in tokens), "reply text is in the log"
+    assert "TEXT '" not in log, "frames are dumped into the log"
