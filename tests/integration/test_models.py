@@ -78,6 +78,25 @@ async def test_delete_and_path_confinement(daemon) -> None:
     await peer.close()
 
 
+async def test_delete_through_a_symlink_chain_is_refused(daemon, tmp_path) -> None:
+    """delete_model of "evil/chain.gguf" (models/evil -> a folder outside, whose chain.gguf links back into var/models) is forbidden; nothing is removed; a 1,000-character name is model_not_found."""
+    victim = daemon.var_dir / "models" / "victim.gguf"
+    victim.write_bytes(tiny_gguf())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "chain.gguf").symlink_to(victim)
+    (daemon.models_dir / "evil").symlink_to(outside)
+    peer = await Peer.open(daemon.ws_url)
+    await peer.send({"type": "delete_model", "model_name": "evil/chain.gguf", "request_id": "chain"})
+    err = (await peer.until("error", request_id="chain"))[-1]
+    assert err["code"] == "forbidden", err
+    assert (outside / "chain.gguf").is_symlink() and victim.exists()
+    await peer.send({"type": "delete_model", "model_name": "n" * 1000, "request_id": "long"})
+    err = (await peer.until("error", request_id="long"))[-1]
+    assert err["code"] == "model_not_found", err
+    await peer.close()
+
+
 async def test_download_through_huggingface_hub_then_listed(daemon_factory, tmp_path) -> None:
     """download_model streams started/progress/done events and the model is then listed."""
     repo = FakeRepo("acme/tiny-GGUF", {"tiny.Q4_K_M.gguf": tiny_gguf(padding=3_000_000), "README.md": b"hi"})
