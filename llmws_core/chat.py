@@ -391,7 +391,13 @@ class ChatService:
         If the consumer stops iterating, the generation is cancelled.
 
         Text that arrived while the consumer was busy comes as one chunk (one event,
-        one write), so a loaded loop does less work per token, never less text."""
+        one write), so a loaded loop does less work per token, never less text.
+
+        Raises:
+            errors.BadRequest: a message's text is not valid Unicode (a lone surrogate,
+                which JSON can spell); no template or tokenizer could take it."""
+        if not all(protocol.is_unicode(m["content"]) for m in messages if isinstance(m.get("content"), str)):
+            raise errors.BadRequest(protocol.LONE_SURROGATE_MESSAGE)
         with self._client_slot():
             inner = self._generate(
                 messages, params, cancel=cancel, on_queued=on_queued,

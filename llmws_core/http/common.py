@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import Request
 
-from .. import errors
+from .. import errors, protocol
 from ..engine.backends.base import GenerationParams, Message
 from .auth import llmws, principal
 
@@ -105,9 +105,13 @@ def normalize_messages(raw: list[dict[str, Any]]) -> list[Message]:
         if role == "developer":
             role = "system"
         if role == "assistant" and m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function") or {}, dict) for c in m["tool_calls"]
+            ):
+                raise errors.BadRequest("An assistant message's tool_calls must be a list of {type, function} objects.")
             calls = []
             for call in m["tool_calls"]:
-                fn = (call or {}).get("function") or {}
+                fn = call.get("function") or {}
                 args = fn.get("arguments") or "{}"
                 try:
                     args_obj = json.loads(args) if isinstance(args, str) else args
@@ -119,6 +123,8 @@ def normalize_messages(raw: list[dict[str, Any]]) -> list[Message]:
             role, text = "user", f"<tool_response>\n{text}\n</tool_response>"
         elif role not in ("system", "user", "assistant"):
             raise errors.BadRequest(f"Unknown message role {str(role)[:32]!r}.")
+        if not protocol.is_unicode(text):  # refused before a stream starts, not inside it
+            raise errors.BadRequest(protocol.LONE_SURROGATE_MESSAGE)
         out.append({"role": role, "content": text})
     if not out:
         raise errors.BadRequest("messages must not be empty.")

@@ -17,10 +17,11 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..engine import grammar
 from ..engine.backends.base import Message
+from ..protocol import MAX_NEW_TOKENS, MAX_TOP_K, not_a_boolean
 from . import tools as toolcalls
 from .auth import llmws, user_key
 from .common import (
@@ -57,9 +58,9 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     repeat_penalty: float | None = Field(None, gt=0, le=5)
@@ -68,6 +69,11 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
+
+    _numbers = field_validator(
+        "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed",
+        "repeat_penalty", "n", mode="before",
+    )(not_a_boolean)
 
 
 def generation_overrides(body: ChatCompletionRequest) -> dict[str, Any]:

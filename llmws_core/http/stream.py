@@ -29,7 +29,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import errors, protocol
 from ..engine.backends.base import Message
@@ -68,9 +68,11 @@ class StreamRequest(BaseModel):
     session_id: str | None = Field(None, max_length=128)
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=protocol.MAX_NEW_TOKENS)
     stop: list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
+
+    _numbers = field_validator("temperature", "top_p", "max_tokens", "seed", mode="before")(protocol.not_a_boolean)
 
 
 class SummarizeRequest(BaseModel):
