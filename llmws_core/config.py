@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,6 +86,10 @@ class LimitSettings(_Section):
     max_download_mb: int | None = Field(200_000, ge=1, description="A download larger than this fails (null: only free disk limits it).")
 
 
+#: Shortest API key accepted.
+MIN_KEY_LENGTH = 16
+
+
 class SecuritySettings(_Section):
     api_keys: list[str] = Field(default_factory=list, description="User keys (X-API-Key header, Bearer token, api_key in the handshake, or x_api_key query). Also from LLMWS_API_KEYS (comma-separated).")
     admin_keys: list[str] = Field(default_factory=list, description="Admin keys: required for download, delete and switch when any key is configured. Also from LLMWS_ADMIN_KEYS.")
@@ -93,6 +97,19 @@ class SecuritySettings(_Section):
     allowed_origins: list[str] = Field(default_factory=list, description="Extra browser Origins allowed to open the WebSocket (the HTTP adapter's own origin and non-browser clients are always allowed).")
     allow_file_origin: bool = Field(True, description="Allow pages opened from disk (Origin 'null', which sandboxed frames on any site send too) to connect: they chat in sessions such pages started and never manage models without a key that allows it. false refuses them.")
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins for the HTTP adapter; empty: CORS off.")
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: list[str]) -> list[str]:
+        # An empty key would "configure" keys while matching nothing (and let a
+        # 0.0.0.0 bind start); a short one is guessed in a few thousand tries.
+        for key in keys:
+            if len(key.strip()) < MIN_KEY_LENGTH or key != key.strip():
+                raise ValueError(
+                    f"each API key must be at least {MIN_KEY_LENGTH} characters, without leading or "
+                    "trailing spaces (generate one: python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+                )
+        return keys
 
 
 class MCPServer(BaseModel):

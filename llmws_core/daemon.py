@@ -119,6 +119,11 @@ class App:
         sec = settings.security
         self.keys_required = sec.require_api_key or not is_loopback(settings.server.host)
         if self.keys_required and not (sec.api_keys or sec.admin_keys):
+            if sec.require_api_key and is_loopback(settings.server.host):
+                raise SystemExit(
+                    "LLMWS cannot require an API key without one: security.require_api_key is on but "
+                    "no key is set; set security.api_keys (or LLMWS_API_KEYS) or turn require_api_key off."
+                )
             raise SystemExit(
                 "LLMWS refuses to listen beyond loopback without an API key: set security.api_keys "
                 "(or LLMWS_API_KEYS) or bind 127.0.0.1."

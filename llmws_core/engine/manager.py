@@ -21,7 +21,7 @@ from ..config import Settings
 from .backends.base import Backend
 from .prefixes import PrefixStore
 from .remote import RemoteEntry, RemoteModels
-from .scan import ModelDirs, ModelEntry, auto_select
+from .scan import ModelDirs, ModelEntry, auto_select, embedded_entry
 
 logger = logging.getLogger("llmws.engine.manager")
 
@@ -223,16 +223,34 @@ class ModelManager:
         remote = self.remote.find(name_or_path)
         if remote is not None:
             return remote
-        if self.entry is not None and name_or_path in (self.entry.name, self.entry.rel_path) and self.entry.source == "embedded":
-            return self.entry
-        return self.dirs.resolve(name_or_path)
+        embedded = self._embedded(name_or_path)
+        if embedded is not None and name_or_path == embedded.rel_path:
+            return embedded  # "embedded/<file>": never a file of the folders
+        try:
+            return self.dirs.resolve(name_or_path)
+        except errors.ModelNotFound:
+            if embedded is None:  # the embedded model by its bare name, once another is loaded
+                raise
+            return embedded
+
+    @staticmethod
+    def _embedded(name_or_path: str | None) -> ModelEntry | None:
+        """The embedded default if `name_or_path` names it (its name or `embedded/<name>`)."""
+        entry = embedded_entry()
+        if entry is None or name_or_path not in (entry.name, entry.rel_path):
+            return None
+        return entry
 
     def initial_entry(self) -> ModelEntry | None:
-        """The config's `model.path` (a local or remote model), else the auto-selected local one."""
-        remote = self.remote.find(self.settings.model.path)
+        """The config's `model.path` (a local or remote model, or the embedded default
+        by name), else the auto-selected local one."""
+        configured = self.settings.model.path
+        remote = self.remote.find(configured)
         if remote is not None:
             return remote
-        return auto_select(self.settings.model.path, self.dirs)
+        if self._embedded(configured) is not None:
+            return self.resolve(configured)  # type: ignore[arg-type]
+        return auto_select(configured, self.dirs)
 
     def _build(self, entry: ModelEntry) -> Backend:
         factory = self.factories.get(entry.backend)

@@ -436,3 +436,31 @@ async def test_no_conversation_text_in_the_log_at_debug(keyed: DaemonProcess) ->
     tokens = [e["data"] for e in events if e["type"] == "token"]
     assert tokens and not any(f'"data":{json.dumps(t)}' in log for t in tokens), "reply text is in the log"
     assert "TEXT '" not in log, "frames are dumped into the log"
+
+
+def _start_fails(tmp_path: Path, config: dict[str, Any], *args: str) -> str:
+    """Start a daemon that must refuse to start; return its stderr."""
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("LLMWS_API_KEYS", "LLMWS_ADMIN_KEYS")}
+    proc = subprocess.run(
+        [
+            sys.executable, str(REPO / "llmws.py"), "--config", str(tmp_path / "c.json"), "--port", "0",
+            "--http-port", "0", "--var-dir", str(tmp_path / "var"), "--models-dir", str(tmp_path / "models"), *args,
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=scaled(120),
+    )
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    return proc.stderr
+
+
+def test_an_empty_or_short_key_does_not_count_as_a_key(tmp_path: Path) -> None:
+    """`api_keys: [""]` with a 0.0.0.0 bind, or a one-character key, stops the start with a message about the key length."""
+    for keys in ([""], ["x"]):
+        err = _start_fails(tmp_path, {"security": {"api_keys": keys}}, "--host", "0.0.0.0")
+        assert "at least 16 characters" in err, err[-2000:]
+
+
+def test_require_api_key_on_loopback_without_keys_says_so(tmp_path: Path) -> None:
+    """require_api_key without any key on loopback is refused with a message about require_api_key, not about binding beyond loopback."""
+    err = _start_fails(tmp_path, {"security": {"require_api_key": True}})
+    assert "require_api_key" in err and "beyond loopback" not in err, err[-2000:]

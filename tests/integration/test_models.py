@@ -3,6 +3,7 @@ download and estimate, against real daemons."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 from llmws_core.engine.scan import embedded_model_path
@@ -124,4 +125,29 @@ async def test_estimate_model_uses_kv_arithmetic(daemon) -> None:
     await peer.send({"type": "estimate_model", "model_path": model["path"]})
     est = (await peer.until("model_estimate"))[-1]
     assert est["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2 and est["max_context"] <= 8192
+    await peer.close()
+
+
+async def test_the_embedded_model_can_be_switched_back_to_and_named_in_the_config(daemon_factory) -> None:
+    """With another model loaded, switch_model to the embedded model's name or `embedded/<name>` loads it; `model.path: "embedded/<name>"` picks it at start."""
+    embedded = embedded_model_path()
+    assert embedded is not None
+    d = daemon_factory(start=False)
+    shutil.copyfile(embedded, d.models_dir / "other.gguf")
+    d.start()
+    peer = await Peer.open(d.ws_url)
+    assert peer.welcome["model"]["name"] == "other.gguf"
+    for i, name in enumerate((embedded.name, f"embedded/{embedded.name}")):
+        await peer.send({"type": "switch_model", "model_path": "other.gguf", "request_id": f"o{i}"})
+        await peer.until("model_switched", 180, request_id=f"o{i}")
+        await peer.send({"type": "switch_model", "model_path": name, "request_id": f"e{i}"})
+        switched = (await peer.until("model_switched", 180, request_id=f"e{i}"))[-1]
+        assert switched["model"]["source"] == "embedded", switched
+    await peer.close()
+    d.kill()
+    d.config_path = d.root / "config.json"
+    d.config_path.write_text(json.dumps({"model": {"path": f"embedded/{embedded.name}"}}))
+    d.start()
+    peer = await Peer.open(d.ws_url)
+    assert peer.welcome["model"]["source"] == "embedded", peer.welcome["model"]
     await peer.close()
