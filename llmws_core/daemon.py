@@ -30,6 +30,7 @@ from .engine.manager import ModelManager
 from .engine.prefixes import PrefixStore
 from .legacy import capabilities
 from .sessions.crypto import Sealer, load_or_create_master_key, private_dir
+from .sessions.journal import SeqJournal
 from .sessions.store import Session, SessionStore
 from .ws import Connection, is_loopback, make_origin_check
 
@@ -96,6 +97,7 @@ class App:
         self.store = SessionStore(
             var / "sessions", sealer, ttl_seconds=settings.sessions.ttl_seconds,
             max_open_buffers=self.fd_budget.buffers,
+            journal=SeqJournal(var / "journal.bin", sealer),
         )
         if not settings.sessions.persist:
             logger.warning("sessions.persist is false: events are not written (benchmark mode)")
@@ -182,6 +184,9 @@ class App:
             "config": self.chat.effective_config(session),
             "history_messages": len(session.state.get("history", [])),
             "http_port": self.http_port,
+            # Records withheld at load (damaged, missing, duplicated, reordered, rolled
+            # back): the missing ones are replayed as corrupt_record; this counts them all.
+            **({"integrity_problems": session.integrity_problems} if session.integrity_problems else {}),
         }
 
     def origin_allowed(self, origin: str) -> bool:

@@ -42,7 +42,7 @@ logger = logging.getLogger("llmws.sessions.crypto")
 KEY_BYTES = 32
 NONCE_BYTES = 12
 KEY_FILE_NAME = "master.key"
-KINDS = frozenset({"event", "state", "prefix"})
+KINDS = frozenset({"event", "state", "prefix", "journal"})
 _AAD_VERSION = "llmws/1"
 # Derived keys are cached so that sealing a token costs one AES-GCM call, not an
 # HKDF; bounded so that a long-running daemon does not keep every id it ever saw.

@@ -52,8 +52,10 @@ Recovery (``SessionStore.get`` of a session not in memory)
 - ``last_seq`` = max(state's ``last_seq``, the highest seq accounted for in the
   buffer), so a seq is never reused.
 
-Known limit: a whole older ``state.bin`` (or buffer) of the same session put back
-in place is authentic and not detected; that needs a counter kept off this disk.
+Rollback: an older ``state.bin`` or buffer of the same session put back whole is
+authentic; the seq journal (``journal.py``, kept outside the session folders)
+detects it: seqs continue after the highest one handed out, missing events are
+replayed as ``corrupt_record`` and an older state is refused as corrupt.
 One daemon owns a sessions folder at a time.
 """
 
@@ -80,6 +82,7 @@ from typing import Any
 
 from llmws_core import errors
 from llmws_core.sessions.crypto import Sealer
+from llmws_core.sessions.journal import SeqJournal
 
 logger = logging.getLogger("llmws.sessions")
 
@@ -728,7 +731,7 @@ class SessionStore:
 
     def __init__(
         self, root: Path, sealer: Sealer, *, ttl_seconds: float | None = 7 * 24 * 3600,
-        max_open_buffers: int = 256,
+        max_open_buffers: int = 256, journal: SeqJournal | None = None,
     ) -> None:
         """Open (creating if needed) the sessions folder.
 
@@ -739,6 +742,9 @@ class SessionStore:
             max_open_buffers: buffer files kept open at once; beyond it the least
                 recently appended one is closed (reopened by its next append), so
                 many short-lived sessions cannot use up the process's descriptors.
+            journal: where each session's highest seq and state generation are kept
+                outside its folder, so a rollback of its files is detected; None: not
+                detected.
         """
         self._root = Path(root)
         self._sealer = sealer
@@ -749,6 +755,8 @@ class SessionStore:
         # Sessions whose buffer descriptor may be open, least recently appended first.
         self._open: OrderedDict[str, Session] = OrderedDict()
         self._open_lock = threading.Lock()
+        self._journal = journal
+        self._journaled: dict[str, tuple[int, int]] = {}
         self._root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
         self._sweep_leftovers()
 
@@ -814,6 +822,20 @@ class SessionStore:
                 if self._expired(float(doc["last_active"]), now):
                     self._delete(sid)
                     raise errors.SessionExpired("This session expired after being idle too long.")
+                mark = self._journal.get(sid) if self._journal is not None else None
+                if mark is not None and generation < mark[1]:
+                    logger.error(
+                        "session %s: state.bin is older than the journal says (generation %d < %d): "
+                        "an older copy was put back", sid, generation, mark[1],
+                    )
+                    raise errors.CorruptRecord(
+                        "This session's stored state is older than the server wrote (rolled back); "
+                        "it cannot be resumed."
+                    )
+                if mark is not None and mark[0] > doc["last_seq"]:
+                    # Seqs up to the journal's were handed out: never again. Those the
+                    # buffer lacks are replayed as corrupt_record (see _scan).
+                    doc["last_seq"] = mark[0]
                 session = Session(
                     sid,
                     directory,
@@ -896,13 +918,35 @@ class SessionStore:
         """
         with self._lock:
             sessions = list(self._cache.values())
+        marks = {s.id: (s.last_seq, s._committed) for s in sessions}  # before the fsyncs
         for session in sessions:
             if session.dirty:
                 try:
                     session.sync()
                 except errors.StorageError:
-                    pass  # logged by Session.sync
+                    marks.pop(session.id, None)  # logged by Session.sync; not durable yet
+        self._journal_marks(marks)
         self.close_idle_buffers()
+
+    def _journal_marks(self, marks: dict[str, tuple[int, int]], *, live_only: bool = True) -> None:
+        """Record durable (last_seq, generation) marks that changed (any thread);
+        `live_only`: skip sessions deleted meanwhile."""
+        if self._journal is None:
+            return
+        with self._lock:
+            changed = {
+                sid: m for sid, m in marks.items()
+                if self._journaled.get(sid) != m and (sid in self._cache or not live_only)
+            }
+        if not changed:
+            return
+        try:
+            self._journal.record(changed)
+        except OSError as exc:
+            logger.error("cannot write the seq journal: %s", exc)
+            return
+        with self._lock:
+            self._journaled.update(changed)
 
     def expire_idle(self, busy: Iterable[str] = frozenset(), now: float | None = None) -> list[str]:
         """Delete sessions idle past the TTL, except `busy` ones; returns their ids.
@@ -941,6 +985,9 @@ class SessionStore:
         with self._lock:
             session = self._cache.pop(sid, None)
             self._forget_open(sid)
+            self._journaled.pop(sid, None)
+            if self._journal is not None:
+                self._journal.forget(sid)
             if session is not None:
                 session.close()
             directory = self._root / sid
@@ -969,3 +1016,4 @@ class SessionStore:
             except Exception:  # shutdown must close every session whatever one of them does
                 logger.exception("session %s: state not saved at shutdown", session.id)
             session.close()
+        self._journal_marks({s.id: (s.last_seq, s._committed) for s in sessions}, live_only=False)

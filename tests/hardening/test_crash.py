@@ -252,3 +252,43 @@ async def test_sigkill_with_two_replies_in_one_session_closes_out_both(daemon_fa
     _, events = await peer.infer("Say yes.", "after", temperature=0, max_new_tokens=3)
     assert events[-1]["finish_reason"] in ("stop", "length")
     await peer.close()
+
+
+@pytest.mark.slow
+async def test_a_session_folder_put_back_from_earlier_is_detected_after_sigkill(daemon_factory) -> None:
+    """An older copy of a session's folder restored while the daemon was down (killed): the session is not resumed with old seqs but reported; a duplicated buffer line is counted in the welcome."""
+    import shutil
+
+    daemon = daemon_factory()
+    peer = await Peer.open(daemon.ws_url)
+    sid = peer.welcome["session_id"]
+    folder = daemon.var_dir / "sessions" / sid
+    await peer.infer("Say one.", "one", temperature=0, max_new_tokens=3)
+    await asyncio.sleep(1.0)  # batched fsync and journal
+    backup = daemon.root / "backup"
+    shutil.copytree(folder, backup)
+    await peer.infer("Say two.", "two", temperature=0, max_new_tokens=3)
+    await asyncio.sleep(1.0)
+    daemon.kill()
+    peer.ws.transport.abort()
+    shutil.rmtree(folder)
+    shutil.copytree(backup, folder)
+    daemon.start()
+    again = await Peer.open(daemon.ws_url, {"session_id": sid, "last_seq": 0})
+    assert again.welcome["resumed"] is False and again.welcome["session_id"] != sid
+    notice = await again.recv()
+    assert notice["code"] == "session_not_resumed" and "integrity" in notice["message"], notice
+    # A duplicated line in another session's buffer is withheld and reported.
+    other = again.welcome["session_id"]
+    await again.infer("Say three.", "three", temperature=0, max_new_tokens=3)
+    await asyncio.sleep(1.0)
+    daemon.kill()
+    again.ws.transport.abort()
+    buffer = daemon.var_dir / "sessions" / other / "buffer.jsonl"
+    lines = buffer.read_bytes().splitlines(keepends=True)
+    buffer.write_bytes(b"".join(lines[:2] + [lines[1]] + lines[2:]))
+    daemon.start()
+    peer, backlog = await _backlog(daemon, other)
+    assert peer.welcome["integrity_problems"] == 1, peer.welcome
+    assert [e["seq"] for e in backlog] == list(range(1, len(lines) + 1))
+    await peer.close()

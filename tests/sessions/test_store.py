@@ -806,3 +806,63 @@ def test_idle_buffers_are_closed(root, sealer):
     assert s.has_fd
     assert store.close_idle_buffers(now=time.time() + SessionStore.IDLE_CLOSE_SECONDS + 1) == 1
     assert not s.has_fd and store.open_buffers() == 0
+
+
+def _journaled_store(root: Path, sealer: Sealer) -> SessionStore:
+    from llmws_core.sessions.journal import SeqJournal
+
+    return SessionStore(root, sealer, journal=SeqJournal(root.parent / "journal.bin", sealer))
+
+
+def test_a_buffer_put_back_from_earlier_never_reuses_a_seq(root, sealer):
+    """An older buffer.jsonl restored after seqs 6..10 were handed out: the reload continues at 11 and replays 6..10 as corrupt_record."""
+    store = _journaled_store(root, sealer)
+    s = store.create()
+    _fill(s, 5)
+    s.save_state()
+    store.sync_dirty()
+    old_buffer = (root / s.id / BUFFER_NAME).read_bytes()
+    _fill(s, 5, start=6)
+    store.sync_dirty()  # the journal now says seq 10
+    s.close()  # killed: no state save after seq 5
+    (root / s.id / BUFFER_NAME).write_bytes(old_buffer)
+    again = _journaled_store(root, sealer).get(s.id)
+    assert again.last_seq == 10 and again.integrity_problems >= 1
+    replay = again.replay(5)
+    assert replay == [corrupt_event(6)]
+    assert again.append({"type": "pong"})["seq"] == 11
+
+
+def test_a_whole_session_put_back_from_earlier_is_refused(root, sealer, tmp_path):
+    """An older copy of a session's folder (state and buffer) restored over a newer one is refused as corrupt, not resumed with seqs the client saw."""
+    import shutil
+
+    store = _journaled_store(root, sealer)
+    s = store.create()
+    _fill(s, 3)
+    s.save_state()
+    store.sync_dirty()
+    shutil.copytree(root / s.id, tmp_path / "backup")
+    _fill(s, 3, start=4)
+    s.save_state()
+    store.close_all()
+    shutil.rmtree(root / s.id)
+    shutil.copytree(tmp_path / "backup", root / s.id)
+    with pytest.raises(errors.CorruptRecord):
+        _journaled_store(root, sealer).get(s.id)
+
+
+def test_the_journal_survives_restarts_and_forgets_deleted_sessions(root, sealer):
+    """Marks are kept across reopenings (compacted), and a deleted session's mark goes with it."""
+    from llmws_core.sessions.journal import SeqJournal
+
+    store = _journaled_store(root, sealer)
+    keep, drop = store.create(), store.create()
+    _fill(keep, 4)
+    _fill(drop, 2)
+    store.sync_dirty()
+    store._delete(drop.id)
+    store.close_all()
+    journal = SeqJournal(root.parent / "journal.bin", sealer)
+    assert journal.get(keep.id)[0] == 4 and journal.get(drop.id) is None
+    assert len((root.parent / "journal.bin").read_bytes().splitlines()) == 1
