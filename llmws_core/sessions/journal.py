@@ -14,7 +14,7 @@ object `{session_id: [last_seq, generation], ...}` of the sessions that changed.
 Lines are sealed for ("journal", "journal", line number), so a line cannot be
 moved. Loading takes the highest values of every authentic line; a torn or
 unauthentic line is skipped with a warning. The file is rewritten compacted (one
-line) at start. It is written after the buffers it describes are fsynced, so it
+line) at start and every `COMPACT_AFTER` lines. It is written after the buffers it describes are fsynced, so it
 never claims a seq that the disk does not hold.
 
 Limit: whoever can replace the journal too (same user, root) can roll back both;
@@ -37,6 +37,8 @@ from .crypto import Sealer
 logger = logging.getLogger("llmws.sessions.journal")
 
 JOURNAL_ID = "journal"
+#: Lines appended before the journal is rewritten as one (about 4 minutes of streaming).
+COMPACT_AFTER = 1000
 
 
 class SeqJournal:
@@ -72,6 +74,8 @@ class SeqJournal:
             if not changed:
                 return
             self._append(changed)
+        if self._lines > COMPACT_AFTER:
+            self._compact()
 
     def forget(self, session_id: str) -> None:
         """Drop a deleted session's mark (any thread; best effort on disk)."""

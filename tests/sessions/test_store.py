@@ -866,3 +866,16 @@ def test_the_journal_survives_restarts_and_forgets_deleted_sessions(root, sealer
     journal = SeqJournal(root.parent / "journal.bin", sealer)
     assert journal.get(keep.id)[0] == 4 and journal.get(drop.id) is None
     assert len((root.parent / "journal.bin").read_bytes().splitlines()) == 1
+
+
+def test_the_journal_is_compacted_as_it_grows(root, sealer, monkeypatch):
+    """Past COMPACT_AFTER appended lines the journal is rewritten as one, keeping every mark."""
+    from llmws_core.sessions import journal as journal_mod
+
+    monkeypatch.setattr(journal_mod, "COMPACT_AFTER", 5)
+    j = journal_mod.SeqJournal(root.parent / "journal.bin", sealer)
+    for i in range(1, 9):
+        j.record({"a": (i, 1), "b": (i * 2, 1)})
+    assert len((root.parent / "journal.bin").read_bytes().splitlines()) <= 5
+    again = journal_mod.SeqJournal(root.parent / "journal.bin", sealer)
+    assert again.get("a") == (8, 1) and again.get("b") == (16, 1)
