@@ -21,6 +21,7 @@ One module per surface (a door), each a thin translator over the services:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -31,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, errors
@@ -48,7 +49,8 @@ from . import (
     openai,
     tokenize,
 )
-from .auth import HostCheck
+from .auth import ClientTag, HostCheck
+from .sitecheck import CrossSiteGuard, ui_headers
 
 if TYPE_CHECKING:
     from ..services import Services
@@ -141,9 +143,11 @@ def create_app(app: Services) -> FastAPI:
     @api.get("/ui", tags=["Status"], summary="The browser client (web_client_enhanced.html)")
     async def ui() -> Any:
         """The single-file browser client."""
-        if not Path(WEB_CLIENT).exists():
+        try:
+            page = await asyncio.to_thread(Path(WEB_CLIENT).read_bytes)
+        except FileNotFoundError:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
-        return FileResponse(WEB_CLIENT, media_type="text/html")
+        return Response(page, media_type="text/html", headers=ui_headers(page))
 
     for module in (openai, completions, embeddings, tokenize, llamacpp_server, nash, hf_server):
         api.include_router(module.router)
@@ -156,6 +160,8 @@ def create_app(app: Services) -> FastAPI:
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "Last-Event-ID"],
         )
+    api.add_middleware(CrossSiteGuard, app=app, respond=_error_response)
+    api.add_middleware(ClientTag, app=app)
     # Added last so it runs first: a rebinding attack is refused before anything else.
     api.add_middleware(HostCheck, app=app)
     return api

@@ -243,7 +243,7 @@ def _set_max_tokens_mobile(page: Any, value: int) -> None:
 
 def test_a_required_api_key_is_asked_for_then_used(browser: Any, daemon_factory: Any) -> None:
     """Without the key the page says so and stops retrying; with it, the page connects."""
-    daemon = daemon_factory(config={"security": {"api_keys": ["k-123"], "require_api_key": True}})
+    daemon = daemon_factory(config={"security": {"api_keys": ["web-key-123-0123456789"], "require_api_key": True}})
     page = _new_page(browser)
     page.goto(daemon.http_url + "/ui")
     page.wait_for_function(
@@ -252,7 +252,7 @@ def test_a_required_api_key_is_asked_for_then_used(browser: Any, daemon_factory:
     )
     assert _state(page)["connected"] is False
     assert page.evaluate("() => document.activeElement.id") == "apiKey"
-    page.fill("#apiKey", "k-123")
+    page.fill("#apiKey", "web-key-123-0123456789")
     page.press("#apiKey", "Enter")
     _wait_connected(page)
     assert page.get_attribute("#status", "data-state") == "connected"
