@@ -57,6 +57,9 @@ class GenerationResult:
     finish_reason: FinishReason
     tokens_in: int
     tokens_out: int
+    #: The stop string that ended the reply (a request's `stop` or the template's), None
+    #: when it ended otherwise or the backend cannot tell (remote models).
+    stop_sequence: str | None = None
 
 
 @dataclass

@@ -451,7 +451,8 @@ class BatchScheduler:
                 text += seq.matcher.flush()
             if text and not self._emit(seq, text):
                 return
-        seq.result = GenerationResult(reason, len(seq.prompt_ids), seq.n_out)  # type: ignore[arg-type]
+        matched = seq.matcher.matched if seq.matcher is not None else None
+        seq.result = GenerationResult(reason, len(seq.prompt_ids), seq.n_out, matched)  # type: ignore[arg-type]
         seq.done.set()
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
