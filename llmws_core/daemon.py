@@ -28,6 +28,9 @@ from .chat import ChatService
 from .config import Settings, describe_settings, load_settings
 from .engine.manager import ModelManager
 from .engine.prefixes import PrefixStore
+from .services import Services
+from .services.generation import GenerationService
+from .services.models import ModelService
 from .sessions.crypto import Sealer, load_or_create_master_key
 from .sessions.store import Session, SessionStore
 from .ws import Connection, is_loopback, make_origin_check
@@ -56,6 +59,8 @@ class App:
             )
         self.models = ModelManager(settings, prefixes=prefixes)
         self.chat = ChatService(settings, self.store, self.models)
+        model_service = ModelService(self.models, self.chat)
+        self.services = Services(generation=GenerationService(self.chat, model_service), models=model_service)
         self._downloads: Any = None
         self.handlers = dict(commands.HANDLERS)
         self.started = time.monotonic()
@@ -96,19 +101,8 @@ class App:
         return task
 
     def broadcast(self, event: dict[str, Any], origin: Session | None = None, extra: dict[str, Any] | None = None) -> None:
-        """Emit `event` into every session with a connected client (and the origin's)."""
-        targets = {sid for sid in self.chat._subscribers}
-        if origin is not None:
-            targets.add(origin.id)
-        for sid in targets:
-            try:
-                session = self.store.get(sid)
-            except errors.LLMWSError:
-                continue
-            body = dict(event)
-            if origin is not None and sid == origin.id and extra:
-                body.update(extra)
-            self.chat.emit(session, body)
+        """Emit `event` into every session with a connected client (see `ChatService.broadcast`)."""
+        self.chat.broadcast(event, origin, extra)
 
     def welcome(self, session: Session, resumed: bool) -> dict[str, Any]:
         return {
