@@ -283,7 +283,12 @@ class App:
             log_level="warning", lifespan="on", access_log=False,
         )
         server = _Server(config)
-        task = asyncio.create_task(server.serve())
+        sockets = None
+        if self.settings.server.ollama_port:
+            # One server, two listening sockets: the second is Ollama's address.
+            ollama = uvicorn.Config(config.app, host=self.settings.server.host, port=self.settings.server.ollama_port)
+            sockets = [config.bind_socket(), ollama.bind_socket()]
+        task = asyncio.create_task(server.serve(sockets=sockets))
         while not server.started:
             if task.done():
                 task.result()
@@ -318,6 +323,8 @@ class App:
         lines += ["", line, f"WebSocket:  ws://{host}:{self.ws_port}"]
         if self.http_port:
             lines.append(f"HTTP:       http://{host}:{self.http_port}   (web client: /ui)")
+        if self.http_port and self.settings.server.ollama_port:
+            lines.append(f"Ollama API: http://{host}:{self.settings.server.ollama_port}/api")
         lines += [f"Sessions:   {self.settings.var_dir / 'sessions'}", line]
         return "\n".join(lines)
 

@@ -3,6 +3,8 @@
 One module per surface, each a thin adapter over the chat service:
 
 - openai.py    `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
+- anthropic.py `/v1/messages`, `/v1/messages/count_tokens` (the official `anthropic` SDK)
+- ollama.py    Ollama's `/api/chat`, `/api/generate`, `/api/tags`, ... (the `ollama` client)
 - legacy.py    the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
                `/chat/completions`, `/restore_cache`
 - stream.py    nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
@@ -28,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from .. import __version__, errors
 from ..config import REPO_ROOT
-from . import blocking, legacy, mcp, metrics, openai, stream
+from . import anthropic, blocking, legacy, mcp, metrics, ollama, openai, stream
 from .auth import HostCheck
 from .common import openai_error, status_of
 
@@ -43,8 +45,19 @@ WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
 OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/chat/completions"})
 
 
+#: Doors with an error shape of their own, by path prefix: (prefix, door module). The
+#: module renders `error_response(exc)` and `invalid_response(RequestValidationError)`.
+DOOR_ERRORS = ((anthropic.PATH_PREFIX, anthropic), (ollama.PATH_PREFIX, ollama))
+
+
 def _wants_openai_errors(request: Request) -> bool:
     return request.url.path in OPENAI_PATHS
+
+
+def _door_of(request: Request) -> Any:
+    """The door module whose error shape this request's path uses, or None."""
+    path = request.url.path
+    return next((door for prefix, door in DOOR_ERRORS if path.startswith(prefix)), None)
 
 
 def create_app(app: App) -> FastAPI:
@@ -79,6 +92,9 @@ def create_app(app: App) -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        door = _door_of(request)
+        if door is not None:
+            return door.invalid_response(exc)  # type: ignore[no-any-return]
         if _wants_openai_errors(request):
             first = exc.errors()[0] if exc.errors() else {}
             where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
@@ -114,7 +130,7 @@ def create_app(app: App) -> FastAPI:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return FileResponse(WEB_CLIENT, media_type="text/html")
 
-    for module in (openai, legacy, stream, blocking):
+    for module in (openai, anthropic, ollama, legacy, stream, blocking):
         api.include_router(module.router)
 
     sec = app.settings.security
@@ -131,6 +147,9 @@ def create_app(app: App) -> FastAPI:
 
 
 def _error_response(request: Request, exc: BaseException) -> JSONResponse:
+    door = _door_of(request)
+    if door is not None:
+        return door.error_response(exc)  # type: ignore[no-any-return]
     status = status_of(exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     if _wants_openai_errors(request):

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 
 from .. import errors
 from ..services.generation import (
@@ -53,6 +54,15 @@ def sse(data: Any, *, event_id: int | str | None = None, event: str | None = Non
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     lines.extend(f"data: {part}" for part in text.split("\n"))
     return "\n".join(lines) + "\n\n"
+
+
+def invalid_field(exc: RequestValidationError) -> str:
+    """What a request-shape error says, naming the field: "max_tokens: Field required"."""
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON."
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return f"{where}: {first.get('msg', 'invalid value')}" if where else "The request body is not valid."
 
 
 def status_of(exc: BaseException) -> int:

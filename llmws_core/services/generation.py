@@ -204,6 +204,9 @@ class DoneEvent:
     tokens_out: int
     content: str | None
     tool_calls: tuple[ToolCall, ...] = ()
+    #: The stop string that ended the reply (one the request gave, or the chat
+    #: template's end marker); None when it ended otherwise.
+    stop_sequence: str | None = None
     kind: Literal["done"] = "done"
 
 
@@ -478,7 +481,7 @@ class Generation:
                             put(TokenEvent(held_content, len(held)))
                     put(DoneEvent(
                         "tool_calls" if calls else result.finish_reason,
-                        result.tokens_in, result.tokens_out, content, tuple(calls),
+                        result.tokens_in, result.tokens_out, content, tuple(calls), result.stop_sequence,
                     ))
                 elif chunk.text:
                     parts.append(chunk.text)
@@ -569,12 +572,18 @@ class GenerationService:
         async with gen:
             return await gen.collect()
 
-    async def count_tokens(self, messages: list[ChatMessage]) -> int:
-        """Real prompt tokens of `messages` under the loaded model's chat template."""
+    async def count_tokens(
+        self, messages: list[ChatMessage], *, tools: list[Tool] | None = None, tool_choice: ToolChoice = "auto"
+    ) -> int:
+        """Real prompt tokens of `messages` under the loaded model's chat template, with
+        the description of `tools` a generation would add (none for tool_choice "none")."""
         backend = self.chat.models.backend
         if backend is None:
             raise errors.ModelNotLoaded("No model is loaded yet.")
-        return await asyncio.to_thread(backend.count_tokens, render_messages(messages))
+        rendered = render_messages(messages)
+        if tools and tool_choice != "none":
+            rendered = toolcalls.with_tools(rendered, tools, tool_choice)
+        return await asyncio.to_thread(backend.count_tokens, rendered)
 
     async def summarize(self, messages: list[ChatMessage], *, max_tokens: int | None = None, principal: str = "local") -> Summary:
         """Summarize a conversation into a shorter replacement history that keeps the

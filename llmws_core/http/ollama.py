@@ -1,0 +1,560 @@
+"""Ollama's API on the HTTP port, under `/api`: chat, generate, the model list and more.
+
+Apps and libraries written for Ollama (the official `ollama` Python client, chat UIs,
+editor plugins, RAG frameworks) work by pointing them at this port. Requests are
+translated into the chat service's request (`options` into generation parameters,
+`format` into JSON mode, `tools` into the service's tool calls) and its events are
+rendered as Ollama's objects: one JSON object, or newline-delimited JSON when
+streamed (the default, as in Ollama). Errors are `{"error": "..."}` with Ollama's
+status codes.
+
+Model names: Ollama clients name models `name:tag`. A local model is listed as its
+name without a `.gguf` extension plus `:latest`, and a requested name is matched
+against the local models as given, without `:latest`, and with `.gguf` added (see
+`find_local`). Any other name is served by the loaded model, as on the OpenAI door.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import errors
+from ..services.generation import (
+    ChatMessage,
+    DoneEvent,
+    ErrorEvent,
+    Generation,
+    ResponseFormat,
+    Sampling,
+    TokenEvent,
+    ToolCallEvent,
+)
+from ..services.models import ModelService
+from ..services.tools import Tool, ToolCall
+from .auth import is_admin, llmws, user_key
+from .common import (
+    cancel_when_gone,
+    generation,
+    invalid_field,
+    sampling_request,
+    start_or_gone,
+    status_of,
+)
+
+logger = logging.getLogger("llmws.http.ollama")
+
+router = APIRouter(tags=["Ollama"], dependencies=[Depends(user_key)])
+
+#: Paths whose errors are Ollama error objects.
+PATH_PREFIX = "/api/"
+
+#: The Ollama API release whose routes and fields this door follows (`/api/version`).
+OLLAMA_API_VERSION = "0.9.0"
+
+NDJSON = "application/x-ndjson"
+
+
+# ---------------------------------------------------------------------- wire models
+
+
+class Options(BaseModel):
+    """Ollama's `options`. The generation ones are honoured; load-time ones
+    (`num_gpu`, `num_thread`, ...) and other samplers are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    temperature: float | None = Field(None, ge=0, le=5)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    num_predict: int | None = Field(None, ge=-2, description="Most tokens to generate; -1 and -2: until the reply ends or the context is full.")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    repeat_penalty: float | None = Field(None, gt=0, le=5)
+    num_ctx: int | None = Field(None, ge=1, description="Accepted; the context size is the server's (from the model and free memory).")
+
+
+class WireFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+
+
+class WireToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    function: WireFunction
+
+
+class WireMessage(BaseModel):
+    """One message of `/api/chat`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = ""
+    images: list[str] | None = None
+    tool_calls: list[WireToolCall] | None = None
+    tool_name: str | None = None
+    thinking: str | None = None
+
+
+class GenerationBody(BaseModel):
+    """What `/api/chat` and `/api/generate` share."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(..., min_length=1, max_length=1024)
+    format: Literal["", "json"] | dict[str, Any] | None = None
+    options: Options | None = None
+    stream: bool = True
+    keep_alive: float | str | None = Field(None, description="Accepted; the model stays loaded until another is chosen.")
+    think: bool | str | None = Field(None, description="Accepted; the models served here do not think aloud.")
+
+
+class ChatRequest(GenerationBody):
+    messages: list[WireMessage] = Field(default_factory=list, max_length=10_000)
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)
+
+
+class GenerateRequest(GenerationBody):
+    prompt: str | None = None
+    system: str | None = None
+    suffix: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool | None = None
+    images: list[str] | None = None
+
+
+class ModelRequest(BaseModel):
+    """`/api/show`, `/api/delete`: a model by name (`name` is the older spelling)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, max_length=1024)
+    name: str | None = Field(None, max_length=1024)
+
+    @property
+    def requested(self) -> str:
+        value = self.model or self.name
+        if not value:
+            raise errors.BadRequest("model is required")
+        return value
+
+
+# ---------------------------------------------------------------------- translation
+
+
+def sampling(options: Options | None, max_context: int | None) -> Sampling:
+    """`options` as the service's generation parameters (None: the server's default)."""
+    if options is None:
+        return Sampling()
+    predict = options.num_predict
+    if predict is not None and predict <= 0:
+        if predict == 0:
+            raise errors.BadRequest("options.num_predict must be positive, or -1 (until the reply ends).")
+        predict = max_context  # -1, -2: as long as the context allows
+    stop = [options.stop] if isinstance(options.stop, str) else options.stop
+    return Sampling(
+        temperature=options.temperature, top_p=options.top_p, top_k=options.top_k, max_tokens=predict,
+        stop=stop, seed=options.seed, repeat_penalty=options.repeat_penalty,
+    )
+
+
+def response_format(fmt: str | dict[str, Any] | None) -> ResponseFormat | None:
+    """Ollama's `format` ("json" or a JSON schema) as the service's JSON mode."""
+    if fmt is None or fmt == "":
+        return None
+    return ResponseFormat(schema=fmt if isinstance(fmt, dict) else None)
+
+
+def chat_messages(messages: list[WireMessage]) -> list[ChatMessage]:
+    """Ollama chat messages as the service's chat messages.
+
+    Images are a typed `unsupported` error (the models served here read text only)."""
+    out: list[ChatMessage] = []
+    for i, m in enumerate(messages):
+        if m.images:
+            raise errors.Unsupported(f"messages.{i}.images: images are not supported; the model reads text only.")
+        entry: ChatMessage = {"role": m.role, "content": m.content or ""}
+        if m.role == "assistant" and m.tool_calls:
+            entry["tool_calls"] = [{"name": c.function.name, "arguments": c.function.arguments} for c in m.tool_calls]
+        out.append(entry)
+    return out
+
+
+def chat_tools(tools: list[dict[str, Any]] | None) -> list[Tool] | None:
+    """Ollama's tools (`{"type": "function", "function": {...}}`) as the service's."""
+    if not tools:
+        return None
+    out: list[Tool] = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function")
+        if tool.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise errors.BadRequest(f"tools.{i}: each tool needs {{'type': 'function', 'function': {{'name': ...}}}}.")
+        out.append(fn)
+    return out
+
+
+def generate_messages(body: GenerateRequest) -> list[dict[str, Any]]:
+    """`/api/generate`'s prompt (and system) as chat messages, through the model's template.
+
+    Raises:
+        Unsupported: `raw`, `template`, `suffix`, `context` or `images`, which need
+            a prompt outside the chat template or a multimodal model.
+    """
+    if body.raw:
+        raise errors.Unsupported("raw prompts are not supported; the prompt always goes through the model's chat template.")
+    if body.template:
+        raise errors.Unsupported("template is not supported; the model's own chat template is used.")
+    if body.suffix:
+        raise errors.Unsupported("suffix (fill-in-the-middle) is not supported.")
+    if body.context:
+        raise errors.Unsupported("context is not supported; send the conversation to /api/chat instead.")
+    if body.images:
+        raise errors.Unsupported("images are not supported; the model reads text only.")
+    out: list[dict[str, Any]] = []
+    if body.system:
+        out.append({"role": "system", "content": body.system})
+    out.append({"role": "user", "content": body.prompt or ""})
+    return out
+
+
+def ollama_tool_calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """Tool calls as Ollama's (arguments as an object)."""
+    return [{"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
+
+
+def done_reason(finish: str) -> str:
+    """Ollama's `done_reason`: "length" when max tokens cut the reply, else "stop"."""
+    return "length" if finish == "length" else "stop"
+
+
+def now() -> str:
+    """An RFC 3339 timestamp as Ollama writes `created_at`."""
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+class Timings:
+    """Real durations of one request, in nanoseconds, as Ollama reports them.
+
+    `load` is the model switch a request caused; prompt evaluation runs from the
+    moment the prompt fits (the queue turn came) to the first token; evaluation
+    from the first token to the end."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter_ns()
+        self.loaded = self.start
+        self.ready: int | None = None
+        self.first: int | None = None
+
+    def mark_loaded(self) -> None:
+        self.loaded = time.perf_counter_ns()
+
+    def mark_ready(self) -> None:
+        self.ready = time.perf_counter_ns()
+
+    def mark_token(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter_ns()
+
+    def final(self, tokens_in: int, tokens_out: int) -> dict[str, int]:
+        end = time.perf_counter_ns()
+        ready = self.ready or self.loaded
+        first = self.first or end
+        return {
+            "total_duration": end - self.start,
+            "load_duration": self.loaded - self.start,
+            "prompt_eval_count": tokens_in,
+            "prompt_eval_duration": max(0, first - ready),
+            "eval_count": tokens_out,
+            "eval_duration": max(0, end - first),
+        }
+
+
+# ---------------------------------------------------------------------- model names
+
+
+def base_name(name: str) -> str:
+    return name[:-5] if name.lower().endswith(".gguf") else name
+
+
+def ollama_name(name: str) -> str:
+    """A local model's Ollama-style name: without `.gguf`, tagged `:latest` unless tagged."""
+    base = base_name(name)
+    return base if ":" in base else base + ":latest"
+
+
+def find_local(models: list[dict[str, Any]], requested: str) -> dict[str, Any] | None:
+    """The listed model an Ollama-style name means, or None.
+
+    Tried in order: the name (or path) as given, without `:latest`, with `.gguf`
+    added, and the listed Ollama names."""
+    bare = requested[: -len(":latest")] if requested.endswith(":latest") else requested
+    for candidate in (requested, bare, bare + ".gguf"):
+        for m in models:
+            if candidate in (m.get("name"), m.get("path")):
+                return m
+    for m in models:
+        if ollama_name(m["name"]) == requested:
+            return m
+    return None
+
+
+def parameter_size(count: int | None) -> str:
+    if not count:
+        return ""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f}".rstrip("0").rstrip(".") + unit
+    return str(count)
+
+
+def details(m: dict[str, Any]) -> dict[str, Any]:
+    family = str(m.get("architecture") or "")
+    return {
+        "parent_model": "",
+        "format": m.get("format", ""),
+        "family": family,
+        "families": [family] if family else None,
+        "parameter_size": parameter_size(m.get("parameters")),
+        "quantization_level": m.get("quantization") or "",
+    }
+
+
+def digest(m: dict[str, Any]) -> str:
+    """A stable identifier of the model file (its path and size; not a content hash,
+    which would mean reading gigabytes)."""
+    key = f"{m.get('path')}\0{m.get('size_mb')}".encode()
+    return hashlib.sha256(key).hexdigest()
+
+
+def model_entry(m: dict[str, Any]) -> dict[str, Any]:
+    """One model of `/api/tags`."""
+    name = ollama_name(m["name"])
+    return {
+        "name": name,
+        "model": name,
+        "size": int(float(m.get("size_mb") or 0) * 1024 * 1024),
+        "digest": digest(m),
+        "details": details(m),
+    }
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """An Ollama error object `{"error": "..."}` (user-safe text only) with its status."""
+    status = status_of(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": errors.to_wire(exc)["message"]}, status_code=status, headers=headers)
+
+
+def invalid_response(exc: RequestValidationError) -> JSONResponse:
+    """A request-shape error: 400 `{"error": "<field>: <problem>"}`, as Ollama answers."""
+    return JSONResponse({"error": invalid_field(exc)}, status_code=400)
+
+
+def not_found(requested: str) -> errors.ModelNotFound:
+    return errors.ModelNotFound(f"model '{requested[:200]}' not found")
+
+
+# ---------------------------------------------------------------------- routes without generation
+
+
+@router.get("/api/version", summary="The Ollama API version this door follows")
+async def version() -> dict[str, str]:
+    """`{"version": ...}`: the Ollama release whose API this door follows, and LLMWS's own."""
+    from .. import __version__
+
+    return {"version": OLLAMA_API_VERSION, "llmws": __version__}
+
+
+@router.get("/api/tags", summary="The local models (Ollama shape)")
+async def tags(request: Request) -> dict[str, Any]:
+    """Every local and configured remote model, named `name:tag`."""
+    models = await model_service(request).list()
+    return {"models": [model_entry(m) for m in models]}
+
+
+@router.get("/api/ps", summary="The loaded model (Ollama shape)")
+async def ps(request: Request) -> dict[str, Any]:
+    """The model in memory now, with its context length and how much of it is on a GPU."""
+    service = model_service(request)
+    models = await service.list()
+    info = service.info() or {}
+    out = []
+    for m in models:
+        if not m.get("loaded"):
+            continue
+        entry = model_entry(m)
+        on_gpu = str(info.get("device", "cpu")) != "cpu"
+        entry.update({"size_vram": entry["size"] if on_gpu else 0, "context_length": m.get("max_context") or info.get("max_context")})
+        out.append(entry)
+    return {"models": out}
+
+
+@router.post("/api/show", summary="One model's details (Ollama shape)")
+async def show(body: ModelRequest, request: Request) -> dict[str, Any]:
+    """Details, parameters and capabilities of one model (404 for an unknown name)."""
+    requested = body.requested
+    service = model_service(request)
+    m = find_local(await service.list(), requested)
+    if m is None:
+        raise not_found(requested)
+    info = (service.info() or {}) if m.get("loaded") else {}
+    arch = str(info.get("architecture") or m.get("architecture") or "llama")
+    model_info: dict[str, Any] = {"general.architecture": arch}
+    if m.get("parameters"):
+        model_info["general.parameter_count"] = m["parameters"]
+    ctx = info.get("n_ctx_train") or m.get("max_context")
+    if ctx:
+        model_info[f"{arch}.context_length"] = ctx
+    return {
+        "modelfile": f"# LLMWS serves this model from {m.get('path')}\nFROM {m.get('path')}\n",
+        "parameters": "",
+        "template": "",
+        "details": details(m),
+        "model_info": model_info,
+        "capabilities": ["completion", "tools"],
+    }
+
+
+@router.post("/api/copy", summary="Not supported (models are files in the model folders)")
+async def copy() -> None:
+    """Answered with a clear error: copy the model file inside models/ instead."""
+    raise errors.Unsupported("Copying models is not supported; models are files in models/ and var/models/.")
+
+
+@router.post("/api/create", summary="Not supported (no Modelfiles)")
+async def create() -> None:
+    """Answered with a clear error: put a GGUF file or a model folder into models/ instead."""
+    raise errors.Unsupported("Creating models from a Modelfile is not supported; put a GGUF file or a model folder into models/.")
+
+
+@router.post("/api/push", summary="Not supported (no registry)")
+async def push() -> None:
+    """Answered with a clear error: there is no registry to push to."""
+    raise errors.Unsupported("Pushing models is not supported; this server has no registry.")
+
+
+# ---------------------------------------------------------------------- generation
+
+
+class Door:
+    """One `/api/chat` or `/api/generate` request on its way through the generation service."""
+
+    def __init__(self, request: Request, body: GenerationBody, messages: list[ChatMessage], *,
+                 chat: bool, tools: list[Tool] | None = None) -> None:
+        self.request = request
+        self.body = body
+        self.messages = messages
+        self.chat = chat
+        self.tools = tools
+        self.timings = Timings()
+
+    def item(self, text: str = "", **extra: Any) -> dict[str, Any]:
+        """One Ollama response object (a streamed piece, or the final one with `extra`)."""
+        head: dict[str, Any] = {"model": self.body.model, "created_at": now()}
+        if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if "tool_calls" in extra:
+                message["tool_calls"] = extra.pop("tool_calls")
+            head["message"] = message
+        else:
+            head["response"] = text
+        return {**head, "done": False, **extra}
+
+    async def local_name(self) -> str:
+        """The model to ask the service for: the local model the name means, else the name."""
+        models = await model_service(self.request).list()
+        local = find_local(models, self.body.model)
+        return local["name"] if local is not None else self.body.model
+
+    async def respond(self) -> Response:
+        request = self.request
+        models = model_service(request)
+        name = await self.local_name()
+        if not self.messages:  # Ollama's way to load a model: no prompt
+            await models.serve_request_model(name, may_switch=is_admin(request))
+            self.timings.mark_loaded()
+            return JSONResponse(self.item(done=True, done_reason="load"))
+        gen = generation(request).prepare(sampling_request(
+            request,
+            self.messages,
+            sampling=sampling(self.body.options, models.max_context),
+            model=name,
+            response_format=response_format(self.body.format),
+            tools=self.tools,
+        ))
+        if not await start_or_gone(request, gen):
+            return Response(status_code=499)
+        self.timings.mark_loaded()
+        if self.body.stream:
+            return StreamingResponse(self.lines(gen), media_type=NDJSON)
+        async with gen, cancel_when_gone(request, gen.cancel):
+            async for event in gen:
+                if isinstance(event, (TokenEvent, ToolCallEvent)):
+                    self.timings.mark_token()
+                elif isinstance(event, DoneEvent):
+                    extra = {"tool_calls": ollama_tool_calls(event.tool_calls)} if event.tool_calls and self.chat else {}
+                    final = self.item(event.content or "", done=True, done_reason=done_reason(event.finish_reason),
+                                      **extra, **self.timings.final(event.tokens_in, event.tokens_out))
+                    return JSONResponse(final)
+                elif isinstance(event, ErrorEvent):
+                    return JSONResponse({"error": event.message}, status_code=event.status)
+        raise errors.GenerationError("The generation ended without a result.")
+
+    async def lines(self, gen: Generation) -> AsyncIterator[str]:
+        """The streamed reply: one JSON object per line, the last with `done: true`."""
+        async with gen, cancel_when_gone(self.request, gen.cancel):
+            async for event in gen:
+                if isinstance(event, TokenEvent):
+                    self.timings.mark_token()
+                    yield json_line(self.item(event.text))
+                elif isinstance(event, ToolCallEvent):
+                    self.timings.mark_token()
+                    if self.chat:
+                        yield json_line(self.item(tool_calls=ollama_tool_calls(event.calls)))
+                elif isinstance(event, DoneEvent):
+                    yield json_line(self.item(done=True, done_reason=done_reason(event.finish_reason),
+                                              **self.timings.final(event.tokens_in, event.tokens_out)))
+                elif isinstance(event, ErrorEvent):
+                    yield json_line({"error": event.message})
+
+
+def json_line(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+def model_service(request: Request) -> ModelService:
+    return llmws(request).services.models
+
+
+@router.post("/api/chat", summary="Chat (Ollama shape; streamed NDJSON by default)")
+async def chat(body: ChatRequest, request: Request) -> Response:
+    """The assistant's reply to `messages`: NDJSON pieces ending with a `done` object
+    carrying real counts and durations, or one object with `stream: false`."""
+    tools = chat_tools(body.tools)
+    return await Door(request, body, chat_messages(body.messages), chat=True, tools=tools).respond()
+
+
+@router.post("/api/generate", summary="Complete a prompt (Ollama shape; streamed NDJSON by default)")
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    """A reply to `prompt` (and `system`), through the model's chat template. An
+    empty prompt loads the model (`done_reason: "load"`)."""
+    messages = generate_messages(body) if body.prompt else []
+    return await Door(request, body, messages, chat=False).respond()
