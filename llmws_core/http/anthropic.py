@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,16 +32,7 @@ from ..services.generation import (
 )
 from ..services.tools import Tool, ToolCall, ToolChoice
 from .auth import user_key
-from .common import (
-    SSE_HEADERS,
-    cancel_when_gone,
-    generation,
-    invalid_field,
-    sampling_request,
-    sse,
-    start_or_gone,
-    status_of,
-)
+from .common import SSE_HEADERS, cancel_when_gone, generation, sampling_request, sse, start_or_gone
 
 logger = logging.getLogger("llmws.http.anthropic")
 
@@ -289,20 +279,14 @@ def error_object(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
-def error_body(exc: BaseException) -> dict[str, Any]:
-    """An Anthropic error object for any exception (user-safe text only)."""
-    return error_object(status_of(exc), errors.to_wire(exc)["message"])
+def owns_path(path: str) -> bool:
+    """Whether errors of `path` take Anthropic's shape."""
+    return path == PATH_PREFIX or path.startswith(PATH_PREFIX + "/")
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    status = status_of(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(error_body(exc), status_code=status, headers=headers)
-
-
-def invalid_response(exc: RequestValidationError) -> JSONResponse:
-    """A request-shape error as Anthropic answers it: 400 invalid_request_error naming the field."""
-    return JSONResponse(error_object(400, invalid_field(exc)), status_code=400)
+def error_body(event: ErrorEvent, param: str | None = None) -> dict[str, Any]:
+    """The Anthropic error object of an error (user-safe text only; the status is `event.status`)."""
+    return error_object(event.status, event.message)
 
 
 def sse_event(data: dict[str, Any]) -> str:
@@ -406,4 +390,4 @@ async def stream_events(request: Request, gen: Generation, body: MessagesRequest
                 })
                 yield sse_event({"type": "message_stop"})
             elif isinstance(event, ErrorEvent):
-                yield sse_event(error_object(event.status, event.message))
+                yield sse_event(error_body(event))

@@ -30,9 +30,9 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from .. import __version__, errors
 from ..config import REPO_ROOT
+from ..services.generation import ErrorEvent
 from . import anthropic, blocking, legacy, mcp, metrics, ollama, openai, stream
 from .auth import HostCheck
-from .common import openai_error, status_of
 
 if TYPE_CHECKING:
     from ..daemon import App
@@ -41,23 +41,14 @@ logger = logging.getLogger("llmws.http")
 
 WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
 
-#: Routes whose errors are OpenAI error objects; every other route answers {"detail": ...}.
-OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/chat/completions"})
+#: Surfaces with an error shape of their own: each has `owns_path(path) -> bool` and
+#: `error_body(event: ErrorEvent, param: str | None) -> dict`. Every other route
+#: answers {"detail": ..., "code": ...}.
+ERROR_SHAPES: tuple[Any, ...] = (openai, anthropic, ollama)
 
 
-#: Doors with an error shape of their own, by path prefix: (prefix, door module). The
-#: module renders `error_response(exc)` and `invalid_response(RequestValidationError)`.
-DOOR_ERRORS = ((anthropic.PATH_PREFIX, anthropic), (ollama.PATH_PREFIX, ollama))
-
-
-def _wants_openai_errors(request: Request) -> bool:
-    return request.url.path in OPENAI_PATHS
-
-
-def _door_of(request: Request) -> Any:
-    """The door module whose error shape this request's path uses, or None."""
-    path = request.url.path
-    return next((door for prefix, door in DOOR_ERRORS if path.startswith(prefix)), None)
+def _error_shape(request: Request) -> Any:
+    return next((door for door in ERROR_SHAPES if door.owns_path(request.url.path)), None)
 
 
 def create_app(app: App) -> FastAPI:
@@ -92,16 +83,12 @@ def create_app(app: App) -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        door = _door_of(request)
+        door = _error_shape(request)
         if door is not None:
-            return door.invalid_response(exc)  # type: ignore[no-any-return]
-        if _wants_openai_errors(request):
             first = exc.errors()[0] if exc.errors() else {}
             where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
             msg = f"Invalid request: {where}: {first.get('msg', 'invalid value')}" if where else "Invalid request body."
-            body = openai_error(errors.BadRequest(msg))
-            body["error"]["param"] = where or None
-            return JSONResponse(body, status_code=400)
+            return JSONResponse(door.error_body(ErrorEvent.of(errors.BadRequest(msg)), where or None), status_code=400)
         # FastAPI's own shape ({"detail": [...]}, 422), minus the echoed input.
         detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
@@ -147,14 +134,10 @@ def create_app(app: App) -> FastAPI:
 
 
 def _error_response(request: Request, exc: BaseException) -> JSONResponse:
-    door = _door_of(request)
+    event = ErrorEvent.of(exc)  # logs an unexpected error; its text is never sent
+    headers = {"WWW-Authenticate": "Bearer"} if event.status == 401 else None
+    door = _error_shape(request)
     if door is not None:
-        return door.error_response(exc)  # type: ignore[no-any-return]
-    status = status_of(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    if _wants_openai_errors(request):
-        return JSONResponse(openai_error(exc), status_code=status, headers=headers)
-    wire = errors.to_wire(exc)
-    body = {"detail": wire["message"], "code": wire["code"]}
-    body.update({k: v for k, v in wire.items() if k not in ("type", "code", "message")})
-    return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(door.error_body(event, None), status_code=event.status, headers=headers)
+    body = {"detail": event.message, "code": event.code, **event.details}
+    return JSONResponse(body, status_code=event.status, headers=headers)

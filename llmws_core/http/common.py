@@ -1,7 +1,8 @@
-"""Helpers every HTTP surface shares: SSE framing, cancel-on-disconnect, error bodies.
+"""Helpers every HTTP surface shares: the services behind a request, SSE framing,
+cancel-on-disconnect, OpenAI-shaped messages (which several surfaces take).
 
-Each surface module (openai, legacy, stream, blocking, mcp, metrics) stays a thin
-adapter: it turns its wire shape into chat-service calls and back, with these helpers.
+Each surface module stays a thin door: it turns its wire shape into a service
+request and the service's events back into its wire shape, with these helpers.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
 
 from .. import errors
 from ..services.generation import (
     ChatMessage,
-    ErrorEvent,
     Generation,
     GenerationParams,
     GenerationRequest,
@@ -32,18 +31,6 @@ logger = logging.getLogger("llmws.http")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-#: OpenAI error `type` by HTTP status.
-OPENAI_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-}
-
-
 def sse(data: Any, *, event_id: int | str | None = None, event: str | None = None) -> str:
     """One server-sent event: optional `id:` and `event:` lines, then `data:`, then a blank line."""
     lines = []
@@ -54,34 +41,6 @@ def sse(data: Any, *, event_id: int | str | None = None, event: str | None = Non
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     lines.extend(f"data: {part}" for part in text.split("\n"))
     return "\n".join(lines) + "\n\n"
-
-
-def invalid_field(exc: RequestValidationError) -> str:
-    """What a request-shape error says, naming the field: "max_tokens: Field required"."""
-    first = exc.errors()[0] if exc.errors() else {}
-    if first.get("type") == "json_invalid":
-        return "The request body is not valid JSON."
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return f"{where}: {first.get('msg', 'invalid value')}" if where else "The request body is not valid."
-
-
-def status_of(exc: BaseException) -> int:
-    return exc.http_status if isinstance(exc, errors.LLMWSError) else 500
-
-
-def openai_error(exc: BaseException | ErrorEvent) -> dict[str, Any]:
-    """An OpenAI error object for any exception or error event (user-safe text only)."""
-    event = exc if isinstance(exc, ErrorEvent) else ErrorEvent.of(exc)
-    body: dict[str, Any] = {
-        "message": event.message,
-        "type": OPENAI_ERROR_TYPES.get(event.status, "server_error"),
-        "param": None,
-        "code": event.code,
-    }
-    for key in ("max_context", "input_length"):
-        if key in event.details:
-            body[key] = event.details[key]
-    return {"error": body}
 
 
 def message_text(content: Any) -> str:

@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,14 +42,7 @@ from ..services.generation import (
 from ..services.models import ModelService
 from ..services.tools import Tool, ToolCall
 from .auth import is_admin, llmws, user_key
-from .common import (
-    cancel_when_gone,
-    generation,
-    invalid_field,
-    sampling_request,
-    start_or_gone,
-    status_of,
-)
+from .common import cancel_when_gone, generation, sampling_request, start_or_gone
 
 logger = logging.getLogger("llmws.http.ollama")
 
@@ -356,16 +348,14 @@ def model_entry(m: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- errors
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    """An Ollama error object `{"error": "..."}` (user-safe text only) with its status."""
-    status = status_of(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"error": errors.to_wire(exc)["message"]}, status_code=status, headers=headers)
+def owns_path(path: str) -> bool:
+    """Whether errors of `path` take Ollama's shape."""
+    return path.startswith(PATH_PREFIX)
 
 
-def invalid_response(exc: RequestValidationError) -> JSONResponse:
-    """A request-shape error: 400 `{"error": "<field>: <problem>"}`, as Ollama answers."""
-    return JSONResponse({"error": invalid_field(exc)}, status_code=400)
+def error_body(event: ErrorEvent, param: str | None = None) -> dict[str, Any]:
+    """Ollama's error object `{"error": "..."}` (user-safe text only; the status is `event.status`)."""
+    return {"error": event.message}
 
 
 def not_found(requested: str) -> errors.ModelNotFound:
@@ -515,7 +505,7 @@ class Door:
                                       **extra, **self.timings.final(event.tokens_in, event.tokens_out))
                     return JSONResponse(final)
                 elif isinstance(event, ErrorEvent):
-                    return JSONResponse({"error": event.message}, status_code=event.status)
+                    return JSONResponse(error_body(event), status_code=event.status)
         raise errors.GenerationError("The generation ended without a result.")
 
     async def lines(self, gen: Generation) -> AsyncIterator[str]:
@@ -533,7 +523,7 @@ class Door:
                     yield json_line(self.item(done=True, done_reason=done_reason(event.finish_reason),
                                               **self.timings.final(event.tokens_in, event.tokens_out)))
                 elif isinstance(event, ErrorEvent):
-                    yield json_line({"error": event.message})
+                    yield json_line(error_body(event))
 
 
 def json_line(obj: dict[str, Any]) -> str:

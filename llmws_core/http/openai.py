@@ -34,7 +34,6 @@ from .common import (
     cancel_when_gone,
     generation,
     normalize_messages,
-    openai_error,
     sampling_request,
     sse,
     start_or_gone,
@@ -111,6 +110,49 @@ def generation_request(request: Request, body: ChatCompletionRequest) -> Generat
         tool_choice=openai_tool_choice(body.tool_choice),
         response_format=parse_response_format(body.response_format),
     )
+
+
+#: OpenAI error `type` by HTTP status.
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error(exc: BaseException | ErrorEvent) -> dict[str, Any]:
+    """An OpenAI error object for any exception or error event (user-safe text only)."""
+    event = exc if isinstance(exc, ErrorEvent) else ErrorEvent.of(exc)
+    body: dict[str, Any] = {
+        "message": event.message,
+        "type": OPENAI_ERROR_TYPES.get(event.status, "server_error"),
+        "param": None,
+        "code": event.code,
+    }
+    for key in ("max_context", "input_length"):
+        if key in event.details:
+            body[key] = event.details[key]
+    return {"error": body}
+
+
+#: Routes whose errors are OpenAI error objects.
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/chat/completions"})
+
+
+def owns_path(path: str) -> bool:
+    """Whether errors of `path` take OpenAI's shape."""
+    return path in OPENAI_PATHS
+
+
+def error_body(event: ErrorEvent, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object of an error (`param`: the request field at fault)."""
+    body = openai_error(event)
+    body["error"]["param"] = param
+    return body
 
 
 def tool_call_json(call: ToolCall) -> dict[str, Any]:
