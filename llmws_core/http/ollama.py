@@ -16,6 +16,7 @@ against the local models as given, without `:latest`, and with `.gguf` added (se
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -41,7 +42,7 @@ from ..services.generation import (
 )
 from ..services.models import ModelService
 from ..services.tools import Tool, ToolCall
-from .auth import is_admin, llmws, user_key
+from .auth import admin_key, is_admin, llmws, user_key
 from .common import cancel_when_gone, generation, sampling_request, start_or_gone
 
 logger = logging.getLogger("llmws.http.ollama")
@@ -293,7 +294,8 @@ def find_local(models: list[dict[str, Any]], requested: str) -> dict[str, Any] |
     """The listed model an Ollama-style name means, or None.
 
     Tried in order: the name (or path) as given, without `:latest`, with `.gguf`
-    added, and the listed Ollama names."""
+    added, the listed Ollama names, and what a pull of that name downloaded
+    (`hf.co/org/repo:QUANT`: the model in var/models/org--repo--QUANT)."""
     bare = requested[: -len(":latest")] if requested.endswith(":latest") else requested
     for candidate in (requested, bare, bare + ".gguf"):
         for m in models:
@@ -302,7 +304,11 @@ def find_local(models: list[dict[str, Any]], requested: str) -> dict[str, Any] |
     for m in models:
         if ollama_name(m["name"]) == requested:
             return m
-    return None
+    try:
+        folder = "var/models/" + pull_source(requested)[2]
+    except errors.Unsupported:
+        return None
+    return next((m for m in models if str(m.get("path", "")).startswith(folder + "/")), None)
 
 
 def parameter_size(count: int | None) -> str:
@@ -548,3 +554,103 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     empty prompt loads the model (`done_reason: "load"`)."""
     messages = generate_messages(body) if body.prompt else []
     return await Door(request, body, messages, chat=False).respond()
+
+
+# ---------------------------------------------------------------------- pull
+
+
+class PullBody(BaseModel):
+    """`/api/pull`: a model to download (`name` is the older spelling)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, max_length=300)
+    name: str | None = Field(None, max_length=300)
+    insecure: bool | None = None
+    stream: bool = True
+
+
+#: Hosts whose names mean a Hugging Face repository in a pull.
+HF_HOSTS = ("hf.co", "huggingface.co", "www.huggingface.co")
+
+
+def pull_source(name: str) -> tuple[str, str | None, str]:
+    """(Hub repo id, quantization or None, var/models folder) of a pulled name.
+
+    Hugging Face references: `hf.co/org/repo[:QUANT]` (Ollama's syntax),
+    `huggingface.co/...` or a plain `org/repo[:QUANT]`; the tag `latest` means the
+    default file (a Q4_K_M GGUF where there is one).
+
+    Raises:
+        Unsupported: a name of Ollama's own registry (`llama3.2`, `library/...`,
+            `registry.ollama.ai/...`), which this server cannot reach.
+    """
+    text = name.strip().removeprefix("https://").removeprefix("http://")
+    host, _, rest = text.partition("/")
+    if host.lower() in HF_HOSTS:
+        path = rest
+    elif rest and "." not in host and host != "library":
+        path = text
+    else:
+        raise errors.Unsupported(
+            "Ollama's registry is not reachable from LLMWS: pull a Hugging Face repository "
+            "instead, as hf.co/<org>/<repo>[:QUANT] (e.g. hf.co/bartowski/SmolLM2-135M-Instruct-GGUF:Q4_K_M)."
+        )
+    repo, _, tag = path.partition(":")
+    quant = None if tag in ("", "latest") else tag
+    folder = repo.replace("/", "--") + (f"--{quant}" if quant else "")
+    return repo, quant, folder
+
+
+def pull_progress(event: dict[str, Any]) -> dict[str, Any] | None:
+    """A download event as Ollama's pull progress object (None: nothing to show)."""
+    kind = event.get("type")
+    if kind == "download_started":
+        return {"status": "pulling manifest"}
+    if kind == "download_progress":
+        file = str(event.get("file") or "")
+        digest = "sha256:" + hashlib.sha256(file.encode()).hexdigest()
+        out: dict[str, Any] = {"status": f"pulling {file or digest[7:19]}", "digest": digest, "completed": event.get("done") or 0}
+        if event.get("total") is not None:
+            out["total"] = event["total"]
+        return out
+    if kind == "download_done":
+        return {"status": "success"}
+    if kind == "error":
+        return {"error": str(event.get("message") or "The download failed.")}
+    return None
+
+
+@router.post("/api/pull", summary="Download a model from Hugging Face (Ollama progress objects)", dependencies=[Depends(admin_key)])
+async def pull(body: PullBody, request: Request) -> Response:
+    """Download `hf.co/org/repo[:QUANT]` (or `org/repo`) into var/models/ with the download
+    manager, reporting Ollama's progress objects (`status`, `digest`, `total`,
+    `completed`) as NDJSON, or only the last one with `stream: false`. A model pulled
+    before answers `success` at once. Needs the admin key when admin keys exist."""
+    requested = body.model or body.name
+    if not requested:
+        raise errors.BadRequest("model is required")
+    repo, quant, folder = pull_source(requested)
+    models = await model_service(request).list()
+    if any(str(m.get("path", "")).startswith(f"var/models/{folder}/") for m in models):
+        done = {"status": "success"}
+        return StreamingResponse(iter([json_line(done)]), media_type=NDJSON) if body.stream else JSONResponse(done)
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await llmws(request).downloads.start(repo, folder, events.put_nowait, quant=quant)
+
+    async def progress() -> AsyncIterator[dict[str, Any]]:
+        while True:
+            item = pull_progress(await events.get())
+            if item is not None:
+                yield item
+                if "error" in item or item.get("status") == "success":
+                    return
+
+    if body.stream:
+        return StreamingResponse((json_line(item) async for item in progress()), media_type=NDJSON)
+    last: dict[str, Any] = {}
+    async for item in progress():
+        last = item
+    if "error" in last:
+        return JSONResponse(last, status_code=502)
+    return JSONResponse(last)

@@ -11,6 +11,7 @@ import ollama
 import pytest
 
 from tests.conftest import DaemonProcess, scaled
+from tests.engine.fake_hub import FakeHub, FakeRepo, tiny_gguf
 from tests.http.conftest import pick_stop
 
 HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
@@ -194,3 +195,35 @@ def test_ollama_port_serves_the_same_api_on_a_second_port(daemon_factory) -> Non
         assert names == [m["name"] for m in httpx.get(d.http_url + "/api/tags", timeout=scaled(30)).json()["models"]]
     finally:
         c.close()
+
+
+def test_pull_downloads_a_hugging_face_repo_with_ollama_progress(daemon_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """pull of hf.co/org/repo:QUANT streams status/digest/total/completed objects, ends in success and lists the model."""
+    repo = FakeRepo("acme/tiny-GGUF", {
+        "tiny.Q4_K_M.gguf": tiny_gguf(padding=2_000_000),
+        "tiny.Q8_0.gguf": tiny_gguf(padding=3_000_000),
+        "README.md": b"hi",
+    })
+    with FakeHub([repo]) as hub:
+        d = daemon_factory(env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"})
+        c = ollama.Client(host=d.http_url, timeout=scaled(180))
+        try:
+            parts = list(c.pull("hf.co/acme/tiny-GGUF:Q8_0", stream=True))
+            assert parts[0].status == "pulling manifest"
+            assert parts[-1].status == "success"
+            sized = [p for p in parts if p.total]
+            assert sized and sized[-1].completed == sized[-1].total > 3_000_000
+            assert all(p.digest and p.digest.startswith("sha256:") for p in sized)
+            names = [m.model for m in c.list().models]
+            assert "acme--tiny-GGUF--Q8_0/tiny.Q8_0:latest" in names
+            assert not any("Q4_K_M" in n for n in names)
+            assert c.show("hf.co/acme/tiny-GGUF:Q8_0").details.format == "gguf"  # the pulled name finds it
+            assert c.pull("hf.co/acme/tiny-GGUF:Q8_0").status == "success"  # already there
+            with pytest.raises(ollama.ResponseError) as registry:
+                c.pull("llama3.2")
+            assert registry.value.status_code == 400 and "registry" in registry.value.error
+            with pytest.raises(ollama.ResponseError) as missing:
+                c.pull("hf.co/acme/tiny-GGUF:Q5_K_M")
+            assert "Q5_K_M" in missing.value.error
+        finally:
+            c.close()
