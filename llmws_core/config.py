@@ -38,6 +38,7 @@ class PathSettings(_Section):
 
 class ModelSettings(_Section):
     path: str | None = Field(None, description="Model to load at start (a name from list_models, or a path inside the model folders). null: auto-select (one model found: it; several: prefer models/; none: the embedded SmolLM2).")
+    embedding_path: str | None = Field(None, description="Embedding model served when a request names none (or a name that is no local model): a name from list_models. null: the first embedding model in models/ (then var/models/), else the embedded all-MiniLM-L6-v2.")
     n_ctx: int | None = Field(None, ge=256, description="llama.cpp context size; null: the memory-aware estimate, capped by the model's trained context and `max_context_cap`.")
     max_context_cap: int = Field(8192, ge=256, description="Upper bound on the context the daemon allocates when `n_ctx` is null (KV memory grows with it).")
     n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp; null: the number of physical cores, lowered to half while other programs keep the cores busy (decode step times decide, see Benchmarks, \"On a busy machine\"). A number is used as given.")
@@ -87,7 +88,7 @@ class SecuritySettings(_Section):
     admin_keys: list[str] = Field(default_factory=list, description="Admin keys: required for download, delete and switch when any key is configured. Also from LLMWS_ADMIN_KEYS.")
     require_api_key: bool = Field(False, description="Require a key even on loopback. Always on when binding beyond loopback.")
     allowed_origins: list[str] = Field(default_factory=list, description="Extra browser Origins allowed to open the WebSocket (the HTTP adapter's own origin and non-browser clients are always allowed).")
-    allow_file_origin: bool = Field(False, description="Allow pages opened from disk (Origin 'null') to connect.")
+    allow_file_origin: bool = Field(True, description="Allow pages opened from disk (Origin 'null', which sandboxed frames on any site send too) to connect: they chat in sessions such pages started and never manage models without a key that allows it. false refuses them.")
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins for the HTTP adapter; empty: CORS off.")
 
 

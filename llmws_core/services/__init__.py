@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .embeddings import EmbeddingService
 from .generation import GenerationService
 from .models import ModelService
 
@@ -19,3 +20,4 @@ class Services:
 
     generation: GenerationService
     models: ModelService
+    embeddings: EmbeddingService

@@ -195,6 +195,8 @@ def test_errors_are_anthropic_error_objects_and_the_server_keeps_serving(client:
         assert "max_tokens" in r.json()["error"]["message"]
         r = http.post("/v1/messages", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        r = http.get("/v1/messages")
+        assert r.status_code == 405 and r.json()["type"] == "error"
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
     with pytest.raises(anthropic.BadRequestError) as bad:
         client.messages.create(model="x", max_tokens=8, messages=[{"role": "user", "content": [image]}])
@@ -210,3 +212,12 @@ def test_errors_are_anthropic_error_objects_and_the_server_keeps_serving(client:
     assert "too long" in long.value.body["error"]["message"].lower()
     m = client.messages.create(model="x", max_tokens=4, messages=HELLO)
     assert m.content
+
+
+def test_closing_a_stream_early_leaves_the_server_serving(client: anthropic.Anthropic) -> None:
+    """A client that leaves a long stream after its first text frees the model for the next request."""
+    with client.messages.stream(model="x", max_tokens=400, messages=COUNT, extra_body=GREEDY) as stream:
+        first = next(iter(stream.text_stream))
+        assert first
+    m = client.messages.create(model="x", max_tokens=4, messages=HELLO, extra_body=GREEDY)
+    assert m.content and m.usage.output_tokens <= 4

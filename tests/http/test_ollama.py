@@ -176,11 +176,39 @@ def test_errors_are_ollama_error_objects_and_the_server_keeps_serving(client: ol
         assert r.status_code == 400 and "error" in r.json()
         r = http.post("/api/copy", json={"source": local_name, "destination": "copy"})
         assert r.status_code == 400 and "not supported" in r.json()["error"]
+        r = http.get("/api/no-such-route")
+        assert r.status_code == 404 and "error" in r.json()
     with pytest.raises(ollama.ResponseError) as long:
         client.chat(model=local_name, messages=[{"role": "user", "content": "word " * 40_000}], stream=False)
     assert long.value.status_code == 400 and "too long" in long.value.error.lower()
     r = client.chat(model=local_name, messages=HELLO, options=GREEDY, stream=False)
     assert r.message.content
+
+
+def test_embed_returns_unit_vectors_that_rank_by_meaning(client: ollama.Client) -> None:
+    """embed gives one unit-length vector per input from the embedding model; related texts are closer."""
+    r = client.embed(model="all-minilm", input=["The cat sat on the mat.", "A kitten rests on a rug.", "Stock markets fell sharply."])
+    vectors = r.embeddings
+    assert len(vectors) == 3 and len(vectors[0]) == 384
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-3 for v in vectors)
+
+    def dot(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2])
+    assert r.prompt_eval_count and r.prompt_eval_count > 10
+    assert r.total_duration and r.load_duration is not None
+    single = client.embed(model="all-minilm", input="The cat sat on the mat.", dimensions=64)
+    assert len(single.embeddings) == 1 and len(single.embeddings[0]) == 64
+    old = client.embeddings(model="all-minilm", prompt="The cat sat on the mat.")
+    assert [round(x, 4) for x in old.embedding] == [round(x, 4) for x in vectors[0]]
+
+
+def test_embed_with_a_chat_model_name_is_an_ollama_error(client: ollama.Client, local_name: str) -> None:
+    """Naming the chat model on /api/embed is a 400 saying it is not an embedding model."""
+    with pytest.raises(ollama.ResponseError) as wrong:
+        client.embed(model=local_name, input="hello")
+    assert wrong.value.status_code == 400 and "embedding" in wrong.value.error
 
 
 def test_ollama_port_serves_the_same_api_on_a_second_port(daemon_factory) -> None:  # type: ignore[no-untyped-def]

@@ -452,7 +452,7 @@ class BatchScheduler:
             if text and not self._emit(seq, text):
                 return
         matched = seq.matcher.matched if seq.matcher is not None else None
-        seq.result = GenerationResult(reason, len(seq.prompt_ids), seq.n_out, matched)  # type: ignore[arg-type]
+        seq.result = GenerationResult(reason, len(seq.prompt_ids), seq.n_out, stop_sequence=matched)  # type: ignore[arg-type]
         seq.done.set()
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:

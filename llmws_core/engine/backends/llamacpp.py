@@ -171,6 +171,8 @@ class LlamaCppBackend(Backend):
         )
         self.max_concurrency = n_slots
         self.supports_grammar = True
+        self.supports_logprobs = True
+        self.supports_completion = True
         arch = meta.get("general.architecture", "")
         self.info.n_ctx_train = trained
         self.info.max_context = self._engine.max_context
@@ -327,6 +329,38 @@ class LlamaCppBackend(Backend):
             # JSON mode, forced tool calls: the grammar sampler keeps the reply to the format.
             params = dataclasses.replace(params, grammar=grammar_for(params.response_format))
         tokens, template_stops = self.tokenize_prompt(messages)
+        stops = list(params.stop) + [s for s in template_stops if s]
+        return self._submit(engine, tokens, stops, params, on_token, cancelled, persist=persist)
+
+    def complete(
+        self,
+        prompt: str | list[int],
+        params: GenerationParams,
+        on_token: TokenCallback,
+        cancelled: CancelCheck,
+    ) -> GenerationResult:
+        """Continue raw text or token ids (no chat template; `/v1/completions`)."""
+        engine = self._require()
+        if params.response_format and not params.grammar:
+            params = dataclasses.replace(params, grammar=grammar_for(params.response_format))
+        if isinstance(prompt, str):
+            add_bos = bool(self._ll.llama_vocab_get_add_bos(self._vocab)) and not (
+                self._bos_text and prompt.startswith(self._bos_text)
+            )
+            tokens = self._tokenize(prompt, add_bos=add_bos, special=True)
+        else:
+            n_vocab = int(self._ll.llama_vocab_n_tokens(self._vocab))
+            if any(not 0 <= t < n_vocab for t in prompt):
+                raise errors.BadRequest(f"Token ids must lie in 0..{n_vocab - 1} for this model.")
+            tokens = list(prompt)
+        if not tokens:
+            raise errors.BadRequest("The prompt is empty.")
+        return self._submit(engine, tokens, list(params.stop), params, on_token, cancelled)
+
+    def _submit(
+        self, engine: BatchEngine, tokens: list[int], stops: list[str], params: GenerationParams,
+        on_token: TokenCallback, cancelled: CancelCheck, *, persist: bool = False,
+    ) -> GenerationResult:
         n_in = len(tokens)
         n_ctx = engine.max_context
         if n_in + 1 > n_ctx:
@@ -336,7 +370,7 @@ class LlamaCppBackend(Backend):
         req = Request(
             tokens=tokens,
             params=params,
-            stops=list(params.stop) + [s for s in template_stops if s],
+            stops=stops,
             on_token=on_token,
             cancelled=cancelled,
             budget=max(1, min(params.max_new_tokens, n_ctx - n_in)),
@@ -345,6 +379,11 @@ class LlamaCppBackend(Backend):
         if params.cache_key is not None:
             req.restored = engine.load_prefix(params.cache_key, tokens)
         return engine.submit(req)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids (what `/detokenize` and an echoed token prompt show)."""
+        self._require()
+        return b"".join(self._require()._piece_of(t) for t in tokens).decode("utf-8", errors="replace")
 
     def warm_prefix(self, messages: Sequence[Message], cache_key: str | None) -> tuple[int, bool]:
         """Evaluate `messages` into `cache_key`'s slot and store the KV on disk.
