@@ -244,21 +244,17 @@ def now() -> str:
 class Timings:
     """Real durations of one request, in nanoseconds, as Ollama reports them.
 
-    `load` is the model switch a request caused; prompt evaluation runs from the
-    moment the prompt fits (the queue turn came) to the first token; evaluation
-    from the first token to the end."""
+    Load: from the request's arrival until the model took it (a model switch it
+    caused, its wait in the queue, the prompt check). Prompt evaluation: from then to
+    the first token. Evaluation: from the first token to the end."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter_ns()
         self.loaded = self.start
-        self.ready: int | None = None
         self.first: int | None = None
 
     def mark_loaded(self) -> None:
         self.loaded = time.perf_counter_ns()
-
-    def mark_ready(self) -> None:
-        self.ready = time.perf_counter_ns()
 
     def mark_token(self) -> None:
         if self.first is None:
@@ -266,13 +262,12 @@ class Timings:
 
     def final(self, tokens_in: int, tokens_out: int) -> dict[str, int]:
         end = time.perf_counter_ns()
-        ready = self.ready or self.loaded
         first = self.first or end
         return {
             "total_duration": end - self.start,
             "load_duration": self.loaded - self.start,
             "prompt_eval_count": tokens_in,
-            "prompt_eval_duration": max(0, first - ready),
+            "prompt_eval_duration": max(0, first - self.loaded),
             "eval_count": tokens_out,
             "eval_duration": max(0, end - first),
         }
