@@ -62,6 +62,7 @@ class App:
         self.models = ModelManager(settings, prefixes=prefixes)
         self.chat = ChatService(settings, self.store, self.models)
         model_service = ModelService(self.models, self.chat)
+        model_service.downloads = lambda: self.downloads
         self.services = Services(
             generation=GenerationService(self.chat, model_service), models=model_service,
             embeddings=EmbeddingService(settings, self.models),

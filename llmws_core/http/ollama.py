@@ -300,11 +300,18 @@ def find_local(models: list[dict[str, Any]], requested: str) -> dict[str, Any] |
     for m in models:
         if ollama_name(m["name"]) == requested:
             return m
+    folder = pulled_folder(requested)
+    if folder is None:
+        return None
+    return next((m for m in models if str(m.get("path", "")).startswith(f"var/models/{folder}/")), None)
+
+
+def pulled_folder(requested: str) -> str | None:
+    """The var/models folder a pull of `requested` downloads into (None: not a pullable name)."""
     try:
-        folder = "var/models/" + pull_source(requested)[2]
+        return pull_source(requested)[2]
     except errors.Unsupported:
         return None
-    return next((m for m in models if str(m.get("path", "")).startswith(folder + "/")), None)
 
 
 def parameter_size(count: int | None) -> str:
@@ -423,6 +430,22 @@ async def show(body: ModelRequest, request: Request) -> dict[str, Any]:
         "model_info": model_info,
         "capabilities": ["embedding"] if m.get("kind") == "embedding" else ["completion", "tools"],
     }
+
+
+@router.delete("/api/delete", summary="Delete a model (admin)", dependencies=[Depends(admin_key)])
+async def delete(body: ModelRequest, request: Request) -> Response:
+    """Remove a model from var/models/ (models/ only when allowed); 404 for an unknown
+    name, 403 for the loaded or embedded model. Needs the admin key when admin keys exist."""
+    requested = body.requested
+    service = model_service(request)
+    m = find_local(await service.list(), requested)
+    if m is None:
+        raise not_found(requested)
+    if m.get("source") in ("embedded", "config"):
+        raise errors.Forbidden(f"'{m['name']}' is not a file in the model folders; it cannot be deleted.")
+    folder = pulled_folder(requested)
+    await service.delete(folder if folder is not None and str(m.get("path", "")).startswith(f"var/models/{folder}/") else m["name"])
+    return Response(status_code=200)
 
 
 @router.post("/api/copy", summary="Not supported (models are files in the model folders)")
@@ -632,7 +655,7 @@ async def pull(body: PullBody, request: Request) -> Response:
         done = {"status": "success"}
         return StreamingResponse(iter([json_line(done)]), media_type=NDJSON) if body.stream else JSONResponse(done)
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    await llmws(request).downloads.start(repo, folder, events.put_nowait, quant=quant)
+    await model_service(request).download(repo, folder, events.put_nowait, quant=quant)
 
     async def progress() -> AsyncIterator[dict[str, Any]]:
         while True:

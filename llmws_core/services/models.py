@@ -129,3 +129,34 @@ class ModelService:
         logger.info("request names %s: switching the model", entry.name)
         await self.switch(entry)
         return None
+
+    # ------------------------------------------------------------------ downloads and deletion
+
+    #: The daemon's download manager, built on first use (set by the daemon; None: no downloads).
+    downloads: Callable[[], Any] | None = None
+
+    async def download(
+        self, repo: str, target_dir: str, on_event: Callable[[dict[str, Any]], None], *,
+        filename: str | None = None, quant: str | None = None,
+    ) -> str:
+        """Start downloading `repo` into var/models/<target_dir>; its events go to
+        `on_event` (download_started, download_progress, download_done or error).
+
+        Returns the job id. Raises what `DownloadManager.start` raises (Forbidden,
+        BadRequest, DownloadError, Busy), Unsupported without a download manager."""
+        if self.downloads is None:
+            raise errors.Unsupported("Downloads are not available on this server.")
+        return await self.downloads().start(repo, target_dir, on_event, filename=filename, quant=quant)
+
+    async def delete(self, name: str) -> ModelEntry:
+        """Remove a model (or a download's folder) from the model folders, in a worker thread.
+
+        Raises:
+            Forbidden: the loaded or embedded model, or one in models/ when deleting there is off.
+            ModelNotFound: no such model.
+        """
+        current = self._models.entry
+        if current is not None and name in (current.name, current.rel_path):
+            raise errors.Forbidden(f"'{current.name}' is the loaded model; switch to another model before deleting it.")
+        loaded = current.path if current is not None else None
+        return await asyncio.to_thread(self._models.dirs.delete, name, loaded)

@@ -226,7 +226,8 @@ def test_ollama_port_serves_the_same_api_on_a_second_port(daemon_factory) -> Non
 
 
 def test_pull_downloads_a_hugging_face_repo_with_ollama_progress(daemon_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """pull of hf.co/org/repo:QUANT streams status/digest/total/completed objects, ends in success and lists the model."""
+    """pull of hf.co/org/repo:QUANT streams status/digest/total/completed objects, ends in success and
+    lists the model; delete removes it again (and refuses the loaded model)."""
     repo = FakeRepo("acme/tiny-GGUF", {
         "tiny.Q4_K_M.gguf": tiny_gguf(padding=2_000_000),
         "tiny.Q8_0.gguf": tiny_gguf(padding=3_000_000),
@@ -253,5 +254,14 @@ def test_pull_downloads_a_hugging_face_repo_with_ollama_progress(daemon_factory,
             with pytest.raises(ollama.ResponseError) as missing:
                 c.pull("hf.co/acme/tiny-GGUF:Q5_K_M")
             assert "Q5_K_M" in missing.value.error
+            assert c.delete("hf.co/acme/tiny-GGUF:Q8_0").status == "success"
+            assert not any("tiny" in (m.model or "") for m in c.list().models)
+            with pytest.raises(ollama.ResponseError) as gone:
+                c.delete("hf.co/acme/tiny-GGUF:Q8_0")
+            assert gone.value.status_code == 404
+            loaded = c.ps().models[0].model
+            with pytest.raises(ollama.ResponseError) as busy:
+                c.delete(loaded or "")
+            assert busy.value.status_code == 403
         finally:
             c.close()
