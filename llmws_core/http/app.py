@@ -3,9 +3,11 @@
 One module per surface, each a thin adapter over the chat service:
 
 - openai.py    `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
+- completions.py `/v1/completions` (raw-text continuation)
 - anthropic.py `/v1/messages`, `/v1/messages/count_tokens` (the official `anthropic` SDK)
 - ollama.py    Ollama's `/api/chat`, `/api/generate`, `/api/tags`, ... (the `ollama` client)
 - embeddings.py `/v1/embeddings` over the embedding service
+- choices.py   what chat and text completions share: `n`, logprobs, system_fingerprint
 - legacy.py    the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
                `/chat/completions`, `/restore_cache`
 - stream.py    nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
@@ -34,11 +36,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__, errors
 from ..config import REPO_ROOT
 from ..services.generation import ErrorEvent
-from . import anthropic, blocking, embeddings, legacy, mcp, metrics, ollama, openai, stream
+from . import (
+    anthropic,
+    blocking,
+    completions,
+    embeddings,
+    legacy,
+    mcp,
+    metrics,
+    ollama,
+    openai,
+    stream,
+)
 from .auth import HostCheck
 
 if TYPE_CHECKING:
-    from ..daemon import App
+    from ..services import Services
 
 logger = logging.getLogger("llmws.http")
 
@@ -54,7 +67,7 @@ def _error_shape(request: Request) -> Any:
     return next((door for door in ERROR_SHAPES if door.owns_path(request.url.path)), None)
 
 
-def create_app(app: App) -> FastAPI:
+def create_app(app: Services) -> FastAPI:
     """Build the HTTP adapter over the daemon's services."""
 
     @contextlib.asynccontextmanager
@@ -76,7 +89,7 @@ def create_app(app: App) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    api.state.llmws = app
+    api.state.services = app
     app_mcp = mcp.attach(api, app)
     metrics.attach(api, app)
 
@@ -122,11 +135,11 @@ def create_app(app: App) -> FastAPI:
         """Liveness and the basics a client needs (the WebSocket port)."""
         return {
             "status": "ok",
-            "model": app.models.model_info(),
+            "model": app.models.info(),
             "max_context": app.models.max_context,
-            "ws_port": app.ws_port,
-            "http_port": app.http_port,
-            "queue_depth": app.models.queue.depth,
+            "ws_port": app.runtime.ws_port,
+            "http_port": app.runtime.http_port,
+            "queue_depth": app.models.queue_depth,
             "version": __version__,
         }
 
@@ -137,7 +150,7 @@ def create_app(app: App) -> FastAPI:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return FileResponse(WEB_CLIENT, media_type="text/html")
 
-    for module in (openai, embeddings, anthropic, ollama, legacy, stream, blocking):
+    for module in (openai, completions, embeddings, anthropic, ollama, legacy, stream, blocking):
         api.include_router(module.router)
 
     sec = app.settings.security

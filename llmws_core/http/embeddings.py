@@ -80,7 +80,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
     except InvalidInput as exc:
         exc.fields["param"] = "input"
         raise
-    result = await llmws(request).services.embeddings.embed(
+    result = await llmws(request).embeddings.embed(
         EmbedRequest(inputs=inputs, model=body.model, dimensions=body.dimensions)
     )
     return {

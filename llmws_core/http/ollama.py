@@ -556,7 +556,7 @@ def json_line(obj: dict[str, Any]) -> str:
 
 
 def model_service(request: Request) -> ModelService:
-    return llmws(request).services.models
+    return llmws(request).models
 
 
 @router.post("/api/chat", summary="Chat (Ollama shape; streamed NDJSON by default)")
@@ -655,7 +655,7 @@ async def pull(body: PullBody, request: Request) -> Response:
         done = {"status": "success"}
         return StreamingResponse(iter([json_line(done)]), media_type=NDJSON) if body.stream else JSONResponse(done)
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    await model_service(request).download(repo, folder, events.put_nowait, quant=quant)
+    await model_service(request).downloads.start(repo, folder, events.put_nowait, quant=quant)
 
     async def progress() -> AsyncIterator[dict[str, Any]]:
         while True:
@@ -708,7 +708,7 @@ async def embed_texts(request: Request, model: str, texts: list[str], *, truncat
 
     A listed embedding model is found as chat models are (see `find_local`); any other
     name is served by the default embedding model, a chat model's name is a 400."""
-    service = llmws(request).services.embeddings
+    service = llmws(request).embeddings
     started = time.perf_counter_ns()
     local = find_local(await model_service(request).list(), model)
     name = local["name"] if local is not None else model

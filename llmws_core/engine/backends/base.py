@@ -216,6 +216,12 @@ class Backend(abc.ABC):
 
         raise errors.Unsupported(f"The {self.name} backend cannot continue raw text.")
 
+    def count_prompt(self, prompt: str | list[int]) -> int:
+        """Tokens of a raw prompt as `complete` would feed it (backends with `supports_completion`)."""
+        from ... import errors
+
+        raise errors.Unsupported(f"The {self.name} backend cannot continue raw text.")
+
     def tokenize_text(self, text: str) -> int:
         """Token count of plain text (for limits and summaries); default: chat-render it."""
         return self.count_tokens([{"role": "user", "content": text}])

@@ -343,6 +343,12 @@ class LlamaCppBackend(Backend):
         engine = self._require()
         if params.response_format and not params.grammar:
             params = dataclasses.replace(params, grammar=grammar_for(params.response_format))
+        tokens = self.prompt_tokens(prompt)
+        return self._submit(engine, tokens, list(params.stop), params, on_token, cancelled)
+
+    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+        """The tokens a raw prompt is (BOS first where the model wants one); ids are checked."""
+        self._require()
         if isinstance(prompt, str):
             add_bos = bool(self._ll.llama_vocab_get_add_bos(self._vocab)) and not (
                 self._bos_text and prompt.startswith(self._bos_text)
@@ -355,7 +361,11 @@ class LlamaCppBackend(Backend):
             tokens = list(prompt)
         if not tokens:
             raise errors.BadRequest("The prompt is empty.")
-        return self._submit(engine, tokens, list(params.stop), params, on_token, cancelled)
+        return tokens
+
+    def count_prompt(self, prompt: str | list[int]) -> int:
+        """Tokens of a raw prompt (see `prompt_tokens`)."""
+        return len(self.prompt_tokens(prompt))
 
     def _submit(
         self, engine: BatchEngine, tokens: list[int], stops: list[str], params: GenerationParams,
