@@ -8,6 +8,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import pydantic
 import pytest
 
 from tests.conftest import DaemonProcess, scaled
@@ -173,6 +174,23 @@ def test_output_config_format_constrains_the_reply_to_a_schema(client: anthropic
     )
     data = json.loads(text_of(m))
     assert isinstance(data["name"], str) and isinstance(data["age"], int)
+
+
+
+class Person(pydantic.BaseModel):
+    """What the structured-output test asks for."""
+
+    name: str = pydantic.Field(max_length=12)
+    age: int
+
+
+def test_messages_parse_returns_the_pydantic_object(client: anthropic.Anthropic) -> None:
+    """The SDK's messages.parse(output_format=Model) gets JSON it can validate into the model."""
+    m = client.messages.parse(
+        model="x", max_tokens=48, messages=[{"role": "user", "content": "Bob is 30 years old. Give his name and age."}],
+        output_format=Person, extra_body=GREEDY,
+    )
+    assert isinstance(m.parsed_output, Person)
 
 
 def test_count_tokens_matches_the_prompt_a_reply_reports(client: anthropic.Anthropic) -> None:
