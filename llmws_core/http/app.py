@@ -1,21 +1,24 @@
 """The HTTP/SSE adapter's FastAPI application (routes live in sibling modules).
 
-One module per surface, each a thin adapter over the chat service:
+One module per surface (a door), each a thin translator over the services:
 
-- openai.py    `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
-- completions.py `/v1/completions` (raw-text continuation)
-- anthropic.py `/v1/messages`, `/v1/messages/count_tokens` (the official `anthropic` SDK)
-- ollama.py    Ollama's `/api/chat`, `/api/generate`, `/api/tags`, ... (the `ollama` client)
-- embeddings.py `/v1/embeddings` over the embedding service
-- choices.py   what chat and text completions share: `n`, logprobs, system_fingerprint
-- legacy.py    the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
-               `/chat/completions`, `/restore_cache`
-- stream.py    nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
-               and session-backed streams that resume with `Last-Event-ID`
-- blocking.py  the HF server's `/chat/blocking`, `/chat/stream`, `/ping`
-- mcp.py       `/v1/mcp/{method}` over the configured MCP servers
-- metrics.py   Prometheus `/metrics`
-- auth.py      API keys and the Host (DNS rebinding) check
+- openai.py            `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions` (the official SDK,
+                       LiteLLM, curl)
+- completions.py       `/v1/completions` (raw-text continuation)
+- embeddings.py        `/v1/embeddings` over the embedding service
+- choices.py           what chat and text completions share: `n`, logprobs, system_fingerprint
+- tokenize.py          llama.cpp server's `/tokenize`, `/detokenize`
+- anthropic.py         `/v1/messages`, `/v1/messages/count_tokens` (the official `anthropic` SDK)
+- ollama.py            Ollama's `/api/chat`, `/api/generate`, `/api/tags`, ... (the `ollama` client)
+- llamacpp_server.py   the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
+                       `/chat/completions`, `/restore_cache`
+- nash.py              nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
+                       and session-backed streams that resume with `Last-Event-ID`
+- hf_server.py         the HF "LLM Server"'s `/chat/blocking`, `/chat/stream`, `/ping`
+- mcp.py               `/v1/mcp/{method}` over the configured MCP servers
+- metrics.py           Prometheus `/metrics`
+- auth.py              API keys and the Host (DNS rebinding) check (rules: ../security.py)
+- common.py            what the doors share (the services of a request, SSE, disconnects)
 """
 
 from __future__ import annotations
@@ -38,15 +41,16 @@ from ..config import REPO_ROOT
 from ..services.generation import ErrorEvent
 from . import (
     anthropic,
-    blocking,
     completions,
     embeddings,
-    legacy,
+    hf_server,
+    llamacpp_server,
     mcp,
     metrics,
+    nash,
     ollama,
     openai,
-    stream,
+    tokenize,
 )
 from .auth import HostCheck
 
@@ -60,7 +64,7 @@ WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
 #: Surfaces with an error shape of their own: each has `owns_path(path) -> bool` and
 #: `error_body(event: ErrorEvent, param: str | None) -> dict`. Every other route
 #: answers {"detail": ..., "code": ...}.
-ERROR_SHAPES: tuple[Any, ...] = (openai, anthropic, ollama)
+ERROR_SHAPES: tuple[Any, ...] = (openai, tokenize, anthropic, ollama)
 
 
 def _error_shape(request: Request) -> Any:
@@ -118,7 +122,7 @@ def create_app(app: Services) -> FastAPI:
         # Unknown routes and wrong methods under /v1 answer as OpenAI does, so an SDK
         # reports "not found" instead of failing to parse {"detail": ...}.
         door = _error_shape(request)
-        if door is not None and door is not openai:  # another door's path: its own shape
+        if door in (anthropic, ollama):  # those doors' paths: their own shape
             body = _route_error(exc.status_code, request)["error"]
             event = ErrorEvent(body["code"], body["message"], exc.status_code)
             return JSONResponse(door.error_body(event, None), status_code=exc.status_code, headers=exc.headers)
@@ -150,7 +154,7 @@ def create_app(app: Services) -> FastAPI:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return FileResponse(WEB_CLIENT, media_type="text/html")
 
-    for module in (openai, completions, embeddings, anthropic, ollama, legacy, stream, blocking):
+    for module in (openai, completions, embeddings, tokenize, anthropic, ollama, llamacpp_server, nash, hf_server):
         api.include_router(module.router)
 
     sec = app.settings.security

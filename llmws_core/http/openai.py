@@ -2,7 +2,7 @@
 
 Stateless: the history comes with each request, as the OpenAI API defines it. The
 official `openai` SDK, LiteLLM and curl work unmodified. The same handler also
-serves the earlier llama-cpp server's `POST /chat/completions` (see legacy.py).
+serves the earlier llama-cpp server's `POST /chat/completions` (see llamacpp_server.py).
 """
 
 from __future__ import annotations
@@ -178,9 +178,11 @@ def finish_reason(reason: str) -> str:
 
 
 def capabilities(model: dict[str, Any]) -> list[str]:
-    """What a listed model serves: "embeddings", or "chat", "completion" and "tools"."""
+    """What a listed model serves: "embeddings", or "chat", "tools" and (local models) "completion"."""
     if model.get("kind") == "embedding":
         return ["embeddings"]
+    if model.get("format") == "remote":
+        return ["chat", "tools"]  # raw-text completion is served by local backends only
     return ["chat", "completion", "tools"]
 
 

@@ -90,6 +90,10 @@ class EmbeddingService:
             except errors.ModelNotFound:
                 entry = None
             if entry is not None:
+                if entry.format == "remote":
+                    raise errors.Unsupported(
+                        f"'{entry.name}' is a remote model; embeddings are served by local embedding models only."
+                    )
                 if entry.kind != "embedding":
                     raise errors.Unsupported(
                         f"'{entry.name}' is a chat model, not an embedding model "

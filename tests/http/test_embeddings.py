@@ -189,3 +189,16 @@ async def test_ws_models_list_shows_the_embedding_model(module_daemon: DaemonPro
     kinds = {m["name"]: m["kind"] for m in event["models"]}
     assert kinds[EMBEDDER] == "embedding"
     assert "chat" in kinds.values()
+
+
+@pytest.mark.filterwarnings("ignore:Items? .* (is|are) using the `ReadOnly` qualifier:UserWarning")
+def test_litellm_embedding_client(module_daemon: DaemonProcess) -> None:
+    """LiteLLM's `embedding` (OpenAI-compatible provider) gets real vectors and usage from the daemon."""
+    litellm = pytest.importorskip("litellm")
+    r = litellm.embedding(
+        model="openai/text-embedding-3-small", input=["hello world", "good morning"],
+        api_base=module_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120),
+    )
+    vectors = [d["embedding"] for d in r.data]
+    assert len(vectors) == 2 and all(len(v) == 384 for v in vectors)
+    assert r.usage.prompt_tokens == 8

@@ -295,3 +295,37 @@ def test_forced_call_cut_by_max_tokens_is_a_partial_tool_call(client: openai.Ope
     assert full.choices[0].finish_reason == "tool_calls"
     whole = full.choices[0].message.tool_calls[0].function.arguments
     assert whole.replace(" ", "").startswith(args.replace(" ", "")[:8])  # the same call, as far as it got
+
+
+@pytest.mark.filterwarnings("ignore:Items? .* (is|are) using the `ReadOnly` qualifier:UserWarning")
+def test_litellm_text_completion_client(module_daemon: DaemonProcess) -> None:
+    """LiteLLM's `text_completion` (OpenAI-compatible provider) continues raw text through /v1/completions."""
+    litellm = pytest.importorskip("litellm")
+    r = litellm.text_completion(
+        model="openai/local", prompt="1, 2, 3, 4,", max_tokens=6, temperature=0,
+        api_base=module_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120),
+    )
+    assert "5" in r.choices[0].text
+    assert r.usage.completion_tokens <= 6
+
+
+def test_tokenize_and_detokenize_round_trip(http: httpx.Client) -> None:
+    """/tokenize gives the chat model's ids (and pieces that spell the text); /detokenize gives the text back."""
+    text = "Hello world, café ☕"
+    tokens = http.post("/tokenize", json={"content": text}).json()["tokens"]
+    assert tokens and all(isinstance(t, int) for t in tokens)
+    assert http.post("/detokenize", json={"tokens": tokens}).json() == {"content": text}
+    pieces = http.post("/tokenize", json={"content": "Hello world", "with_pieces": True}).json()["tokens"]
+    assert "".join(p["piece"] for p in pieces) == "Hello world" and all("id" in p for p in pieces)
+    bad = http.post("/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_token_prompt_completes_like_its_text(client: openai.OpenAI, http: httpx.Client) -> None:
+    """A completion of the /tokenize ids of a text equals the completion of the text itself."""
+    text = "The capital of France is"
+    tokens = http.post("/tokenize", json={"content": text, "add_special": True}).json()["tokens"]
+    a = client.completions.create(model="x", prompt=text, max_tokens=5, temperature=0)
+    b = client.completions.create(model="x", prompt=tokens, max_tokens=5, temperature=0)
+    assert a.choices[0].text == b.choices[0].text
+    assert a.usage is not None and b.usage is not None and a.usage.prompt_tokens == b.usage.prompt_tokens

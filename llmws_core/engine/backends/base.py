@@ -222,6 +222,18 @@ class Backend(abc.ABC):
 
         raise errors.Unsupported(f"The {self.name} backend cannot continue raw text.")
 
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        """Token ids of plain text (`add_special`: with the BOS/special tokens the model adds)."""
+        from ... import errors
+
+        raise errors.Unsupported(f"The {self.name} backend cannot tokenize.")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids."""
+        from ... import errors
+
+        raise errors.Unsupported(f"The {self.name} backend cannot detokenize.")
+
     def tokenize_text(self, text: str) -> int:
         """Token count of plain text (for limits and summaries); default: chat-render it."""
         return self.count_tokens([{"role": "user", "content": text}])
