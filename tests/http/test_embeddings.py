@@ -19,6 +19,9 @@ from tests.wire import Peer
 
 EMBEDDER = "all-MiniLM-L6-v2"
 
+#: A remote model (never reached: its address is closed) to check it is not taken for an embedder.
+DAEMON_CONFIG = {"remote_models": [{"name": "cloud", "model": "openai/x", "api_base": "http://127.0.0.1:9/v1"}]}
+
 
 @pytest.fixture
 def client(module_daemon: DaemonProcess) -> Iterator[openai.OpenAI]:
@@ -148,6 +151,12 @@ def test_chat_model_is_no_embedding_model(http: httpx.Client) -> None:
     assert r.status_code == 400 and "chat model" in r.json()["error"]["message"]
     r = http.post("/v1/chat/completions", json={"model": EMBEDDER, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "embedding model" in r.json()["error"]["message"]
+
+
+def test_remote_model_is_no_embedding_model(http: httpx.Client) -> None:
+    """Naming a remote model for embeddings is a 400 that says remote models do not embed here."""
+    r = http.post("/v1/embeddings", json={"input": "x", "model": "cloud"})
+    assert r.status_code == 400 and "remote model" in r.json()["error"]["message"]
 
 
 def test_chat_and_embeddings_serve_concurrently(client: openai.OpenAI, http: httpx.Client) -> None:
