@@ -25,6 +25,7 @@ class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the WebSocket daemon and the HTTP adapter bind to.")
     port: int = Field(8765, ge=0, le=65535, description="WebSocket port (0 picks a free one).")
     http_port: int | None = Field(8001, ge=0, le=65535, description="HTTP/SSE adapter port (0 picks a free one; null disables the adapter).")
+    ollama_port: int | None = Field(None, ge=1, le=65535, description="Also serve the HTTP adapter on this port, e.g. 11434 (Ollama's), so apps with a hard-coded Ollama address work; null: off.")
     ready_file: str | None = Field(None, description="When set, a JSON file {ws_port, http_port, pid} is written here once both servers listen.")
     log_level: str = Field("INFO", description="Logging level (DEBUG, INFO, WARNING, ERROR).")
     drain_seconds: float = Field(10.0, ge=0, description="On SIGTERM, how long running generations may continue before they are cancelled.")

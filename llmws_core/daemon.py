@@ -347,7 +347,12 @@ class App:
             http=guarded_protocol(guard), timeout_keep_alive=lim.http_keepalive_timeout,  # type: ignore[arg-type]
         )
         server = _Server(config)
-        task = asyncio.create_task(server.serve())
+        sockets = None
+        if self.settings.server.ollama_port:
+            # One server, two listening sockets: the second is Ollama's address.
+            ollama = uvicorn.Config(config.app, host=self.settings.server.host, port=self.settings.server.ollama_port)
+            sockets = [config.bind_socket(), ollama.bind_socket()]
+        task = asyncio.create_task(server.serve(sockets=sockets))
         while not server.started:
             if task.done():
                 task.result()
@@ -379,6 +384,8 @@ class App:
         lines += ["", line, f"WebSocket:  ws://{host}:{self.ws_port}"]
         if self.http_port:
             lines.append(f"HTTP:       http://{host}:{self.http_port}   (web client: /ui)")
+        if self.http_port and self.settings.server.ollama_port:
+            lines.append(f"Ollama API: http://{host}:{self.settings.server.ollama_port}/api")
         lines += [f"Sessions:   {self.settings.var_dir / 'sessions'}", line]
         return "\n".join(lines)
 

@@ -8,6 +8,8 @@ One module per surface (a door), each a thin translator over the services:
 - embeddings.py        `/v1/embeddings` over the embedding service
 - choices.py           what chat and text completions share: `n`, logprobs, system_fingerprint
 - tokenize.py          llama.cpp server's `/tokenize`, `/detokenize`
+- anthropic.py         `/v1/messages`, `/v1/messages/count_tokens` (the official `anthropic` SDK)
+- ollama.py            Ollama's `/api/chat`, `/api/generate`, `/api/tags`, ... (the `ollama` client)
 - llamacpp_server.py   the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
                        `/chat/completions`, `/restore_cache`
 - nash.py              nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
@@ -39,6 +41,7 @@ from .. import __version__, errors
 from ..config import REPO_ROOT
 from ..services.generation import ErrorEvent
 from . import (
+    anthropic,
     completions,
     embeddings,
     hf_server,
@@ -46,6 +49,7 @@ from . import (
     mcp,
     metrics,
     nash,
+    ollama,
     openai,
     tokenize,
 )
@@ -62,7 +66,7 @@ WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
 #: Surfaces with an error shape of their own: each has `owns_path(path) -> bool` and
 #: `error_body(event: ErrorEvent, param: str | None) -> dict`. Every other route
 #: answers {"detail": ..., "code": ...}.
-ERROR_SHAPES: tuple[Any, ...] = (openai, tokenize)
+ERROR_SHAPES: tuple[Any, ...] = (openai, tokenize, anthropic, ollama)
 
 
 def _error_shape(request: Request) -> Any:
@@ -119,7 +123,12 @@ def create_app(app: Services) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         # Unknown routes and wrong methods under /v1 answer as OpenAI does, so an SDK
         # reports "not found" instead of failing to parse {"detail": ...}.
-        if request.url.path.startswith("/v1/") or _error_shape(request) is openai:
+        door = _error_shape(request)
+        if door in (anthropic, ollama):  # those doors' paths: their own shape
+            body = _route_error(exc.status_code, request)["error"]
+            event = ErrorEvent(body["code"], body["message"], exc.status_code)
+            return JSONResponse(door.error_body(event, None), status_code=exc.status_code, headers=exc.headers)
+        if request.url.path.startswith("/v1/") or door is openai:
             return JSONResponse(_route_error(exc.status_code, request), status_code=exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
@@ -149,7 +158,7 @@ def create_app(app: Services) -> FastAPI:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return Response(page, media_type="text/html", headers=ui_headers(page))
 
-    for module in (openai, completions, embeddings, tokenize, llamacpp_server, nash, hf_server):
+    for module in (openai, completions, embeddings, tokenize, anthropic, ollama, llamacpp_server, nash, hf_server):
         api.include_router(module.router)
 
     sec = app.settings.security
