@@ -128,7 +128,9 @@ def create_app(app: Services) -> FastAPI:
             body = _route_error(exc.status_code, request)["error"]
             event = ErrorEvent(body["code"], body["message"], exc.status_code)
             return JSONResponse(door.error_body(event, None), status_code=exc.status_code, headers=exc.headers)
-        if request.url.path.startswith("/v1/") or door is openai:
+        # /v1/mcp/* keeps the MCP routes' own {"detail"} shape (nash's clients read it).
+        path = request.url.path
+        if (path.startswith("/v1/") and not path.startswith("/v1/mcp/")) or door is openai:
             return JSONResponse(_route_error(exc.status_code, request), status_code=exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
