@@ -305,6 +305,10 @@ class Connection:
             except errors.LLMWSError as exc:
                 self.error(exc)
 
+    async def close_soon(self, code: int, reason: str) -> None:
+        """Close after the queued events (the error saying why) have been written."""
+        await self._close_soon(code, reason)
+
     async def _close_soon(self, code: int, reason: str) -> None:
         """Close after the queued events (the error saying why) have been written."""
         self.close_code = (code, reason)

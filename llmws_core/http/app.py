@@ -8,6 +8,7 @@ One module per surface, each a thin adapter over the chat service:
 - stream.py    nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
                and session-backed streams that resume with `Last-Event-ID`
 - blocking.py  the HF server's `/chat/blocking`, `/chat/stream`, `/ping`
+- sessions.py  `/v1/sessions/{id}/history` and `DELETE /v1/sessions/{id}`
 - mcp.py       `/v1/mcp/{method}` over the configured MCP servers
 - metrics.py   Prometheus `/metrics`
 - auth.py      API keys and the Host (DNS rebinding) check
@@ -25,10 +26,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from .. import __version__, errors
 from ..config import REPO_ROOT
-from . import blocking, legacy, mcp, metrics, openai, stream
+from . import blocking, legacy, mcp, metrics, openai, sessions, stream
 from .auth import HostCheck
 from .common import openai_error, status_of
 
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("llmws.http")
 
 WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
+#: The browser libraries the web client loads by relative path (`vendor/...`).
+WEB_VENDOR = REPO_ROOT / "vendor"
 
 #: Routes whose errors are OpenAI error objects; every other route answers {"detail": ...}.
 OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/chat/completions"})
@@ -114,7 +118,11 @@ def create_app(app: App) -> FastAPI:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return FileResponse(WEB_CLIENT, media_type="text/html")
 
-    for module in (openai, legacy, stream, blocking):
+    if WEB_VENDOR.is_dir():
+        # StaticFiles refuses paths that leave the folder; only these files are served.
+        api.mount("/vendor", StaticFiles(directory=WEB_VENDOR), name="vendor")
+
+    for module in (openai, legacy, stream, blocking, sessions):
         api.include_router(module.router)
 
     sec = app.settings.security
