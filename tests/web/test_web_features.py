@@ -465,6 +465,7 @@ def test_export_theme_and_attachments(browser: Any, daemon: Any, tmp_path: Path)
     page.click("#themeToggle")  # system -> dark
     assert page.evaluate(bg) == dark and page.get_attribute("html", "data-theme") == "dark"
     assert page.evaluate("() => getComputedStyle(document.querySelector('.msg.assistant .bubble')).color") != "rgb(27, 31, 42)"
+    page.wait_for_timeout(300)  # let the buttons' colour transition end before the picture
     _shot(page, "dark")
     page.click("#themeToggle")  # dark -> light
     assert page.evaluate(bg) == light
