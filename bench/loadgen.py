@@ -80,7 +80,7 @@ async def _connect(url: str) -> Any:
     from websockets.asyncio.client import connect
 
     ws = await connect(url, max_size=None, open_timeout=60)
-    await ws.send("{}")
+    await ws.send(json.dumps({"protocol": 1}))
     while json.loads(await ws.recv()).get("type") != "welcome":
         pass
     return ws

@@ -116,34 +116,49 @@ class ChatService:
 
     # ------------------------------------------------------------------ sessions
 
-    def open_session(self, session_id: str | None) -> tuple[Session, bool, str | None]:
+    def open_session(
+        self, session_id: str | None, *, null_origin: bool = False
+    ) -> tuple[Session, bool, str | None]:
         """Return (session, resumed, notice). An unknown id is never silently swapped:
-        a new session is made and the notice says why."""
+        a new session is made and the notice says why.
+
+        `null_origin`: the peer is a page opened from disk or a sandboxed frame
+        (`Origin: null`, which any web site can produce); it may resume only sessions
+        that such peers created, never a conversation started elsewhere."""
         if session_id is None:
-            return self._new_session(), False, None
+            return self._new_session(null_origin), False, None
         try:
             session = self.store.get(session_id)
         except errors.SessionExpired:
-            return self._new_session(), False, "That session expired; a new one was started."
+            return self._new_session(null_origin), False, "That session expired; a new one was started."
         except errors.SessionNotFound:
-            return self._new_session(), False, "No session with that id exists; a new one was started."
+            return self._new_session(null_origin), False, "No session with that id exists; a new one was started."
         except errors.CorruptRecord:
-            return self._new_session(), False, "That session's stored data failed its integrity check; a new one was started."
+            return self._new_session(null_origin), False, "That session's stored data failed its integrity check; a new one was started."
+        if null_origin and not session.state.get("null_origin"):
+            return self._new_session(null_origin), False, (
+                "That session was not started from a page opened from disk, so such a page cannot "
+                "resume it; a new one was started."
+            )
         self._recover(session)
         session.touch()
         return session, True, None
 
-    async def open_session_async(self, session_id: str | None) -> tuple[Session, bool, str | None]:
+    async def open_session_async(
+        self, session_id: str | None, *, null_origin: bool = False
+    ) -> tuple[Session, bool, str | None]:
         """`open_session` for the event loop: a new session is made in a worker thread
         (a folder, two files and four fsyncs), so other streams do not stall."""
         if session_id is None:
-            return await asyncio.to_thread(self._new_session), False, None
-        return self.open_session(session_id)
+            return await asyncio.to_thread(self._new_session, null_origin), False, None
+        return self.open_session(session_id, null_origin=null_origin)
 
-    def _new_session(self) -> Session:
+    def _new_session(self, null_origin: bool = False) -> Session:
         session = self.store.create()
         session.state.setdefault("history", [])
         session.state.setdefault("config", {})
+        if null_origin:
+            session.state["null_origin"] = True
         if self.settings.generation_defaults.system:
             session.state["config"]["system"] = self.settings.generation_defaults.system
         session.save_state()
@@ -449,6 +464,15 @@ class ChatService:
             raise errors.BadRequest("A request with that request_id is already running.", request_id=rid)
         if msg.prompt is None and not msg.messages:
             raise errors.BadRequest("inference needs a prompt or messages.", request_id=rid)
+        if isinstance(msg.prompt, protocol.PromptParts) and msg.prompt.images:
+            info = self.models.model_info() or {}
+            if not info.get("vision"):
+                name = info.get("name") or "no model"
+                raise errors.Unsupported(
+                    f"The loaded model ({name}) takes text only, so this prompt's images cannot be "
+                    "read; send it without images or switch to a vision model.",
+                    request_id=rid,
+                )
         job = Job(rid, session.id, msg.on_disconnect, origin)
         jobs[rid] = job
         job.task = asyncio.create_task(self._run_job(session, job, msg))

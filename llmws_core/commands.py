@@ -12,7 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import errors, protocol
+from . import errors, legacy, protocol
 from .sessions.store import Session
 
 if TYPE_CHECKING:
@@ -114,7 +114,11 @@ async def get_resources(conn: Connection, session: Session, msg: protocol.GetRes
     model = conn.app.models.model_info()
     snap = await asyncio.to_thread(snapshot, model)
     snap["max_context"] = conn.app.models.max_context
-    conn.send({"type": "resources", **snap, **_rid(msg)})
+    event = {"type": "resources", **snap, **_rid(msg)}
+    if conn.legacy is not None:  # the original clients read `cuda` and `available_models`
+        models = await asyncio.to_thread(conn.app.models.list_models)
+        event = legacy.resources_event(event, snap, models)
+    conn.send(event)
 
 
 async def reset(conn: Connection, session: Session, msg: protocol.Reset) -> None:

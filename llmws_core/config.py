@@ -86,7 +86,7 @@ class SecuritySettings(_Section):
     admin_keys: list[str] = Field(default_factory=list, description="Admin keys: required for download, delete and switch when any key is configured. Also from LLMWS_ADMIN_KEYS.")
     require_api_key: bool = Field(False, description="Require a key even on loopback. Always on when binding beyond loopback.")
     allowed_origins: list[str] = Field(default_factory=list, description="Extra browser Origins allowed to open the WebSocket (the HTTP adapter's own origin and non-browser clients are always allowed).")
-    allow_file_origin: bool = Field(False, description="Allow pages opened from disk (Origin 'null') to connect.")
+    allow_file_origin: bool = Field(True, description="Allow pages opened from disk (Origin 'null', which sandboxed frames on any site send too) to connect: they chat in sessions such pages started and never manage models without a key that allows it. false refuses them.")
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins for the HTTP adapter; empty: CORS off.")
 
 

@@ -28,6 +28,7 @@ from .chat import ChatService
 from .config import Settings, describe_settings, load_settings
 from .engine.manager import ModelManager
 from .engine.prefixes import PrefixStore
+from .legacy import capabilities
 from .sessions.crypto import Sealer, load_or_create_master_key
 from .sessions.store import Session, SessionStore
 from .ws import Connection, is_loopback, make_origin_check
@@ -119,6 +120,7 @@ class App:
             "resumed": resumed,
             "model": self.models.model_info(),
             "max_context": self.models.max_context,
+            "capabilities": capabilities(self.models.model_info(), self.models.max_context),
             "last_seq": session.last_seq,
             "acked_seq": session.acked_seq,
             "config": self.chat.effective_config(session),

@@ -35,6 +35,9 @@ class Handshake(_Strict):
     last_seq: Annotated[int, Field(ge=0)] | None = None
     api_key: str | None = None
     client: Annotated[str, Field(max_length=128)] | None = None
+    #: The dialect: `1` is the current protocol. A first frame without it is an
+    #: original LLMWS client, served the legacy dialect (see `legacy.py`).
+    protocol: Literal[1] | None = None
 
 
 # --------------------------------------------------------------------------- generation config
@@ -64,9 +67,23 @@ class GenerationConfig(_Strict):
 # --------------------------------------------------------------------------- client messages
 
 
+class ImageRef(_Strict):
+    """An image in a prompt: base64 `data` (with its media type), a `data:` URL, or a
+    `path` on the daemon's machine. Accepted by the schema; whether the loaded model
+    takes images is the chat service's decision."""
+
+    data: Annotated[str, Field(max_length=64 * 1024 * 1024)] | None = None
+    media_type: Annotated[str, Field(max_length=128)] | None = None
+    url: Annotated[str, Field(max_length=64 * 1024 * 1024)] | None = None
+    path: Annotated[str, Field(max_length=4096)] | None = None
+
+
 class PromptParts(_Strict):
     system: str | None = None
     user: str
+    images: list[ImageRef | Annotated[str, Field(max_length=64 * 1024 * 1024)]] | None = Field(
+        default=None, max_length=64
+    )
 
 
 class ChatMessage(BaseModel):
@@ -276,7 +293,8 @@ def _safe_request_id(data: dict[str, Any]) -> str | None:
 # --------------------------------------------------------------------------- prompts
 
 _LEGACY = re.compile(
-    r"^\s*(?:<\|system\|>(?P<system>.*?)<\|end\|>)?\s*<\|user\|>(?P<user>.*?)<\|end\|>\s*$",
+    r"^\s*(?:<\|system\|>(?P<system>.*?)<\|end\|>)?\s*<\|user\|>(?P<user>.*?)<\|end\|>"
+    r"\s*(?:<\|assistant\|>)?\s*$",  # the original page ends its prompt with the reply's marker
     re.DOTALL,
 )
 

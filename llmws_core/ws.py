@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import re
 import time
@@ -23,6 +24,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from . import errors, protocol
+from .legacy import Dialect, LegacyView, legacy_welcome, shape, split_missed
 from .sessions.store import Session
 
 if TYPE_CHECKING:
@@ -162,6 +164,16 @@ class Connection:
         # session resumed from 0); it is already in memory, so it is allowed on top,
         # else such a session could never be resumed.
         self.backlog_allowance = 0
+        #: Which dialect the peer speaks, decided by its first frame (see legacy.py).
+        self.dialect = Dialect.CURRENT
+        #: The legacy dialect's bookkeeping (None for the current dialect).
+        self.legacy: LegacyView | None = None
+        #: A page opened from disk or a sandboxed frame (`Origin: null`): it chats in
+        #: sessions such pages made, and manages models only with a key that allows it.
+        request = ws.request
+        self.null_origin = (
+            request is not None and single_header(request.headers, "Origin") == "null"
+        )
 
     # ------------------------------------------------------------------ output
 
@@ -169,6 +181,8 @@ class Connection:
         """Queue an event for this socket (never blocks; the writer task sends)."""
         if self.closed:
             return
+        if self.legacy is not None:
+            event = shape(event)
         if self.outbox.qsize() > MAX_OUTBOX + self.backlog_allowance:
             logger.warning("client is not reading; closing so it can resume later")
             self.closed = True
@@ -179,6 +193,16 @@ class Connection:
         if self.outbox.empty() and self._write_now(frame):
             return
         self.outbox.put_nowait(frame)
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        """A session event for this socket (the session's tail): a legacy connection
+        gets only the answers to its own requests."""
+        if self.legacy is None:
+            self.send(event)
+            return
+        shaped = self.legacy.admit(event)
+        if shaped is not None:
+            self.send(shaped)
 
     def _write_now(self, frame: bytes) -> bool:
         """Write a frame to the socket right away when nothing is queued before it and
@@ -206,6 +230,8 @@ class Connection:
             and exc.fields.get("request_id")
         ):
             body["request_id"] = exc.fields["request_id"]
+        if self.legacy is not None:
+            self.legacy.settle(body.get("request_id"))
         self.send(body)
 
     async def writer(self) -> None:
@@ -230,8 +256,13 @@ class Connection:
             if first is None:
                 return
             handshake, pending = first
+            if self.dialect is Dialect.RAW:
+                await self._serve_raw(pending["prompt"] if pending else "")
+                return
             try:
-                session, resumed, notice = await app.chat.open_session_async(handshake.session_id)
+                session, resumed, notice = await app.chat.open_session_async(
+                    handshake.session_id, null_origin=self.null_origin
+                )
             except errors.LLMWSError as exc:  # e.g. storage_error: the disk refused a new session
                 self.error(exc)
                 await self._close_soon(1011, "could not open a session")
@@ -242,13 +273,16 @@ class Connection:
                 if resumed and handshake.last_seq is not None
                 else (session.acked_seq if resumed else 0)
             )
-            self.send(app.welcome(session, resumed))
-            if notice:
-                self.send({"type": "notice", "code": "session_not_resumed", "message": notice})
-            backlog = app.chat.subscribe(session, last_seq, self.send)
-            self.backlog_allowance = len(backlog)
-            for event in backlog:
-                self.send(event)
+            if self.legacy is not None:
+                await self._welcome_legacy(session, resumed, notice, last_seq)
+            else:
+                self.send(app.welcome(session, resumed))
+                if notice:
+                    self.send({"type": "notice", "code": "session_not_resumed", "message": notice})
+                backlog = app.chat.subscribe(session, last_seq, self.deliver)
+                self.backlog_allowance = len(backlog)
+                for event in backlog:
+                    self.send(event)
             if pending is not None:
                 await self.dispatch(pending)
             async for frame in self.ws:
@@ -258,14 +292,87 @@ class Connection:
         finally:
             self.closed = True
             if self.session is not None:
-                app.chat.unsubscribe(self.session, self.send, origin=self)
+                app.chat.unsubscribe(self.session, self.deliver, origin=self)
                 self.session.touch()
             self.outbox.put_nowait(None) if not writer.done() else None
             writer.cancel()
 
+    async def _welcome_legacy(
+        self, session: Session, resumed: bool, notice: str | None, last_seq: int
+    ) -> None:
+        """The welcome of the legacy dialect: one frame, with what the session missed
+        and any notice inside it (the original clients read one frame per command)."""
+        from .engine.resources import snapshot
+
+        app = self.app
+        snap = await asyncio.to_thread(snapshot, app.models.model_info())
+        # Subscribing returns the backlog and starts the tail with no await between,
+        # and the welcome that carries the backlog is queued before any live event.
+        backlog = app.chat.subscribe(session, last_seq, self.deliver)
+        missed, more = split_missed(backlog)
+        assert self.legacy is not None
+        if more:
+            self.legacy.withhold_from(int(backlog[len(missed)].get("seq") or last_seq + 1))
+        body = (
+            {"code": "session_not_resumed", "message": notice} if notice else None
+        )
+        self.send(legacy_welcome(app.welcome(session, resumed), snap, body, missed, more))
+
+    async def _serve_raw(self, prompt: str) -> None:
+        """The oldest dialect: a plain-text prompt in, the reply's text out as plain
+        text frames, then a normal close."""
+        app = self.app
+        try:
+            session, _, _ = await app.chat.open_session_async(None, null_origin=self.null_origin)
+        except errors.LLMWSError as exc:
+            self._send_text(f"[error: {exc.message}]")
+            await self._close_soon(1011, "could not open a session")
+            return
+        self.session = session
+        rid = "raw-" + session.id[:8]
+        finished = asyncio.Event()
+
+        def sink(event: dict[str, Any]) -> None:
+            if event.get("request_id") != rid:
+                return
+            kind = event.get("type")
+            if kind == "token":
+                self._send_text(str(event.get("data", "")))
+            elif kind == "error":
+                self._send_text(f"\n[error: {event.get('message')}]")
+                finished.set()
+            elif kind == "done":
+                finished.set()
+
+        app.chat.subscribe(session, session.last_seq, sink)
+        try:
+            app.chat.submit(
+                session, protocol.Inference(type="inference", prompt=prompt, request_id=rid), origin=self
+            )
+            closed = asyncio.ensure_future(self.ws.wait_closed())
+            waiter = asyncio.ensure_future(finished.wait())
+            try:
+                await asyncio.wait({closed, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+                waiter.cancel()
+        except errors.LLMWSError as exc:
+            self._send_text(f"[error: {exc.message}]")
+        finally:
+            app.chat.unsubscribe(session, sink, origin=self)
+        await self._close_soon(1000, "reply complete")
+
+    def _send_text(self, text: str) -> None:
+        """A plain-text frame (the raw dialect)."""
+        if not self.closed:
+            self.outbox.put_nowait(text.encode("utf-8", "surrogatepass"))
+
     async def _handshake(self) -> tuple[protocol.Handshake, dict[str, Any] | None] | None:
-        """Read the first frame. An old-style client that starts with a message
-        instead of a handshake gets a new session and that message is processed.
+        """Read the first frame and decide the dialect. A current client's handshake
+        says `"protocol": 1`; any other first frame is an original LLMWS client (the
+        legacy dialect): `{}` / `{"session_id"}`, or a message instead of a handshake
+        (a new session is made and the message processed), or a plain-text prompt (the
+        raw dialect).
 
         The whole handshake has one deadline (`limits.handshake_timeout`), however
         many bad frames come first, and bad frames count against the message rate:
@@ -287,16 +394,24 @@ class Connection:
                     raise errors.RateLimited("Too many messages; slow down.")
                 if frame_size(frame, limits.max_frame_bytes) > limits.max_frame_bytes:
                     raise errors.FrameTooLarge("Frame exceeds the size limit.")
+                raw = _raw_prompt(frame)
+                if raw is not None:
+                    if not self.authorized(None):
+                        raise errors.Unauthorized("An API key is required.")
+                    self.dialect = Dialect.RAW
+                    return protocol.Handshake(), {"prompt": raw}
                 data = protocol.decode_json(frame)
                 if "type" in data:
                     data = dict(data)
                     key = data.pop("api_key", None)
                     if not self.authorized(key if isinstance(key, str) else None):
                         raise errors.Unauthorized("An API key is required.")
+                    self._speak(Dialect.LEGACY)
                     return protocol.Handshake(), data
                 hs = protocol.parse_handshake(data)
                 if not self.authorized(hs.api_key):
                     raise errors.Unauthorized("An API key is required.")
+                self._speak(Dialect.CURRENT if hs.protocol == 1 else Dialect.LEGACY)
                 return hs, None
             except errors.Unauthorized as exc:
                 self.error(exc)
@@ -304,6 +419,10 @@ class Connection:
                 return None
             except errors.LLMWSError as exc:
                 self.error(exc)
+
+    def _speak(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.legacy = LegacyView() if dialect is Dialect.LEGACY else None
 
     async def close_soon(self, code: int, reason: str) -> None:
         """Close after the queued events (the error saying why) have been written."""
@@ -340,6 +459,10 @@ class Connection:
                 given = (query.get("api_key") or query.get("x_api_key") or [None])[0]
         if not self.app.keys_required:
             self.is_admin = key_matches(given, sec.admin_keys) if sec.admin_keys else True
+            if self.null_origin:
+                # Any web site can produce `Origin: null` (a sandboxed frame): without a
+                # key that allows it, such a peer chats but never manages models.
+                self.is_admin = key_matches(given, sec.admin_keys or sec.api_keys)
             return True
         is_user = key_matches(given, sec.api_keys)
         if sec.admin_keys:
@@ -366,6 +489,10 @@ class Connection:
         await self.dispatch(data)
 
     async def dispatch(self, data: dict[str, Any]) -> None:
+        if self.legacy is not None:
+            data = self.legacy.inbound(data)
+            if data.get("type") == "ack" and data.get("seq") is None and self.session is not None:
+                data["seq"] = self.legacy.ack_limit(self.session.last_seq)
         request_id = data.get("request_id") if isinstance(data.get("request_id"), str) else None
         try:
             msg = protocol.parse_client_message(data)
@@ -379,6 +506,22 @@ class Connection:
 
 
 Handler = Callable[[Connection, Session, Any], Awaitable[None]]
+
+
+def _raw_prompt(frame: str | bytes) -> str | None:
+    """The prompt of a raw-dialect first frame, else None: plain text (not JSON) in
+    the original page's prompt format (`<|user|>...<|end|>`); other text stays a bad
+    handshake."""
+    if not isinstance(frame, str) or "<|user|>" not in frame:
+        return None
+    text = frame.strip()
+    if text[:1] in ("{", "["):
+        return None
+    try:
+        json.loads(text)
+    except ValueError:
+        return frame
+    return None
 
 
 def make_origin_check(app: App) -> Callable[[ServerConnection, Request], Response | None]:

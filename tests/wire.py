@@ -20,10 +20,16 @@ class Peer:
         self.events: list[dict[str, Any]] = []
 
     @classmethod
-    async def open(cls, url: str, handshake: dict[str, Any] | None = None, **kw: Any) -> Peer:
+    async def open(
+        cls, url: str, handshake: dict[str, Any] | None = None, *, legacy: bool = False, **kw: Any
+    ) -> Peer:
+        """Connect and handshake; the current dialect unless `legacy` (no `protocol` key)."""
         ws = await connect(url, max_size=None, **kw)
         peer = cls(ws)
-        await ws.send(json.dumps(handshake or {}))
+        frame = dict(handshake or {})
+        if not legacy:
+            frame.setdefault("protocol", 1)
+        await ws.send(json.dumps(frame))
         peer.welcome = await peer.recv()
         assert peer.welcome["type"] == "welcome", peer.welcome
         return peer

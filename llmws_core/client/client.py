@@ -71,6 +71,9 @@ __all__ = [
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 CLIENT_NAME = "llmws-python/1"
+#: The protocol this client speaks, said in its handshake (a handshake without it is
+#: served the original clients' legacy dialect).
+PROTOCOL = 1
 
 EventCallback = Callable[[dict[str, Any]], Any]
 
@@ -365,7 +368,10 @@ class LLMWSEnhancedClient:
     """An async client of the LLMWS daemon that survives dropped connections.
 
     Args:
-        url: the daemon's WebSocket address.
+        url: the daemon's WebSocket address. A bare host name (no `ws://`) is taken
+            as the original client's `host`, with `port` as its second argument.
+        port: the daemon's port, with a host instead of a URL (default 8765).
+        host: the original client's keyword: `LLMWSEnhancedClient(host=..., port=...)`.
 
         # Authentication
         api_key: sent as `X-API-Key` and in the handshake; None sends no key.
@@ -395,8 +401,10 @@ class LLMWSEnhancedClient:
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
+        port: int | None = None,
         *,
+        host: str | None = None,
         api_key: str | None = None,
         auto_reconnect: bool = True,
         reconnect_attempts: int = 8,
@@ -412,7 +420,18 @@ class LLMWSEnhancedClient:
         on_unsolicited: EventCallback | None = None,
         on_connection: Callable[[str, dict[str, Any]], Any] | None = None,
     ) -> None:
-        self.url = url
+        if host is None and url is not None and "://" not in url:
+            host, url = url, None  # LLMWSEnhancedClient("localhost", 8765), as the original
+        if host is not None or port is not None:
+            if url is not None:
+                raise ValueError("give either url, or host and port")
+            name = host or "127.0.0.1"
+            if ":" in name and not name.startswith("["):
+                name = f"[{name}]"  # an IPv6 address
+            url = f"ws://{name}:{port or 8765}"
+        self.url = url or DEFAULT_URL
+        self.host = urlsplit(self.url).hostname
+        self.port = urlsplit(self.url).port
         self.api_key = api_key
         self.auto_reconnect = auto_reconnect
         self.reconnect_attempts = reconnect_attempts
@@ -496,8 +515,9 @@ class LLMWSEnhancedClient:
         assert self.session_id is not None
         return self.session_id
 
-    async def disconnect(self) -> None:
-        """Ack what was received, close the socket and fail anything still waiting."""
+    async def disconnect(self, send_ack: bool = True) -> None:
+        """Ack what was received (unless `send_ack` is false), close the socket and fail
+        anything still waiting."""
         if self.state is ClientState.IDLE:
             self.state = ClientState.CLOSED
             return
@@ -505,7 +525,7 @@ class LLMWSEnhancedClient:
         self.state = ClientState.CLOSED
         self._open_event.clear()
         ws = self._ws
-        if ws is not None and was_open and self.last_seq > self._acked_seq:
+        if ws is not None and was_open and send_ack and self.last_seq > self._acked_seq:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
                     await ws.send(json.dumps({"type": "ack", "seq": self.last_seq}))
@@ -537,6 +557,7 @@ class LLMWSEnhancedClient:
         if self.api_key:
             frame["api_key"] = self.api_key
         frame["client"] = CLIENT_NAME
+        frame["protocol"] = PROTOCOL
         return frame
 
     async def _open(
@@ -869,6 +890,7 @@ class LLMWSEnhancedClient:
         request_id: str | None,
         on_disconnect: str,
         config: dict[str, Any],
+        images: list[Any] | None = None,
     ) -> dict[str, Any]:
         message: dict[str, Any] = {
             "type": "inference",
@@ -877,6 +899,8 @@ class LLMWSEnhancedClient:
         }
         if prompt is not None:
             message["prompt"] = {"system": system, "user": prompt} if system else {"user": prompt}
+            if images:
+                message["prompt"]["images"] = images
         if messages is not None:
             message["messages"] = messages
         config = {k: v for k, v in config.items() if v is not None}
@@ -892,6 +916,7 @@ class LLMWSEnhancedClient:
         messages: list[dict[str, Any]] | None = None,
         request_id: str | None = None,
         on_disconnect: str = "continue",
+        images: list[Any] | None = None,
         **config: Any,
     ) -> contextlib.AbstractAsyncContextManager[InferenceStream]:
         """Stream one reply: `async with client.stream("Hi") as s: async for tok in s: ...`.
@@ -903,6 +928,8 @@ class LLMWSEnhancedClient:
             request_id: your own id for the request; None makes a random one.
             on_disconnect: "continue" (default) keeps generating while the client is away;
                 "cancel" stops the generation when the connection drops.
+            images: images for the prompt (`{"data": base64, "media_type": ...}` or
+                `{"path": ...}`); a text-only model answers with an `unsupported` error.
             **config: generation settings for this request (temperature, top_p, top_k,
                 max_new_tokens, stop, seed); None values are left out.
 
@@ -915,6 +942,7 @@ class LLMWSEnhancedClient:
             request_id=request_id,
             on_disconnect=on_disconnect,
             config=config,
+            images=images,
         )
         return _StreamContext(InferenceStream(self, message))
 
@@ -927,6 +955,7 @@ class LLMWSEnhancedClient:
         messages: list[dict[str, Any]] | None = None,
         request_id: str | None = None,
         on_disconnect: str = "continue",
+        images: list[Any] | None = None,
         **config: Any,
     ) -> str:
         """Generate a reply and return its full text.
@@ -945,6 +974,7 @@ class LLMWSEnhancedClient:
             messages=messages,
             request_id=request_id,
             on_disconnect=on_disconnect,
+            images=images,
             **config,
         ) as stream:
             async for token in stream:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import logging
+import mimetypes
 import os
 import re
 import shlex
@@ -31,6 +33,7 @@ from typing import Any, TextIO
 from .client import (
     DEFAULT_URL,
     ClientState,
+    ConnectFailedError,
     InferenceStream,
     LLMWSClientError,
     LLMWSConnectionError,
@@ -98,18 +101,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="API key for the daemon (default: $LLMWS_API_KEY)",
     )
+    # The original client's way to name the daemon; they build --server's URL.
+    parser.add_argument("--host", help="daemon host (with --port: instead of --server)")
+    parser.add_argument("--port", type=int, help="daemon WebSocket port (default 8765 with --host)")
     parser.add_argument("--session", metavar="ID", help="resume this session (its conversation)")
     parser.add_argument(
+        "-p",
         "--prompt",
         metavar="TEXT",
         help="send one prompt, print the reply and exit; '-' reads the prompt from stdin",
     )
-    parser.add_argument("--system", metavar="TEXT", help="system prompt for the conversation")
+    parser.add_argument(
+        "-s", "--system", metavar="TEXT", help="system prompt for the conversation"
+    )
+    parser.add_argument(
+        "--image",
+        action="append",
+        metavar="PATH",
+        help="attach an image file to the prompt (repeatable; needs a vision model)",
+    )
     parser.add_argument(
         "--temperature", type=float, metavar="T", help="sampling temperature (0: greedy)"
     )
+    parser.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling threshold")
+    parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens")
     parser.add_argument(
-        "--max-new-tokens", type=int, metavar="N", help="stop the reply after N tokens"
+        "--max-new-tokens",
+        "--max-tokens",
+        dest="max_new_tokens",
+        type=int,
+        metavar="N",
+        help="stop the reply after N tokens",
     )
     parser.add_argument(
         "--no-stream", action="store_true", help="print the reply once it is complete"
@@ -134,8 +156,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.json and args.prompt is None:
         parser.error("--json needs --prompt (it is for scripts)")
+    if args.host is not None or args.port is not None:
+        host = args.host or "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address
+        args.server = f"ws://{host}:{args.port or 8765}"
     if not re.match(r"^wss?://", args.server):
         parser.error(f"--server must be a ws:// or wss:// URL, not {args.server!r}")
+    if args.image and args.prompt is None:
+        parser.error("--image needs --prompt")
     return args
 
 
@@ -369,7 +398,36 @@ def models_lines(models: list[dict[str, Any]]) -> list[str]:
 
 def _generation_flags(args: argparse.Namespace) -> dict[str, Any]:
     """Per-request settings given on the command line (None: the session's own)."""
-    return {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
+    return {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
+def read_images(paths: Sequence[str] | None) -> list[dict[str, str]] | None:
+    """Image files as prompt images (base64 with their media type), or None.
+
+    Raises:
+        ValueError: a file cannot be read or is not an image."""
+    if not paths:
+        return None
+    images = []
+    for path in paths:
+        media_type = mimetypes.guess_type(path)[0] or ""
+        if not media_type.startswith("image/"):
+            raise ValueError(f"{path} is not an image file")
+        try:
+            data = Path(path).expanduser().read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        images.append({"data": base64.b64encode(data).decode("ascii"), "media_type": media_type})
+    return images
+
+
+#: What to tell someone whose daemon is not there.
+NOT_RUNNING_HINT = "is the daemon running? Start it with `make run` (or `python llmws.py`)."
 
 
 def _read_prompt(value: str, stdin: TextIO) -> str:
@@ -389,6 +447,11 @@ async def run_once(
     prompt = _read_prompt(args.prompt, stdin or sys.stdin)
     if not prompt.strip():
         err.line("llm.py: the prompt is empty")
+        return EXIT_USAGE
+    try:
+        images = read_images(getattr(args, "image", None))
+    except ValueError as exc:
+        err.line(f"llm.py: {exc}")
         return EXIT_USAGE
 
     def on_event(event: dict[str, Any]) -> None:
@@ -434,7 +497,9 @@ async def run_once(
         await client.connect(session_id=args.session)
         if args.session and not client.welcome.get("resumed") and not args.json:
             err.notice(f"session {args.session} could not be resumed; started {client.session_id}")
-        async with client.stream(prompt, args.system, **_generation_flags(args)) as stream:
+        async with client.stream(
+            prompt, args.system, images=images, **_generation_flags(args)
+        ) as stream:
             stream_box.append(stream)
             async for token in stream:
                 if not args.json and not args.no_stream:
@@ -465,6 +530,10 @@ async def run_once(
     except asyncio.CancelledError:
         err.notice("cancelled")
         return EXIT_INTERRUPTED
+    except ConnectFailedError as exc:
+        err.line(f"llm.py: {exc.message}")
+        err.line(f"llm.py: {NOT_RUNNING_HINT}")
+        return EXIT_CONNECTION
     except LLMWSConnectionError as exc:
         err.line(f"llm.py: {exc.message}")
         return EXIT_CONNECTION
@@ -720,6 +789,10 @@ class Repl:
         """Connect, greet, then read and handle lines until /quit or Ctrl-D."""
         try:
             await self.client.connect(session_id=self.session_id)
+        except ConnectFailedError as exc:
+            self.console.error(exc.message)
+            self.console.error(NOT_RUNNING_HINT)
+            return EXIT_CONNECTION
         except LLMWSConnectionError as exc:
             self.console.error(exc.message)
             return EXIT_CONNECTION

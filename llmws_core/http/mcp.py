@@ -1,9 +1,9 @@
 """`POST /v1/mcp/{method}`: nash-llm-server's generic MCP endpoint, on an explicit allowlist.
 
-    POST /v1/mcp/list_tools        {}                              -> {"result": [tool, ...]}
+    POST /v1/mcp/list_tools        {}                              -> {"result": [tool, ...], "tools": [...]}
     POST /v1/mcp/get_tool_schema   {"tool_name"}                   -> {"result": tool}
     POST /v1/mcp/execute_tool      {"tool_name", "args"}           -> {"result": CallToolResult}
-    POST /v1/mcp/call_tool         {"name", "arguments"}           -> {"result": CallToolResult}
+    POST /v1/mcp/call_tool         {"name" | "tool_name", "arguments"} -> {"result": CallToolResult}
     POST /v1/mcp/list_prompts      {}                              -> {"result": [prompt, ...]}
     POST /v1/mcp/get_prompt        {"name", "arguments"?}          -> {"result": GetPromptResult}
     POST /v1/mcp/list_resources    {}                              -> {"result": [resource, ...]}
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .. import errors
 from ..mcp_client import MCPFailure, MCPManager
@@ -56,8 +56,29 @@ class ExecuteTool(ToolName):
 
 
 class CallTool(_Args):
-    name: str = Field(..., min_length=1, max_length=256)
-    arguments: dict[str, Any] = Field(default_factory=dict)
+    """`{"name", "arguments"}`, or nash's later client's `{"tool_name", "arguments"}`
+    (`args` is taken too, as `execute_tool` names it)."""
+
+    name: str | None = Field(None, min_length=1, max_length=256)
+    tool_name: str | None = Field(None, min_length=1, max_length=256)
+    arguments: dict[str, Any] | None = None
+    args: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_name(self) -> CallTool:
+        if not (self.name or self.tool_name):
+            raise ValueError("name (or tool_name) is required")
+        if self.name and self.tool_name and self.name != self.tool_name:
+            raise ValueError("name and tool_name disagree")
+        return self
+
+    @property
+    def tool(self) -> str:
+        return self.name or self.tool_name or ""
+
+    @property
+    def tool_arguments(self) -> dict[str, Any]:
+        return self.arguments if self.arguments is not None else (self.args or {})
 
 
 class GetPrompt(_Args):
@@ -92,7 +113,7 @@ METHODS: dict[str, Method] = {
     "list_tools": (NoArgs, lambda m, a: m.list_tools(a.server)),
     "get_tool_schema": (ToolName, lambda m, a: m.get_tool_schema(a.tool_name, a.server)),
     "execute_tool": (ExecuteTool, _execute_tool),
-    "call_tool": (CallTool, lambda m, a: m.call_tool(a.name, a.arguments, a.server)),
+    "call_tool": (CallTool, lambda m, a: m.call_tool(a.tool, a.tool_arguments, a.server)),
     "list_prompts": (NoArgs, lambda m, a: m.list_prompts(a.server)),
     "get_prompt": (GetPrompt, lambda m, a: m.get_prompt(a.name, a.arguments, a.server)),
     "list_resources": (NoArgs, lambda m, a: m.list_resources(a.server)),
@@ -146,4 +167,7 @@ async def mcp_method(
         return JSONResponse({"detail": exc.message}, status_code=exc.http_status)
     except errors.LLMWSError as exc:
         return JSONResponse({"error": exc.message}, status_code=exc.http_status)
+    if method == "list_tools":
+        # nash's later client reads `tools`; the earlier one and ours read `result`.
+        return JSONResponse({"result": result, "tools": result})
     return JSONResponse({"result": result})

@@ -79,30 +79,55 @@ class SummarizeRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=8, le=4096)
 
 
+SUMMARIZE_SUGGESTION = (
+    "Summarize the conversation (POST /v1/chat/summarize) and continue with the shorter history."
+)
+
+
+def nash_warning(
+    fields: dict[str, Any], n_messages: int | None, tokens_in: int | None, max_context: int | None
+) -> dict[str, Any]:
+    """A warning in nash-llm-server's shape, which its clients index directly:
+    `{"warning": str, "suggestions": [str], "details": {"message_count",
+    "estimated_tokens", "limits": {"max_messages", "max_tokens"}}}`; LLMWS's own fields
+    (`code`, `message`, ...) ride along."""
+    return {
+        **fields,
+        "warning": str(fields.get("message") or "The conversation is near the model's limits."),
+        "suggestions": [SUMMARIZE_SUGGESTION],
+        "details": {
+            "message_count": n_messages,
+            "estimated_tokens": tokens_in,
+            "limits": {"max_messages": MAX_MESSAGES_WARN, "max_tokens": max_context},
+        },
+    }
+
+
 def limits_warning(n_messages: int, tokens_in: int, dropped: int, max_context: int | None) -> dict[str, Any] | None:
     """The warning for a conversation near or over the limits, with a suggestion."""
-    suggestion = "Summarize the conversation (POST /v1/chat/summarize) and continue with the shorter history."
-    base = {"messages": n_messages, "tokens": tokens_in, "max_context": max_context, "suggestion": suggestion}
+    base = {"messages": n_messages, "tokens": tokens_in, "max_context": max_context, "suggestion": SUMMARIZE_SUGGESTION}
     if dropped:
-        return {
+        fields = {
             "code": "history_truncated",
             "message": f"The conversation does not fit the model's context; the oldest {dropped} messages were left out of this reply.",
             "dropped_messages": dropped, **base,
         }
-    if max_context and tokens_in >= NEAR_LIMIT_SHARE * max_context:
+    elif max_context and tokens_in >= NEAR_LIMIT_SHARE * max_context:
         share = round(100 * tokens_in / max_context)
-        return {
+        fields = {
             "code": "context_near_limit",
             "message": f"The conversation uses {share}% of the model's context ({tokens_in} of {max_context} tokens).",
             **base,
         }
-    if n_messages > MAX_MESSAGES_WARN:
-        return {
+    elif n_messages > MAX_MESSAGES_WARN:
+        fields = {
             "code": "too_many_messages",
             "message": f"The conversation has {n_messages} messages (more than {MAX_MESSAGES_WARN}).",
             **base,
         }
-    return None
+    else:
+        return None
+    return nash_warning(fields, n_messages, tokens_in, max_context)
 
 
 def session_backed(request: Request, session_id: str | None) -> Session | None:
@@ -167,6 +192,9 @@ async def stateless_stream(
         return sse(data, event_id=n)
 
     yield event({"session_id": sid})
+    # nash's clients stop reading at a warning, so it follows the reply's text: a
+    # client that stops there has the whole reply already.
+    warning = None
     try:
         async for chunk in app.chat.generate(messages, params, cancel=cancel, trim_history=True, model=model):
             if chunk.result is not None:
@@ -175,10 +203,10 @@ async def stateless_stream(
                 yield event({"content": chunk.text})
             else:
                 warning = limits_warning(len(messages), chunk.tokens_in, chunk.dropped_messages, app.models.max_context)
-                if warning:
-                    yield event({"warning": warning})
     except Exception as exc:
         yield event({"error": errors.to_wire(exc)["message"]})
+    if warning:
+        yield event({"warning": warning})
     yield event({"session_id": sid})
     yield sse("[DONE]")
 
@@ -248,6 +276,7 @@ async def tail_session(request: Request, session: Session, after_seq: int, rid: 
         yield sse({"session_id": session.id})
         last = after_seq
         pending = list(backlog)
+        held: list[dict[str, Any]] = []
         while rid is not None:
             if pending:
                 event = pending.pop(0)
@@ -263,12 +292,15 @@ async def tail_session(request: Request, session: Session, after_seq: int, rid: 
             kind = event.get("type")
             if kind == "token":
                 yield sse({"content": event.get("data", "")}, event_id=seq)
-            elif kind == "warning":
-                yield sse({"warning": {k: v for k, v in event.items() if k not in ("type", "seq", "request_id")}}, event_id=seq)
+            elif kind == "warning":  # held until the reply's text is out (see stateless_stream)
+                fields = {k: v for k, v in event.items() if k not in ("type", "seq", "request_id")}
+                held.append({"warning": nash_warning(fields, None, None, llmws(request).models.max_context)})
             elif kind == "error":
                 yield sse({"error": event.get("message", "The request failed.")}, event_id=seq)
                 break
             elif kind == "done":
+                for body in held:  # no id: ids stay in order for Last-Event-ID
+                    yield sse(body)
                 yield sse({"session_id": session.id}, event_id=seq)
                 yield sse("[DONE]")
                 return

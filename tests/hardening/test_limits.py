@@ -182,7 +182,7 @@ async def test_long_unacknowledged_session_can_still_be_resumed_from_zero(
     d.start()
     try:
         async with connect(d.ws_url, max_size=None) as ws:
-            await ws.send(json.dumps({"session_id": session.id, "last_seq": 0}))
+            await ws.send(json.dumps({"session_id": session.id, "last_seq": 0, "protocol": 1}))
             welcome = json.loads(await ws.recv())
             assert welcome["resumed"] is True and welcome["last_seq"] == total
             seqs = []

@@ -90,6 +90,7 @@ class SoakClient:
                 hs: dict[str, Any] = (
                     {} if self.sid is None else {"session_id": self.sid, "last_seq": self.last_seq}
                 )
+                hs["protocol"] = 1
                 await ws.send(json.dumps(hs))
                 welcome = json.loads(await asyncio.wait_for(ws.recv(), scaled(60)))
                 assert welcome["type"] == "welcome", welcome

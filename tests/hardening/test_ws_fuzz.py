@@ -220,7 +220,7 @@ class Fuzzer:
 
     def _connect(self) -> ClientConnection:
         ws = connect(self.daemon.ws_url, max_size=None, open_timeout=scaled(30))
-        ws.send("{}")
+        ws.send(json.dumps({"protocol": 1}))
         welcome = json.loads(ws.recv(timeout=scaled(30)))
         assert welcome["type"] == "welcome"
         return ws

@@ -73,7 +73,7 @@ def test_improvement_blocking_returns_every_pass(http: httpx.Client) -> None:
 def test_websocket_improve_mode_emits_stages_and_records_history(module_daemon: DaemonProcess) -> None:
     """A WebSocket inference with mode "improve" emits start, labelled stage events, tokens and done, and keeps the final answer in history."""
     with connect(module_daemon.ws_url, open_timeout=scaled(10)) as ws:
-        ws.send("{}")
+        ws.send(json.dumps({"protocol": 1}))
         welcome = json.loads(ws.recv(timeout=scaled(10)))
         sid = welcome["session_id"]
         ws.send(json.dumps({"type": "inference", "prompt": "Name an animal.", "mode": "improve",
@@ -96,6 +96,6 @@ def test_websocket_improve_mode_emits_stages_and_records_history(module_daemon: 
     seqs = [e["seq"] for e in events]
     assert seqs == sorted(seqs)
     with connect(module_daemon.ws_url, open_timeout=scaled(10)) as ws:
-        ws.send(json.dumps({"session_id": sid}))
+        ws.send(json.dumps({"session_id": sid, "protocol": 1}))
         again = json.loads(ws.recv(timeout=scaled(10)))
         assert again["resumed"] is True and again["history_messages"] == 2

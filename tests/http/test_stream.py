@@ -89,7 +89,7 @@ def test_summarize_shortens_with_real_token_counts(http: httpx.Client) -> None:
 
 def _ws_session(daemon: DaemonProcess) -> str:
     with connect(daemon.ws_url, open_timeout=scaled(10)) as ws:
-        ws.send("{}")
+        ws.send(json.dumps({"protocol": 1}))
         welcome = json.loads(ws.recv(timeout=scaled(10)))
         assert welcome["type"] == "welcome"
         return welcome["session_id"]
