@@ -214,6 +214,31 @@ def test_streaming_renders_finished_blocks_once(browser: Any) -> None:
         assert page.js_errors == []
 
 
+def test_phone_width_has_conversations_and_panels_as_drawers(browser: Any) -> None:
+    """At phone width the conversations open as a drawer, and nothing spills sideways."""
+    with ScriptedServer([_chunks("A **short** reply with `code`.")]) as server:
+        page = _new_page(browser, width=390, height=800)
+        page.goto((REPO / "web_client_enhanced.html").as_uri())
+        assert page.locator("#convs").bounding_box()["x"] < 0, "the drawer starts closed"
+        page.click("#panelToggle")
+        page.fill("#server", server.url)
+        page.press("#server", "Enter")
+        _wait_connected(page)
+        page.click("#closeSide")
+        _send(page, "Hi")
+        _wait_done(page, 1, 30)
+        assert page.locator(".msg.assistant strong").inner_text() == "short"
+        page.click("#convToggle")
+        page.wait_for_function("() => document.getElementById('convs').getBoundingClientRect().x >= 0")
+        assert page.locator("#convList .conv .open").all_inner_texts() == ["Hi"]
+        page.wait_for_timeout(250)
+        _shot(page, "phone_conversations")
+        page.click("#newConv")
+        page.wait_for_function("() => document.getElementById('convs').getBoundingClientRect().x < 0")
+        assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+        assert page.js_errors == []
+
+
 # --------------------------------------------------------------------------- the real model
 
 
