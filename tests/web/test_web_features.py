@@ -160,6 +160,7 @@ HOSTILE = "\n\n".join([
     "```html\n<script>window.pwned='code'</script>\n```",
     "```js\" onmouseover=\"window.pwned='lang'\nlet a = 1;\n```",
     "[ok](https://example.com/) and `<b>inline</b>`",
+    "$\\href{javascript:window.pwned='tex'}{click}$ and $\\htmlClass{x}{y}$",
 ])
 
 
@@ -194,7 +195,10 @@ def test_hostile_reply_is_rendered_inert(browser: Any) -> None:
 def test_streaming_renders_finished_blocks_once(browser: Any) -> None:
     """While a reply streams, finished blocks are rendered and highlighted once and stay put."""
     first = "Here is code:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nAnd a table:\n\n"
-    rest = "| planet | size |\n|---|---|\n| Earth | 1 |\n| Mars | 0.5 |\n\nDone."
+    rest = (
+        "| planet | size |\n|---|---|\n| Earth | 1 |\n| Mars | 0.5 |\n\n"
+        "Euler: $e^{i\\pi}+1=0$, for $5 and $10.\n\n$$\\int_0^1 x\\,dx = \\frac{1}{2}$$\n\nDone."
+    )
     with ScriptedServer([[*_chunks(first), None, *_chunks(rest)]]) as server:
         page = _open_from_disk(browser, server.url)
         _send(page, "Show me.")
@@ -210,6 +214,11 @@ def test_streaming_renders_finished_blocks_once(browser: Any) -> None:
         )
         assert page.locator(".msg.assistant pre").count() == 1
         assert page.locator(".msg.assistant table td").all_text_contents() == ["Earth", "1", "Mars", "0.5"]
+        # Math is typeset (inline and display); dollars of money are left alone.
+        assert page.locator(".msg.assistant .llmws-math .katex").count() == 2
+        assert page.locator(".msg.assistant .llmws-math.display .katex-display").count() == 1
+        assert "for $5 and $10." in (page.locator(".msg.assistant .bubble").text_content() or "")
+        _shot(page, "markdown_done")
         assert page.evaluate("() => window.llmws.text(0)") == first + rest
         assert page.js_errors == []
 
