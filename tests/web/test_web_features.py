@@ -319,6 +319,9 @@ def test_conversations_survive_reload_restart_and_other_tabs(browser: Any, daemo
     assert tab.locator(".msg.user .bubble").all_inner_texts() == ["Name a color."]
     second_reply = tab.evaluate("() => window.llmws.text(0)")
     tab.close()
+    page.reload()
+    _wait_connected(page)
+    assert _state(page)["sessionId"] == first, "a tab keeps its own conversation across reloads"
 
     # A browser restart: a new context with what the browser keeps on disk (localStorage), less
     # the cached transcripts, so the page must ask the server for them.
@@ -332,25 +335,25 @@ def test_conversations_survive_reload_restart_and_other_tabs(browser: Any, daemo
     again.on("pageerror", lambda exc: errors.append(str(exc)))
     again.goto(daemon.http_url + "/ui")
     _wait_connected(again)
-    # The conversation opened last (in the other tab) is the one shown.
+    # The conversation used last is the one shown.
     again.wait_for_selector(".msg.assistant[data-state='done']", timeout=20 * MS)
-    assert _state(again)["sessionId"] == second
-    assert again.locator(".msg.user .bubble").all_inner_texts() == ["Name a color."]
-    assert again.evaluate("() => window.llmws.text(0)") == second_reply
+    assert _state(again)["sessionId"] == first
+    assert again.locator(".msg.user .bubble").all_inner_texts() == ["Name a fruit."]
+    assert again.evaluate("() => window.llmws.text(0)") == first_reply
     assert again.locator("#convList .conv .open").all_inner_texts() == ["Name a color.", "Name a fruit."]
-    again.click(f"#convList .conv[data-id='{first}'] .open")
+    again.click(f"#convList .conv[data-id='{second}'] .open")
     again.wait_for_function(
-        f"() => window.llmws.state.connected && window.llmws.state.sessionId === '{first}'"
+        f"() => window.llmws.state.connected && window.llmws.state.sessionId === '{second}'"
         " && document.querySelector('.msg.assistant[data-state=\"done\"]')",
         timeout=20 * MS,
     )
-    assert again.locator(".msg.user .bubble").all_inner_texts() == ["Name a fruit."]
-    assert again.evaluate("() => window.llmws.text(0)") == first_reply
+    assert again.locator(".msg.user .bubble").all_inner_texts() == ["Name a color."]
+    assert again.evaluate("() => window.llmws.text(0)") == second_reply
     _shot(again, "conversations")
     # The rebuilt conversation goes on where it was: the model still has the history.
     _send(again, "And another one?")
     _wait_done(again, 2)
-    assert [m["role"] for m in _history(daemon, first)] == ["user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in _history(daemon, second)] == ["user", "assistant", "user", "assistant"]
     assert errors == []
 
 
