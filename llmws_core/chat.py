@@ -194,6 +194,28 @@ class ChatService:
         session.sync()
         logger.info("session %s: closed out request %s interrupted by a restart", session.id, rid)
 
+    @property
+    def connected_sessions(self) -> int:
+        """Sessions with a connected client (a WebSocket, or an HTTP stream tailing it)."""
+        return len(self._subscribers)
+
+    def broadcast(self, event: dict[str, Any], origin: Session | None = None, extra: dict[str, Any] | None = None) -> None:
+        """Emit `event` into every session with a connected client (and the origin's).
+
+        `extra` (the asking request's id) is merged into the origin's copy only."""
+        targets = set(self._subscribers)
+        if origin is not None:
+            targets.add(origin.id)
+        for sid in targets:
+            try:
+                session = self.store.get(sid)
+            except errors.LLMWSError:
+                continue
+            body = dict(event)
+            if origin is not None and sid == origin.id and extra:
+                body.update(extra)
+            self.emit(session, body)
+
     def subscribe(self, session: Session, after_seq: int, sink: Subscriber) -> list[dict[str, Any]]:
         """Register `sink` for live events and return the backlog after `after_seq`.
 

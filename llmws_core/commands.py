@@ -56,7 +56,7 @@ async def list_models(conn: Connection, session: Session, msg: protocol.ListMode
 async def switch_model(conn: Connection, session: Session, msg: protocol.SwitchModel) -> None:
     _require_admin(conn)
     app = conn.app
-    entry = app.models.resolve(msg.model_path)
+    entry = await app.services.models.resolve(msg.model_path)
     rid = _rid(msg)
 
     async def run() -> None:
@@ -64,11 +64,9 @@ async def switch_model(conn: Connection, session: Session, msg: protocol.SwitchM
             app.chat.emit(session, {"type": "model_loading", **info, **rid})
 
         try:
-            await app.models.load(entry, progress)
+            await app.services.models.switch(entry, origin=session, extra=rid, on_progress=progress)
         except Exception as exc:
             app.chat.emit(session, errors.to_wire(exc, msg.request_id))
-            return
-        app.broadcast({"type": "model_switched", "model": app.models.model_info(), "max_context": app.models.max_context}, origin=session, extra=rid)
 
     app.spawn(run())
 
@@ -101,7 +99,7 @@ async def delete_model(conn: Connection, session: Session, msg: protocol.DeleteM
 async def estimate_model(conn: Connection, session: Session, msg: protocol.EstimateModel) -> None:
     from .engine.memory import estimate_for_entry
 
-    entry = conn.app.models.resolve(msg.model_path)
+    entry = await conn.app.services.models.resolve(msg.model_path)
     if entry.backend == "litellm":
         raise errors.Unsupported("Remote models have no local memory estimate.")
     est = await asyncio.to_thread(estimate_for_entry, entry)

@@ -148,6 +148,13 @@ class GenerationError(LLMWSError):
     http_status = 500
 
 
+class Cancelled(LLMWSError):
+    """The request was cancelled before its generation began (its client went away)."""
+
+    code = "cancelled"
+    http_status = 499
+
+
 class Unsupported(LLMWSError):
     """The loaded backend or this machine cannot do what was asked."""
 

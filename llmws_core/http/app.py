@@ -30,12 +30,12 @@ from fastapi.staticfiles import StaticFiles
 
 from .. import __version__, errors
 from ..config import REPO_ROOT
+from ..services.generation import ErrorEvent
 from . import blocking, legacy, mcp, metrics, openai, sessions, stream
 from .auth import HostCheck
-from .common import openai_error, status_of
 
 if TYPE_CHECKING:
-    from ..daemon import App
+    from ..services import Services
 
 logger = logging.getLogger("llmws.http")
 
@@ -43,15 +43,17 @@ WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
 #: The browser libraries the web client loads by relative path (`vendor/...`).
 WEB_VENDOR = REPO_ROOT / "vendor"
 
-#: Routes whose errors are OpenAI error objects; every other route answers {"detail": ...}.
-OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/chat/completions"})
+#: Surfaces with an error shape of their own: each has `owns_path(path) -> bool` and
+#: `error_body(event: ErrorEvent, param: str | None) -> dict`. Every other route
+#: answers {"detail": ..., "code": ...}.
+ERROR_SHAPES: tuple[Any, ...] = (openai,)
 
 
-def _wants_openai_errors(request: Request) -> bool:
-    return request.url.path in OPENAI_PATHS
+def _error_shape(request: Request) -> Any:
+    return next((door for door in ERROR_SHAPES if door.owns_path(request.url.path)), None)
 
 
-def create_app(app: App) -> FastAPI:
+def create_app(app: Services) -> FastAPI:
     """Build the HTTP adapter over the daemon's services."""
 
     @contextlib.asynccontextmanager
@@ -73,7 +75,7 @@ def create_app(app: App) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    api.state.llmws = app
+    api.state.services = app
     app_mcp = mcp.attach(api, app)
     metrics.attach(api, app)
 
@@ -83,13 +85,12 @@ def create_app(app: App) -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if _wants_openai_errors(request):
+        door = _error_shape(request)
+        if door is not None:
             first = exc.errors()[0] if exc.errors() else {}
             where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
             msg = f"Invalid request: {where}: {first.get('msg', 'invalid value')}" if where else "Invalid request body."
-            body = openai_error(errors.BadRequest(msg))
-            body["error"]["param"] = where or None
-            return JSONResponse(body, status_code=400)
+            return JSONResponse(door.error_body(ErrorEvent.of(errors.BadRequest(msg)), where or None), status_code=400)
         # FastAPI's own shape ({"detail": [...]}, 422), minus the echoed input.
         detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
@@ -103,11 +104,11 @@ def create_app(app: App) -> FastAPI:
         """Liveness and the basics a client needs (the WebSocket port)."""
         return {
             "status": "ok",
-            "model": app.models.model_info(),
+            "model": app.models.info(),
             "max_context": app.models.max_context,
-            "ws_port": app.ws_port,
-            "http_port": app.http_port,
-            "queue_depth": app.models.queue.depth,
+            "ws_port": app.runtime.ws_port,
+            "http_port": app.runtime.http_port,
+            "queue_depth": app.models.queue_depth,
             "version": __version__,
         }
 
@@ -139,11 +140,10 @@ def create_app(app: App) -> FastAPI:
 
 
 def _error_response(request: Request, exc: BaseException) -> JSONResponse:
-    status = status_of(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    if _wants_openai_errors(request):
-        return JSONResponse(openai_error(exc), status_code=status, headers=headers)
-    wire = errors.to_wire(exc)
-    body = {"detail": wire["message"], "code": wire["code"]}
-    body.update({k: v for k, v in wire.items() if k not in ("type", "code", "message")})
-    return JSONResponse(body, status_code=status, headers=headers)
+    event = ErrorEvent.of(exc)  # logs an unexpected error; its text is never sent
+    headers = {"WWW-Authenticate": "Bearer"} if event.status == 401 else None
+    door = _error_shape(request)
+    if door is not None:
+        return JSONResponse(door.error_body(event, None), status_code=event.status, headers=headers)
+    body = {"detail": event.message, "code": event.code, **event.details}
+    return JSONResponse(body, status_code=event.status, headers=headers)

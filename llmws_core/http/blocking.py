@@ -20,10 +20,22 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.backends.base import Message
-from ..improve import improve_stream
-from .auth import llmws, user_key
-from .common import cancel_on_disconnect, make_params, normalize_messages, watch_disconnect
+from ..services.generation import (
+    ChatMessage,
+    ErrorEvent,
+    Generation,
+    ImproveEvent,
+    Sampling,
+    TokenEvent,
+)
+from .auth import llmws, principal, user_key
+from .common import (
+    cancel_when_gone,
+    generation,
+    normalize_messages,
+    sampling_request,
+    start_or_gone,
+)
 
 logger = logging.getLogger("llmws.http.blocking")
 
@@ -56,7 +68,7 @@ def _query_request(
     )
 
 
-def conversation(request: Request, body: ChatRequest) -> list[Message]:
+def conversation(request: Request, body: ChatRequest) -> list[ChatMessage]:
     """The role system prompt (unless the history has one), the history, the prompt."""
     history = normalize_messages(body.history) if body.history else []
     roles = llmws(request).settings.roles
@@ -64,21 +76,22 @@ def conversation(request: Request, body: ChatRequest) -> list[Message]:
     return [m for m in system if m["content"]] + history + [{"role": "user", "content": body.prompt}]
 
 
-def _params(request: Request, body: ChatRequest) -> Any:
-    return make_params(
-        request, max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-    )
+def _sampling(body: ChatRequest) -> Sampling:
+    return Sampling(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+
+
+def _prepare(request: Request, body: ChatRequest) -> Generation:
+    """The plain (no improvement) reply, checked; old turns give way to the reply's room."""
+    req = sampling_request(request, conversation(request, body), sampling=_sampling(body), keep_reply_room=True)
+    return generation(request).prepare(req)
 
 
 async def blocking_reply(request: Request, body: ChatRequest) -> dict[str, Any]:
-    chat = llmws(request).chat
-    messages = conversation(request, body)
-    params = _params(request, body)
-    cancel = threading.Event()
-    async with watch_disconnect(request, cancel):
-        if body.improvement:
+    if body.improvement:
+        events = _improve(request, body, cancel := threading.Event())
+        async with cancel_when_gone(request, cancel.set):
             stages: list[dict[str, Any]] = []
-            async for ev in improve_stream(chat, messages, params, cancel=cancel):
+            async for ev in events:
                 if ev.kind == "stage_done":
                     stages.append({"stage": ev.stage, "label": ev.label, "text": ev.text})
                 elif ev.kind == "done":
@@ -88,30 +101,33 @@ async def blocking_reply(request: Request, body: ChatRequest) -> dict[str, Any]:
                     if body.intermediate_steps:
                         out["steps"] = stages
                     return out
-        parts: list[str] = []
-        result = None
-        async for chunk in chat.generate(messages, params, cancel=cancel, trim_history=True):
-            if chunk.result is not None:
-                result = chunk.result
-            elif chunk.text:
-                parts.append(chunk.text)
+    gen = _prepare(request, body)
+    if not await start_or_gone(request, gen):
+        return {"reply": "", "improvement": False, "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "finish_reason": "cancelled"}
+    async with gen, cancel_when_gone(request, gen.cancel):
+        done = await gen.collect()
     return {
-        "reply": "".join(parts),
+        "reply": done.content or "",
         "improvement": False,
-        "usage": {"prompt_tokens": result.tokens_in if result else 0, "completion_tokens": result.tokens_out if result else 0},
-        "finish_reason": result.finish_reason if result else "cancelled",
+        "usage": {"prompt_tokens": done.tokens_in, "completion_tokens": done.tokens_out},
+        "finish_reason": done.finish_reason,
     }
 
 
-async def text_stream(
-    request: Request, body: ChatRequest, messages: list[Message], params: Any, cancel: threading.Event
+def _improve(request: Request, body: ChatRequest, cancel: threading.Event) -> AsyncIterator[ImproveEvent]:
+    """The improvement pipeline's events for this request (checked now)."""
+    return generation(request).improve(
+        conversation(request, body), _sampling(body), principal=principal(request), cancel=cancel
+    )
+
+
+async def improved_text(
+    request: Request, body: ChatRequest, events: AsyncIterator[ImproveEvent], cancel: threading.Event
 ) -> AsyncIterator[str]:
-    """Reply text chunks (labelled passes with intermediate_steps), then END_MARK.
-    Errors end the stream with a line saying so (the status is already sent)."""
-    chat = llmws(request).chat
+    """The improved reply's text chunks (each pass under a label with intermediate_steps)."""
     try:
-        if body.improvement:
-            async for ev in improve_stream(chat, messages, params, cancel=cancel):
+        async with cancel_when_gone(request, cancel.set):
+            async for ev in events:
                 if body.intermediate_steps:
                     if ev.kind == "stage":
                         yield ("" if ev.index == 1 else "\n\n") + f"### {ev.label}\n\n"
@@ -119,24 +135,42 @@ async def text_stream(
                         yield ev.text
                 elif ev.kind == "token" and ev.stage == "final":
                     yield ev.text
-        else:
-            async for chunk in chat.generate(messages, params, cancel=cancel, trim_history=True):
-                if chunk.text:
-                    yield chunk.text
-    except Exception as exc:
-        from .. import errors
+    finally:
+        cancel.set()  # harmless after a normal end; stops the model after an abrupt one
 
-        yield f"\n[error: {errors.to_wire(exc)['message']}]"
+
+async def reply_text(request: Request, gen: Generation) -> AsyncIterator[str]:
+    """The plain reply's text chunks."""
+    await gen.start()
+    async with gen, cancel_when_gone(request, gen.cancel):
+        async for ev in gen:
+            if isinstance(ev, TokenEvent):
+                yield ev.text
+            elif isinstance(ev, ErrorEvent):
+                assert ev.exc is not None
+                raise ev.exc
+
+
+async def text_stream(source: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`source`'s chunks, then END_MARK. Errors end the stream with a line saying so
+    (the status is already sent)."""
+    try:
+        async for chunk in source:
+            yield chunk
+    except Exception as exc:
+        yield f"\n[error: {ErrorEvent.of(exc).message}]"
     yield END_MARK
 
 
 def _stream_response(request: Request, body: ChatRequest) -> StreamingResponse:
-    # Validate before the 200 goes out: a bad history must be a 400, not a cut stream.
-    messages = conversation(request, body)
-    params = _params(request, body)
-    cancel = threading.Event()
+    # Checked before the 200 goes out: a bad history must be a 400, not a cut stream.
+    if body.improvement:
+        cancel = threading.Event()
+        source = improved_text(request, body, _improve(request, body, cancel), cancel)
+    else:
+        source = reply_text(request, _prepare(request, body))
     return StreamingResponse(
-        cancel_on_disconnect(request, text_stream(request, body, messages, params, cancel), cancel),
+        text_stream(source),
         media_type="text/plain; charset=utf-8",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

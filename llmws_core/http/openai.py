@@ -7,11 +7,8 @@ serves the earlier llama-cpp server's `POST /chat/completions` (see legacy.py).
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -19,21 +16,27 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine import grammar
-from ..engine.backends.base import Message
-from . import tools as toolcalls
+from .. import errors
+from ..services.generation import (
+    DoneEvent,
+    ErrorEvent,
+    Generation,
+    GenerationRequest,
+    Sampling,
+    TokenEvent,
+    ToolCallEvent,
+    parse_response_format,
+)
+from ..services.tools import Tool, ToolCall, ToolChoice
 from .auth import llmws, user_key
 from .common import (
     SSE_HEADERS,
-    cancel_on_disconnect,
-    ensure_model,
-    first_chunk,
-    make_params,
+    cancel_when_gone,
+    generation,
     normalize_messages,
-    openai_error,
-    remote_model,
+    sampling_request,
     sse,
-    watch_disconnect,
+    start_or_gone,
 )
 
 logger = logging.getLogger("llmws.http.openai")
@@ -70,104 +73,106 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
 
 
-def generation_overrides(body: ChatCompletionRequest) -> dict[str, Any]:
-    stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    return {
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "top_k": body.top_k,
-        "max_new_tokens": body.max_completion_tokens or body.max_tokens,
-        "stop": stop,
-        "seed": body.seed,
-        "repeat_penalty": body.repeat_penalty,
-    }
-
-
-def with_json_instruction(messages: list[Message], fmt: dict[str, Any]) -> list[Message]:
-    text = "Reply with a single valid JSON object and nothing else."
-    if fmt.get("schema"):
-        text += " It must match this JSON schema: " + json.dumps(fmt["schema"])
-    out = [dict(m) for m in messages]
-    if out and out[0]["role"] == "system":
-        out[0]["content"] = (out[0]["content"] + "\n\n" + text).strip()
-    else:
-        out.insert(0, {"role": "system", "content": text})
+def openai_tools(body: ChatCompletionRequest) -> list[Tool] | None:
+    """The request's tools as the service's function specs (checked unless tool_choice is "none")."""
+    if not body.tools or body.tool_choice == "none":
+        return None
+    out = []
+    for tool in body.tools:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise errors.BadRequest("Each tool needs {'type': 'function', 'function': {'name': ...}}.")
+        out.append(fn)
     return out
 
 
-def extract_json(text: str) -> str:
-    """The first complete JSON value in `text` (best effort without a grammar)."""
-    decoder = json.JSONDecoder()
-    for i, ch in enumerate(text):
-        if ch in "{[":
-            try:
-                value, _ = decoder.raw_decode(text[i:])
-            except ValueError:
-                continue
-            return json.dumps(value, ensure_ascii=False)
-    return text
+def openai_tool_choice(choice: str | dict[str, Any] | None) -> ToolChoice:
+    """OpenAI's tool_choice ("none", "auto", "required" or {"function": {"name"}}) as the service's."""
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        return name if isinstance(name, str) else "auto"
+    return choice or "auto"
 
 
-class Prepared:
-    """A request turned into chat-service inputs.
+def generation_request(request: Request, body: ChatCompletionRequest) -> GenerationRequest:
+    """The chat completion request as the generation service's request."""
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    return sampling_request(
+        request,
+        normalize_messages(body.messages),
+        sampling=Sampling(
+            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            max_tokens=body.max_completion_tokens or body.max_tokens, stop=stop, seed=body.seed,
+            repeat_penalty=body.repeat_penalty,
+        ),
+        model=body.model,
+        tools=openai_tools(body),
+        tool_choice=openai_tool_choice(body.tool_choice),
+        response_format=parse_response_format(body.response_format),
+    )
 
-    JSON mode and forced tool calls set `params.response_format`: a llama.cpp model
-    follows it as a grammar, a remote model gets it passed on, and for a backend
-    without grammars (transformers) the prompt instruction and `extract_json` are
-    all there is. Which of these happened is known at the first chunk (`constrained`).
-    """
 
-    def __init__(self, request: Request, body: ChatCompletionRequest) -> None:
-        self.body = body
-        messages = normalize_messages(body.messages)
-        self.tools = body.tools if body.tools and body.tool_choice != "none" else None
-        messages = toolcalls.with_tools(messages, self.tools, body.tool_choice)
-        self.params = make_params(request, **generation_overrides(body))
-        forced = toolcalls.forced_call_format(self.tools, body.tool_choice)
-        # A forced call is the whole reply, so response_format (which shapes content) yields.
-        self.json = None if forced else grammar.parse_format(body.response_format)
-        if self.json is not None:
-            messages = with_json_instruction(messages, self.json)
-        self.params.response_format = forced or (body.response_format if self.json is not None else None)
-        # A schema no grammar can be made of is the client's error on every backend, and
-        # must be a 400 before a stream starts (the grammar is cached for the backend).
-        grammar.grammar_for(self.params.response_format)
-        #: Whether the serving backend constrained the reply (set from the first chunk).
-        self.constrained = False
-        self.messages = messages
-        self.id = "chatcmpl-" + uuid.uuid4().hex
-        self.created = int(time.time())
-        info = llmws(request).models.model_info() or {}
-        self.remote = remote_model(request, body.model)
-        self.model = self.remote or info.get("name") or body.model or "llmws"
+#: OpenAI error `type` by HTTP status.
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
-    def finish_content(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-        """Final (content, tool_calls) of a complete reply."""
-        calls: list[dict[str, Any]] = []
-        if self.tools:
-            text, calls = toolcalls.parse_tool_calls(text, self.tools)
-        if self.json is not None and not self.constrained and not calls:
-            text = extract_json(text)
-        return (text if text or not calls else None), calls
+
+def openai_error(exc: BaseException | ErrorEvent) -> dict[str, Any]:
+    """An OpenAI error object for any exception or error event (user-safe text only)."""
+    event = exc if isinstance(exc, ErrorEvent) else ErrorEvent.of(exc)
+    body: dict[str, Any] = {
+        "message": event.message,
+        "type": OPENAI_ERROR_TYPES.get(event.status, "server_error"),
+        "param": None,
+        "code": event.code,
+    }
+    for key in ("max_context", "input_length"):
+        if key in event.details:
+            body[key] = event.details[key]
+    return {"error": body}
+
+
+#: Routes whose errors are OpenAI error objects.
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/chat/completions"})
+
+
+def owns_path(path: str) -> bool:
+    """Whether errors of `path` take OpenAI's shape."""
+    return path in OPENAI_PATHS
+
+
+def error_body(event: ErrorEvent, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object of an error (`param`: the request field at fault)."""
+    body = openai_error(event)
+    body["error"]["param"] = param
+    return body
+
+
+def tool_call_json(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
 
 
 def usage(tokens_in: int, tokens_out: int) -> dict[str, int]:
     return {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "total_tokens": tokens_in + tokens_out}
 
 
-def finish_reason(reason: str, calls: list[dict[str, Any]]) -> str:
-    if calls:
-        return "tool_calls"
-    return "length" if reason == "length" else "stop"
+def finish_reason(reason: str) -> str:
+    if reason in ("tool_calls", "length"):
+        return reason
+    return "stop"
 
 
 @router.get("/v1/models", summary="List the local models (OpenAI shape)")
 async def list_models(request: Request) -> dict[str, Any]:
     """Every model in models/, var/models/ and the embedded one, as OpenAI model objects."""
-    import asyncio
-
-    app = llmws(request)
-    models = await asyncio.to_thread(app.models.list_models)
+    models = await llmws(request).models.list()
     return {
         "object": "list",
         "data": [
@@ -194,116 +199,63 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 async def complete(body: ChatCompletionRequest, request: Request) -> Response:
     """The shared handler of /v1/chat/completions and the legacy /chat/completions."""
-    await ensure_model(request, body.model)
-    prep = Prepared(request, body)
-    cancel = threading.Event()
-    agen = llmws(request).chat.generate(prep.messages, prep.params, cancel=cancel, trim_history=False, model=prep.remote)
-    try:
-        first = await first_chunk(request, agen, cancel)
-    except BaseException:
-        await agen.aclose()
-        raise
-    if first is None:
+    gen = generation(request).prepare(generation_request(request, body))
+    if not await start_or_gone(request, gen):
         return Response(status_code=499)
-    prep.constrained = first.constrained
+    created = int(time.time())
     if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            cancel_on_disconnect(request, stream_events(prep, agen), cancel),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
+            stream_events(request, gen, created, include_usage), media_type="text/event-stream", headers=SSE_HEADERS
         )
-    try:
-        parts: list[str] = []
-        result = None
-        async with watch_disconnect(request, cancel):
-            async for chunk in agen:
-                if chunk.result is not None:
-                    result = chunk.result
-                elif chunk.text:
-                    parts.append(chunk.text)
-    finally:
-        cancel.set()
-        await agen.aclose()
-    assert result is not None
-    content, calls = prep.finish_content("".join(parts))
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = calls
+    async with gen, cancel_when_gone(request, gen.cancel):
+        done = await gen.collect()
+    message: dict[str, Any] = {"role": "assistant", "content": done.content}
+    if done.tool_calls:
+        message["tool_calls"] = [tool_call_json(c) for c in done.tool_calls]
+    assert gen.started is not None
     return JSONResponse({
-        "id": prep.id,
+        "id": "chatcmpl-" + gen.id,
         "object": "chat.completion",
-        "created": prep.created,
-        "model": prep.model,
+        "created": created,
+        "model": gen.started.model,
         "choices": [{
             "index": 0,
             "message": message,
             "logprobs": None,
-            "finish_reason": finish_reason(result.finish_reason, calls),
+            "finish_reason": finish_reason(done.finish_reason),
         }],
-        "usage": usage(result.tokens_in, result.tokens_out),
+        "usage": usage(done.tokens_in, done.tokens_out),
         "system_fingerprint": None,
     })
 
 
-async def stream_events(prep: Prepared, agen: AsyncIterator[Any]) -> AsyncIterator[str]:
+async def stream_events(request: Request, gen: Generation, created: int, include_usage: bool) -> AsyncIterator[str]:
     """chat.completion.chunk events for one generation, then `[DONE]`."""
+    assert gen.started is not None
     n = 0
+    head = {"id": "chatcmpl-" + gen.id, "object": "chat.completion.chunk", "created": created, "model": gen.started.model}
 
-    def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+    def event(delta: dict[str, Any], finish: str | None = None) -> str:
         nonlocal n
         n += 1
-        body = {
-            "id": prep.id,
-            "object": "chat.completion.chunk",
-            "created": prep.created,
-            "model": prep.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            **extra,
-        }
-        return sse(body, event_id=n)
+        return sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}, event_id=n)
 
-    include_usage = bool(prep.body.stream_options and prep.body.stream_options.include_usage)
-    # Held back while the reply may still become a tool call or must be JSON-extracted.
-    hold = bool(prep.tools) or (prep.json is not None and not prep.constrained)
-    held: list[str] = []
     yield event({"role": "assistant", "content": ""})
-    try:
-        result = None
-        async for chunk in agen:
-            if chunk.result is not None:
-                result = chunk.result
-            elif chunk.text:
-                if hold:
-                    held.append(chunk.text)
-                    text = "".join(held)
-                    if prep.json is None and not toolcalls.may_be_tool_call(text):
-                        hold, held = False, []
-                        yield event({"content": text})
-                else:
-                    yield event({"content": chunk.text})
-    except Exception as exc:
-        n += 1
-        yield sse(openai_error(exc), event_id=n)
-        yield sse("[DONE]")
-        return
-    assert result is not None
-    calls: list[dict[str, Any]] = []
-    if held:
-        content, calls = prep.finish_content("".join(held))
-        if calls:
-            deltas = [{"index": i, **call} for i, call in enumerate(calls)]
-            yield event({"tool_calls": deltas})
-        elif content:
-            yield event({"content": content})
-    yield event({}, finish_reason(result.finish_reason, calls))
-    if include_usage:
-        n += 1
-        yield sse({
-            "id": prep.id,
-            "object": "chat.completion.chunk",
-            "created": prep.created,
-            "model": prep.model,
-            "choices": [],
-            "usage": usage(result.tokens_in, result.tokens_out),
-        }, event_id=n)
+    async with gen, cancel_when_gone(request, gen.cancel):
+        async for ev in gen:
+            if isinstance(ev, TokenEvent):
+                yield event({"content": ev.text})
+            elif isinstance(ev, ToolCallEvent):
+                yield event({"tool_calls": [{"index": i, **tool_call_json(c)} for i, c in enumerate(ev.calls)]})
+            elif isinstance(ev, ErrorEvent):
+                n += 1
+                yield sse(openai_error(ev), event_id=n)
+                yield sse("[DONE]")
+                return
+            elif isinstance(ev, DoneEvent):
+                yield event({}, finish_reason(ev.finish_reason))
+                if include_usage:
+                    n += 1
+                    yield sse({**head, "choices": [], "usage": usage(ev.tokens_in, ev.tokens_out)}, event_id=n)
     yield sse("[DONE]")

@@ -13,7 +13,6 @@ from fastapi import APIRouter, Depends, Request
 
 from .. import errors
 from .auth import llmws, user_key
-from .stream import session_backed
 
 router = APIRouter(tags=["Sessions"], dependencies=[Depends(user_key)])
 
@@ -21,17 +20,19 @@ router = APIRouter(tags=["Sessions"], dependencies=[Depends(user_key)])
 @router.get("/v1/sessions/{session_id}/history", summary="A session's conversation (its turns)")
 async def session_history(session_id: str, request: Request) -> dict[str, Any]:
     """The session's completed turns, its own settings, and the reply being generated."""
-    session = session_backed(request, session_id)
+    sessions = llmws(request).sessions
+    session = sessions.find(session_id)
     if session is None:
         raise errors.SessionNotFound("No session with that id exists.")
-    return await llmws(request).chat.history(session)
+    return await sessions.history(session)
 
 
 @router.delete("/v1/sessions/{session_id}", summary="Delete a session and its data on disk")
 async def delete_session(session_id: str, request: Request) -> dict[str, Any]:
     """Stop the session's replies and delete its history and buffer from disk."""
-    session = session_backed(request, session_id)
+    sessions = llmws(request).sessions
+    session = sessions.find(session_id)
     if session is None:
         raise errors.SessionNotFound("No session with that id exists.")
-    await llmws(request).chat.delete_session(session)
+    await sessions.delete(session)
     return {"session_id": session.id, "deleted": True}

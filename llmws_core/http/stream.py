@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,33 +31,29 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import errors, protocol
-from ..engine.backends.base import Message
+from ..services.generation import (
+    MAX_MESSAGES_WARN,
+    ErrorEvent,
+    Generation,
+    Sampling,
+    TokenEvent,
+    WarningEvent,
+    render_messages,
+)
 from ..sessions.store import Session
-from .auth import llmws, user_key
+from .auth import is_admin, llmws, principal, user_key
 from .common import (
     SSE_HEADERS,
-    cancel_on_disconnect,
-    count_tokens,
-    ensure_model,
-    make_params,
+    cancel_when_gone,
+    generation,
     normalize_messages,
-    remote_model,
+    sampling_request,
     sse,
 )
 
 logger = logging.getLogger("llmws.http.stream")
 
 router = APIRouter(tags=["nash-llm-server (SSE)"], dependencies=[Depends(user_key)])
-
-#: Warn when a conversation grows past this many messages (summarizing helps).
-MAX_MESSAGES_WARN = 50
-#: Warn when the prompt uses more than this share of the model's context.
-NEAR_LIMIT_SHARE = 0.75
-SUMMARY_SYSTEM = (
-    "You summarize conversations. Keep names, facts, numbers, decisions and open "
-    "questions. Write a short paragraph."
-)
-
 
 class StreamRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -103,45 +98,11 @@ def nash_warning(
     }
 
 
-def limits_warning(n_messages: int, tokens_in: int, dropped: int, max_context: int | None) -> dict[str, Any] | None:
-    """The warning for a conversation near or over the limits, with a suggestion."""
-    base = {"messages": n_messages, "tokens": tokens_in, "max_context": max_context, "suggestion": SUMMARIZE_SUGGESTION}
-    if dropped:
-        fields = {
-            "code": "history_truncated",
-            "message": f"The conversation does not fit the model's context; the oldest {dropped} messages were left out of this reply.",
-            "dropped_messages": dropped, **base,
-        }
-    elif max_context and tokens_in >= NEAR_LIMIT_SHARE * max_context:
-        share = round(100 * tokens_in / max_context)
-        fields = {
-            "code": "context_near_limit",
-            "message": f"The conversation uses {share}% of the model's context ({tokens_in} of {max_context} tokens).",
-            **base,
-        }
-    elif n_messages > MAX_MESSAGES_WARN:
-        fields = {
-            "code": "too_many_messages",
-            "message": f"The conversation has {n_messages} messages (more than {MAX_MESSAGES_WARN}).",
-            **base,
-        }
-    else:
-        return None
-    return nash_warning(fields, n_messages, tokens_in, max_context)
-
-
 def session_backed(request: Request, session_id: str | None) -> Session | None:
     """The LLMWS session a request names, if it exists (else the stream is stateless)."""
     if not session_id:
         return None
-    app = llmws(request)
-    if not app.store.exists(session_id):
-        return None
-    try:
-        session, resumed, _ = app.chat.open_session(session_id)
-    except errors.LLMWSError:
-        return None
-    return session if resumed else None
+    return llmws(request).sessions.find(session_id)
 
 
 @router.post("/v1/chat/completions/stream", summary="Streaming chat (nash-llm-server SSE protocol)")
@@ -152,38 +113,33 @@ async def chat_stream(
 ) -> StreamingResponse:
     """Stream a reply as SSE. Stateless unless `session_id` names an LLMWS session;
     then `Last-Event-ID` resumes the session's stream instead of asking again."""
-    await ensure_model(request, body.model)
+    remote = await llmws(request).models.serve_request_model(body.model, may_switch=is_admin(request))
     session = session_backed(request, body.session_id)
     if session is not None:
         after = _seq(last_event_id)
         if after is None:
             # Events after this seq belong to the new job: tail from here, so none is missed.
             start = session.last_seq
-            rid = _submit(request, session, body)
+            rid = _submit(request, session, body, remote)
             source = tail_session(request, session, start, rid)
         else:
             source = tail_session(request, session, after, None)
         return StreamingResponse(source, media_type="text/event-stream", headers=SSE_HEADERS)
     sid = body.session_id or str(uuid.uuid4())
-    messages = normalize_messages(body.messages)
-    params = make_params(
-        request, temperature=body.temperature, top_p=body.top_p, max_new_tokens=body.max_tokens,
-        stop=body.stop, seed=body.seed,
-    )
-    cancel = threading.Event()
-    return StreamingResponse(
-        cancel_on_disconnect(
-            request, stateless_stream(request, sid, messages, params, cancel, remote_model(request, body.model)), cancel
+    gen = generation(request).prepare(sampling_request(
+        request,
+        normalize_messages(body.messages),
+        sampling=Sampling(
+            temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_tokens, stop=body.stop, seed=body.seed,
         ),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
-    )
+        # Served per request when it names a remote model; the local switch is done above.
+        model=remote,
+        keep_reply_room=True,
+    ))
+    return StreamingResponse(stateless_stream(request, sid, gen), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def stateless_stream(
-    request: Request, sid: str, messages: list[Message], params: Any, cancel: threading.Event, model: str | None = None
-) -> AsyncIterator[str]:
-    app = llmws(request)
+async def stateless_stream(request: Request, sid: str, gen: Generation) -> AsyncIterator[str]:
     n = 0
 
     def event(data: Any) -> str:
@@ -195,16 +151,20 @@ async def stateless_stream(
     # nash's clients stop reading at a warning, so it follows the reply's text: a
     # client that stops there has the whole reply already.
     warning = None
-    try:
-        async for chunk in app.chat.generate(messages, params, cancel=cancel, trim_history=True, model=model):
-            if chunk.result is not None:
-                break
-            if chunk.text:
-                yield event({"content": chunk.text})
-            else:
-                warning = limits_warning(len(messages), chunk.tokens_in, chunk.dropped_messages, app.models.max_context)
-    except Exception as exc:
-        yield event({"error": errors.to_wire(exc)["message"]})
+    async with gen, cancel_when_gone(request, gen.cancel):
+        try:
+            await gen.start()
+        except Exception as exc:
+            yield event({"error": ErrorEvent.of(exc).message})
+        else:
+            async for ev in gen:
+                if isinstance(ev, TokenEvent):
+                    yield event({"content": ev.text})
+                elif isinstance(ev, WarningEvent):
+                    d = ev.details
+                    warning = nash_warning(ev.body(), d.get("messages"), d.get("tokens"), d.get("max_context"))
+                elif isinstance(ev, ErrorEvent):
+                    yield event({"error": ev.message})
     if warning:
         yield event({"warning": warning})
     yield event({"session_id": sid})
@@ -226,13 +186,13 @@ def _seq(value: str | None) -> int | None:
     return seq
 
 
-def _submit(request: Request, session: Session, body: StreamRequest) -> str:
+def _submit(request: Request, session: Session, body: StreamRequest, remote: str | None) -> str:
     """Submit the new turn as a job of `session`; the session's history is the context.
 
     From `messages`, only what follows the last assistant message is new (a client
     of the stateless protocol sends the whole history each time); a system message
     sets this reply's system prompt."""
-    msgs = normalize_messages(body.messages)
+    msgs = render_messages(normalize_messages(body.messages))
     last_assistant = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
     system = [m for m in msgs if m["role"] == "system"][:1]
     turn = [m for m in msgs[last_assistant + 1 :] if m["role"] != "system"]
@@ -249,10 +209,9 @@ def _submit(request: Request, session: Session, body: StreamRequest) -> str:
         messages=[protocol.ChatMessage(**m) for m in system + turn],
         config=protocol.GenerationConfig(**config) if config else None,
         on_disconnect="continue",
-        model=remote_model(request, body.model),
+        model=remote,
     )
-    job = llmws(request).chat.submit(session, msg)
-    return job.request_id
+    return llmws(request).sessions.submit(session, msg)
 
 
 FOLLOWED_TYPES = frozenset({"start", "token", "warning", "stage", "done", "error"})
@@ -264,14 +223,14 @@ async def tail_session(request: Request, session: Session, after_seq: int, rid: 
 
     `rid` None (a resume) follows the request the first replayed event belongs to,
     or the session's running job."""
-    chat = llmws(request).chat
+    sessions = llmws(request).sessions
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    backlog = chat.subscribe(session, after_seq, queue.put_nowait)
+    backlog = sessions.subscribe(session, after_seq, queue.put_nowait)
     try:
         if rid is None:
             rid = next((e.get("request_id") for e in backlog if e.get("type") in FOLLOWED_TYPES and e.get("request_id")), None)
         if rid is None:
-            running = list(chat.jobs.get(session.id, {}))
+            running = sessions.running(session)
             rid = running[0] if running else None
         yield sse({"session_id": session.id})
         last = after_seq
@@ -307,7 +266,7 @@ async def tail_session(request: Request, session: Session, after_seq: int, rid: 
         yield sse({"session_id": session.id})
         yield sse("[DONE]")
     finally:
-        chat.unsubscribe(session, queue.put_nowait)
+        sessions.unsubscribe(session, queue.put_nowait)
 
 
 @router.get("/v1/sessions/{session_id}/events", summary="Resume a session-backed stream (SSE)")
@@ -331,57 +290,27 @@ async def session_events(
 # ---------------------------------------------------------------------- summarize
 
 
-def transcript(messages: list[Message]) -> str:
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages if m["role"] != "system")
-
-
 @router.post("/v1/chat/summarize", summary="Summarize a conversation into a shorter history")
 async def summarize(body: SummarizeRequest, request: Request) -> dict[str, Any]:
     """Summarize `messages` (or, for an LLMWS session with no messages given, its
     history, which is then replaced) into a shorter replacement history that keeps
     the system message. `token_reduction` holds real tokenizer counts."""
-    app = llmws(request)
+    sessions = llmws(request).sessions
     session = session_backed(request, body.session_id)
     sid = body.session_id or str(uuid.uuid4())
     if body.messages:
         messages = normalize_messages(body.messages)
     elif session is not None:
-        system = app.chat.effective_config(session).get("system")
-        messages = ([{"role": "system", "content": system}] if system else []) + list(session.state.get("history", []))
+        messages = sessions.conversation(session)
     else:
         raise errors.BadRequest("messages must not be empty.")
-    if not any(m["role"] != "system" for m in messages):
-        raise errors.BadRequest("There is no conversation to summarize.")
-    before = await count_tokens(request, messages)
-    text = transcript(messages)
-    max_ctx = app.models.max_context or 2048
-    budget = body.max_tokens or max(32, min(512, before // 3))
-    room = max_ctx - budget - 128
-    if before > room:  # keep the most recent part of a transcript that does not fit
-        text = text[-max(256, int(len(text) * room / before)) :]
-    prompt = [
-        {"role": "system", "content": SUMMARY_SYSTEM},
-        {"role": "user", "content": f"Summarize this conversation:\n\n{text}"},
-    ]
-    params = make_params(request, max_new_tokens=budget, temperature=0.0, stop=None, seed=0)
-    parts: list[str] = []
-    cancel = threading.Event()
-    async for chunk in app.chat.generate(prompt, params, cancel=cancel, trim_history=False):
-        if chunk.text:
-            parts.append(chunk.text)
-    summary = "".join(parts).strip()
-    if not summary:
-        raise errors.GenerationError("The model returned an empty summary.")
-    new_messages: list[Message] = [m for m in messages if m["role"] == "system"][:1]
-    new_messages.append({"role": "assistant", "content": f"Summary of the conversation so far: {summary}"})
-    after = await count_tokens(request, new_messages)
+    result = await generation(request).summarize(messages, max_tokens=body.max_tokens, principal=principal(request))
     if session is not None and not body.messages:
-        session.state["history"] = [m for m in new_messages if m["role"] != "system"]
-        await session.save_state_async()
+        await sessions.replace_history(session, result.messages)
     return {
         "success": True,
-        "summary": summary,
-        "messages": new_messages,
-        "token_reduction": {"before": before, "after": after},
+        "summary": result.summary,
+        "messages": result.messages,
+        "token_reduction": {"before": result.tokens_before, "after": result.tokens_after},
         "session_id": sid,
     }

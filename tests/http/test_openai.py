@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from llmws_core import errors
-from llmws_core.http import tools as toolcalls
-from llmws_core.http.openai import extract_json
+from llmws_core.services import tools as toolcalls
+from llmws_core.services.generation import extract_json
 from tests.conftest import DaemonProcess, scaled
 from tests.http.conftest import sse_events
 
@@ -287,16 +287,16 @@ def test_client_disconnect_cancels_the_generation(module_daemon: DaemonProcess, 
 
 # ---------------------------------------------------------------------- pure helpers
 
-TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+TOOLS = [{"name": "add", "parameters": {"type": "object"}}]
 
 
 def test_tool_call_parser_reads_tagged_and_bare_json() -> None:
     """Tool calls are recognised in <tool_call> tags and as a bare JSON object, only for offered tools."""
     content, calls = toolcalls.parse_tool_calls('<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>', TOOLS)
-    assert content == "" and calls[0]["function"] == {"name": "add", "arguments": '{"a": 1}'}
-    assert calls[0]["id"].startswith("call_") and calls[0]["type"] == "function"
+    assert content == "" and (calls[0].name, calls[0].arguments_json) == ("add", '{"a": 1}')
+    assert calls[0].id.startswith("call_")
     _, calls = toolcalls.parse_tool_calls('{"name": "add", "arguments": {"b": 2}}', TOOLS)
-    assert json.loads(calls[0]["function"]["arguments"]) == {"b": 2}
+    assert calls[0].arguments == {"b": 2}
     content, calls = toolcalls.parse_tool_calls('{"name": "rm_rf", "arguments": {}}', TOOLS)
     assert calls == [] and "rm_rf" in content
     content, calls = toolcalls.parse_tool_calls("Just text.", TOOLS)
@@ -305,8 +305,8 @@ def test_tool_call_parser_reads_tagged_and_bare_json() -> None:
 
 def test_forced_tool_choice_becomes_a_call_schema() -> None:
     """A named or "required" tool_choice gives a json_schema of calls; "auto" gives none."""
-    tools = [WEATHER, ADD]
-    named = toolcalls.forced_call_format(tools, {"type": "function", "function": {"name": "add"}})
+    tools = [WEATHER["function"], ADD["function"]]
+    named = toolcalls.forced_call_format(tools, "add")
     assert named is not None and named["type"] == "json_schema"
     schema = named["json_schema"]["schema"]
     assert schema["properties"]["name"] == {"const": "add"}
@@ -322,7 +322,7 @@ def test_forced_tool_choice_becomes_a_call_schema() -> None:
     bare = toolcalls.forced_call_format(TOOLS, "required")
     assert bare is not None and bare["json_schema"]["schema"]["properties"]["arguments"] == {"type": "object"}
     with pytest.raises(errors.BadRequest):
-        toolcalls.forced_call_format(tools, {"type": "function", "function": {"name": "rm"}})
+        toolcalls.forced_call_format(tools, "rm")
 
 
 def test_tool_call_hold_back_decision() -> None:

@@ -106,3 +106,27 @@ async def test_estimate_model_uses_kv_arithmetic(daemon) -> None:
     est = (await peer.until("model_estimate"))[-1]
     assert est["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2 and est["max_context"] <= 8192
     await peer.close()
+
+
+async def test_http_switch_tells_websocket_clients(daemon_factory) -> None:
+    """A switch through HTTP (/setModel, or a chat completion naming another local model)
+    sends model_switched, with the new max_context, to every connected WebSocket client."""
+    import httpx
+
+    d = daemon_factory(start=False)
+    shutil.copy(embedded_model_path(), d.models_dir / "a.gguf")
+    shutil.copy(embedded_model_path(), d.models_dir / "b.gguf")
+    d.start()
+    peer = await Peer.open(d.ws_url)
+    first = peer.welcome["model"]["name"]
+    other = "b.gguf" if first == "a.gguf" else "a.gguf"
+    async with httpx.AsyncClient(base_url=d.http_url, timeout=300) as http:
+        r = await http.post("/setModel", json={"modelName": other})
+        assert r.status_code == 200, r.text
+        switched = (await peer.until("model_switched", timeout=60))[-1]
+        assert switched["model"]["name"] == other and switched["max_context"] == r.json()["max_context"]
+        body = {"model": first, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
+        r = await http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert (await peer.until("model_switched", timeout=60))[-1]["model"]["name"] == first
+    await peer.close()

@@ -1,4 +1,9 @@
-"""OpenAI tool calls over any chat template: describe the tools, parse the calls back.
+"""Tool calls over any chat template: describe the tools, parse the calls back.
+
+Tools are given in one neutral shape, whatever door they came through: a function
+spec `{"name", "description"?, "parameters"?}` (OpenAI's `function` object;
+Anthropic's `input_schema` and Ollama's `function` map onto it). `tool_choice` is
+"auto", "none", "required" or the name of the one tool that must be called.
 
 Most small GGUF templates (SmolLM2's among them) have no tool syntax, so the tools
 are described in the system message in the Hermes/Qwen convention, which many
@@ -16,56 +21,74 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from .. import errors
-from ..engine.backends.base import Message
 
 TOOL_CALL_OPEN = "<tool_call>"
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
+#: A tool: {"name": str, "description"?: str, "parameters"?: JSON Schema object}.
+Tool = dict[str, Any]
+#: "auto", "none", "required", or the name of the tool that must be called.
+ToolChoice = str
 
-def tool_names(tools: list[dict[str, Any]]) -> list[str]:
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call the model made: its id, the tool's name, the arguments object."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+    @property
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+def tool_names(tools: list[Tool]) -> list[str]:
+    """The tools' names, checking each tool has one.
+
+    Raises:
+        BadRequest: a tool without a string name.
+    """
     names = []
     for tool in tools:
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise errors.BadRequest("Each tool needs {'type': 'function', 'function': {'name': ...}}.")
-        names.append(fn["name"])
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise errors.BadRequest("Each tool needs a function with a name.")
+        names.append(tool["name"])
     return names
 
 
-def forced_tool(tool_choice: Any) -> str | None:
+def forced_tool(tool_choice: ToolChoice | None) -> str | None:
     """The tool name a `tool_choice` forces, if any."""
-    if isinstance(tool_choice, dict):
-        fn = tool_choice.get("function") or {}
-        return fn.get("name") if isinstance(fn.get("name"), str) else None
-    return None
+    return tool_choice if tool_choice not in (None, "auto", "none", "required") else None
 
 
-def call_schema(tool: dict[str, Any]) -> dict[str, Any]:
+def call_schema(tool: Tool) -> dict[str, Any]:
     """The JSON Schema of one call of `tool`: {"name": <its name>, "arguments": <its parameters>}."""
-    fn = tool["function"]
-    params = fn.get("parameters")
+    params = tool.get("parameters")
     return {
         "type": "object",
         "properties": {
-            "name": {"const": fn["name"]},
+            "name": {"const": tool["name"]},
             "arguments": params if isinstance(params, dict) and params else {"type": "object"},
         },
         "required": ["name", "arguments"],
     }
 
 
-def forced_call_format(tools: list[dict[str, Any]] | None, tool_choice: Any) -> dict[str, Any] | None:
+def forced_call_format(tools: list[Tool] | None, tool_choice: ToolChoice | None) -> dict[str, Any] | None:
     """The `response_format` that makes the reply a call, when `tool_choice` forces one.
 
-    A named function gets its own call schema, `"required"` any offered tool's (anyOf);
+    A named tool gets its own call schema, `"required"` any offered tool's (anyOf);
     `"auto"`, `"none"` and no tools give None (the model may answer in prose). The reply
     is then a bare JSON call, which `parse_tool_calls` reads.
 
     Raises:
-        BadRequest: `tool_choice` names a function the request does not offer.
+        BadRequest: `tool_choice` names a tool the request does not offer.
     """
     if not tools or tool_choice in (None, "none", "auto"):
         return None
@@ -75,17 +98,15 @@ def forced_call_format(tools: list[dict[str, Any]] | None, tool_choice: Any) -> 
         if name not in names:
             raise errors.BadRequest("tool_choice names a function that is not in tools.")
         schema = call_schema(tools[names.index(name)])
-    elif tool_choice == "required":
+    else:  # "required"
         schemas = [call_schema(t) for t in tools]
         schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-    else:
-        return None
     return {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}
 
 
-def tools_prompt(tools: list[dict[str, Any]], tool_choice: Any) -> str:
+def tools_prompt(tools: list[Tool], tool_choice: ToolChoice | None) -> str:
     """The system text that offers `tools` to the model."""
-    specs = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+    specs = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
     text = (
         "You may call functions to help answer. The available functions are:\n"
         f"<tools>\n{specs}\n</tools>\n"
@@ -102,12 +123,8 @@ def tools_prompt(tools: list[dict[str, Any]], tool_choice: Any) -> str:
     return text
 
 
-def with_tools(messages: list[Message], tools: list[dict[str, Any]] | None, tool_choice: Any) -> list[Message]:
-    """`messages` with the tool description merged into (or added as) the system message."""
-    if not tools or tool_choice == "none":
-        return messages
-    tool_names(tools)  # validates
-    extra = tools_prompt(tools, tool_choice)
+def with_system_text(messages: list[dict[str, Any]], extra: str) -> list[dict[str, Any]]:
+    """`messages` with `extra` appended to (or added as) the system message."""
     out = [dict(m) for m in messages]
     if out and out[0]["role"] == "system":
         out[0]["content"] = (out[0]["content"] + "\n\n" + extra).strip()
@@ -116,7 +133,30 @@ def with_tools(messages: list[Message], tools: list[dict[str, Any]] | None, tool
     return out
 
 
-def _as_call(obj: Any, names: set[str]) -> dict[str, Any] | None:
+def with_tools(messages: list[dict[str, Any]], tools: list[Tool] | None, tool_choice: ToolChoice | None) -> list[dict[str, Any]]:
+    """`messages` with the tool description merged into (or added as) the system message."""
+    if not tools or tool_choice == "none":
+        return messages
+    tool_names(tools)  # validates
+    return with_system_text(messages, tools_prompt(tools, tool_choice))
+
+
+def call_text(name: str, arguments: Any) -> str:
+    """A call the assistant made, as the text the model reads back (Hermes convention)."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    return TOOL_CALL_OPEN + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+def result_text(content: str) -> str:
+    """A tool's result, as the user turn the model reads (Hermes convention)."""
+    return f"<tool_response>\n{content}\n</tool_response>"
+
+
+def _as_call(obj: Any, names: set[str]) -> ToolCall | None:
     if not isinstance(obj, dict):
         return None
     if isinstance(obj.get("function"), dict):  # OpenAI-shaped
@@ -132,11 +172,7 @@ def _as_call(obj: Any, names: set[str]) -> dict[str, Any] | None:
             return None
     if not isinstance(args, dict):
         return None
-    return {
-        "id": "call_" + uuid.uuid4().hex[:24],
-        "type": "function",
-        "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
-    }
+    return ToolCall(id="call_" + uuid.uuid4().hex[:24], name=name, arguments=args)
 
 
 def _loads(text: str) -> Any:
@@ -149,10 +185,10 @@ def _loads(text: str) -> Any:
         return None
 
 
-def parse_tool_calls(text: str, tools: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """Split a reply into (remaining content, OpenAI tool_calls)."""
+def parse_tool_calls(text: str, tools: list[Tool]) -> tuple[str, list[ToolCall]]:
+    """Split a reply into (remaining content, the calls of offered tools)."""
     names = set(tool_names(tools))
-    calls: list[dict[str, Any]] = []
+    calls: list[ToolCall] = []
     if TOOL_CALL_OPEN in text:
         for block in _TAGGED.findall(text):
             call = _as_call(_loads(block), names)
