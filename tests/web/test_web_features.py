@@ -68,12 +68,12 @@ def _history(daemon: Any, session: str) -> list[dict[str, Any]]:
 class ScriptedServer:
     """A WebSocket peer that speaks the LLMWS protocol and streams replies it is given.
 
-    `replies` is a list of replies, each a list of token strings; a token `None` pauses the
-    stream until `resume` is set."""
+    `replies` is a list of replies, each a list of token strings; each token `None` pauses the
+    stream until the next of `resumes` is set."""
 
     def __init__(self, replies: list[list[str | None]]) -> None:
         self.replies = list(replies)
-        self.resume = threading.Event()
+        self.resumes = [threading.Event() for _ in range(4)]
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -124,9 +124,10 @@ class ScriptedServer:
             rid = msg["request_id"]
             await emit({"type": "start", "request_id": rid, "tokens_in": 5, "max_tokens": 512, "prompt": msg["prompt"]["user"]})
             tokens = self.replies.pop(0)
+            pauses = iter(self.resumes)
             for token in tokens:
                 if token is None:
-                    await asyncio.to_thread(self.resume.wait, 30)
+                    await asyncio.to_thread(next(pauses).wait, 30)
                     continue
                 await emit({"type": "token", "request_id": rid, "data": token})
                 await asyncio.sleep(0.01)
@@ -197,9 +198,14 @@ def test_streaming_renders_finished_blocks_once(browser: Any) -> None:
     first = "Here is code:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nAnd a table:\n\n"
     rest = (
         "| planet | size |\n|---|---|\n| Earth | 1 |\n| Mars | 0.5 |\n\n"
-        "Euler: $e^{i\\pi}+1=0$, for $5 and $10.\n\n$$\\int_0^1 x\\,dx = \\frac{1}{2}$$\n\nDone."
+        "Euler: $e^{i\\pi}+1=0$, for $5 and $10.\n\n$$\\int_0^1 x\\,dx = \\frac{1}{2}$$\n\n"
     )
-    with ScriptedServer([[*_chunks(first), None, *_chunks(rest)]]) as server:
+    code_start, code_more, code_end = "```js\nlet x = 1;\n", "let y = 2;\n", "```\n\nDone."
+    tokens = [
+        *_chunks(first), None, *_chunks(rest), *_chunks(code_start), None, *_chunks(code_more), None,
+        *_chunks(code_end),
+    ]
+    with ScriptedServer([tokens]) as server:
         page = _open_from_disk(browser, server.url)
         _send(page, "Show me.")
         # The code block is followed by another block, so it is final and highlighted already.
@@ -207,19 +213,35 @@ def test_streaming_renders_finished_blocks_once(browser: Any) -> None:
         page.evaluate("() => { document.querySelector('.msg.assistant pre').dataset.mark = 'first'; }")
         assert page.locator(".msg.assistant table").count() == 0
         _shot(page, "streaming")
-        server.resume.set()
+        server.resumes[0].set()
+        # A code block being written keeps its box: only its text grows.
+        page.wait_for_function(
+            "() => { const c = document.querySelector('.msg.assistant .tail pre code');"
+            " return c && c.textContent === 'let x = 1;'; }",
+            timeout=20 * MS,
+        )
+        page.evaluate("() => { document.querySelector('.msg.assistant .tail pre code').dataset.mark = 'open'; }")
+        server.resumes[1].set()
+        page.wait_for_function(
+            "() => { const c = document.querySelector('.msg.assistant .tail pre code');"
+            " return c && c.textContent === 'let x = 1;\\nlet y = 2;'; }",
+            timeout=20 * MS,
+        )
+        assert page.locator(".msg.assistant .tail pre code[data-mark='open']").count() == 1
+        server.resumes[2].set()
         _wait_done(page, 1, 30)
         assert page.locator(".msg.assistant pre[data-mark='first']").count() == 1, (
             "the finished code block was not rendered again"
         )
-        assert page.locator(".msg.assistant pre").count() == 1
+        assert page.locator(".msg.assistant pre").count() == 2
+        assert page.locator(".msg.assistant pre code.language-js").text_content() == "let x = 1;\nlet y = 2;"
         assert page.locator(".msg.assistant table td").all_text_contents() == ["Earth", "1", "Mars", "0.5"]
         # Math is typeset (inline and display); dollars of money are left alone.
         assert page.locator(".msg.assistant .llmws-math .katex").count() == 2
         assert page.locator(".msg.assistant .llmws-math.display .katex-display").count() == 1
         assert "for $5 and $10." in (page.locator(".msg.assistant .bubble").text_content() or "")
         _shot(page, "markdown_done")
-        assert page.evaluate("() => window.llmws.text(0)") == first + rest
+        assert page.evaluate("() => window.llmws.text(0)") == first + rest + code_start + code_more + code_end
         assert page.js_errors == []
 
 
