@@ -113,6 +113,8 @@ class ChatService:
         self.closing = False
         self._pool = concurrent.futures.ThreadPoolExecutor(GENERATION_THREADS, thread_name_prefix="llmws-gen")
         self._handoff: Handoff | None = None
+        #: Sessions deleted while connections to them stay open: they take no new jobs.
+        self.deleted: set[str] = set()
 
     # ------------------------------------------------------------------ sessions
 
@@ -342,6 +344,7 @@ class ChatService:
         tasks = [j.task for j in jobs if j.task is not None and j.task is not asyncio.current_task()]
         if tasks:
             await asyncio.wait(tasks, timeout=10)
+        self.deleted.add(session.id)
         self.send_transient(session, {"type": "session_deleted", "session_id": session.id})
         self._subscribers.pop(session.id, None)
         await asyncio.to_thread(self.store.delete, session.id)
@@ -478,6 +481,8 @@ class ChatService:
         """Start an inference job in `session`; its events go to the session."""
         if self.closing:
             raise errors.Busy("The server is shutting down.")
+        if session.id in self.deleted:
+            raise errors.SessionNotFound("This session was deleted; start a new one.", request_id=msg.request_id)
         jobs = self.jobs.setdefault(session.id, {})
         if len(jobs) >= self.settings.limits.max_queued_per_session:
             raise errors.Busy("This session already has the maximum number of requests in flight.")

@@ -103,6 +103,9 @@ async def test_delete_session_removes_it_from_disk_and_tells_every_tab(shared_da
     await asyncio.wait_for(peer.ws.wait_closed(), 10)
     assert peer.ws.close_code == 1000
     assert not folder.exists()
+    await other.send({"type": "inference", "prompt": "Still there?", "request_id": "late"})
+    late = (await other.until("error", request_id="late"))[-1]
+    assert late["code"] == "session_not_found", "a deleted session takes no new replies"
 
     again = await Peer.open(shared_daemon.ws_url, {"session_id": sid})
     assert again.welcome["resumed"] is False, "a deleted session is not resumed"
