@@ -1,17 +1,18 @@
 """The HTTP/SSE adapter's FastAPI application (routes live in sibling modules).
 
-One module per surface, each a thin adapter over the chat service:
+One module per surface (a door), each a thin translator over the services:
 
-- openai.py    `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
-- legacy.py    the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
-               `/chat/completions`, `/restore_cache`
-- stream.py    nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
-               and session-backed streams that resume with `Last-Event-ID`
-- blocking.py  the HF server's `/chat/blocking`, `/chat/stream`, `/ping`
-- sessions.py  `/v1/sessions/{id}/history` and `DELETE /v1/sessions/{id}`
-- mcp.py       `/v1/mcp/{method}` over the configured MCP servers
-- metrics.py   Prometheus `/metrics`
-- auth.py      API keys and the Host (DNS rebinding) check
+- openai.py            `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
+- llamacpp_server.py   the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
+                       `/chat/completions`, `/restore_cache`
+- nash.py              nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
+                       and session-backed streams that resume with `Last-Event-ID`
+- hf_server.py         the HF "LLM Server"'s `/chat/blocking`, `/chat/stream`, `/ping`
+- sessions.py          `/v1/sessions/{id}/history` and `DELETE /v1/sessions/{id}`
+- mcp.py               `/v1/mcp/{method}` over the configured MCP servers
+- metrics.py           Prometheus `/metrics`
+- auth.py              API keys and the Host (DNS rebinding) check (rules: ../security.py)
+- common.py            what the doors share (the services of a request, SSE, disconnects)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from .. import __version__, errors
 from ..config import REPO_ROOT
 from ..services.generation import ErrorEvent
-from . import blocking, legacy, mcp, metrics, openai, sessions, stream
+from . import hf_server, llamacpp_server, mcp, metrics, nash, openai, sessions
 from .auth import HostCheck
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ def create_app(app: Services) -> FastAPI:
         # StaticFiles refuses paths that leave the folder; only these files are served.
         api.mount("/vendor", StaticFiles(directory=WEB_VENDOR), name="vendor")
 
-    for module in (openai, legacy, stream, blocking, sessions):
+    for module in (openai, llamacpp_server, nash, hf_server, sessions):
         api.include_router(module.router)
 
     sec = app.settings.security
