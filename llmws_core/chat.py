@@ -121,6 +121,8 @@ class ChatService:
         self._pool = concurrent.futures.ThreadPoolExecutor(GENERATION_THREADS, thread_name_prefix="llmws-gen")
         self._handoff: Handoff | None = None
         self._per_client: dict[str, int] = {}  # client -> generations waiting or running
+        #: Sessions deleted while connections to them stay open: they take no new jobs.
+        self.deleted: set[str] = set()
 
     # ------------------------------------------------------------------ sessions
 
@@ -356,6 +358,61 @@ class ChatService:
                 limit = min(limit, job.start_seq - 1)
         return await session.ack_async(max(limit, session.acked_seq))
 
+    # ------------------------------------------------------------------ conversations
+
+    async def history(self, session: Session) -> dict[str, Any]:
+        """The session's conversation for a client rebuilding its view of it: the
+        completed turns, the session's own settings, and the reply still being
+        generated (its prompt and its text so far) if there is one."""
+        out: dict[str, Any] = {
+            "session_id": session.id,
+            "messages": [dict(m) for m in session.state.get("history", [])],
+            "config": self.session_config(session),
+        }
+        inflight = session.state.get("inflight")
+        job = self.jobs.get(session.id, {}).get(inflight.get("request_id")) if inflight else None
+        if inflight and job is not None and job.start_seq is not None:
+            # Decrypting the reply's events is proportional to its length: a worker thread.
+            events = await asyncio.to_thread(session.replay, job.start_seq - 1)
+            rid = inflight.get("request_id")
+            text = "".join(
+                e.get("data", "") for e in events
+                if e.get("request_id") == rid and e.get("type") == "token" and e.get("stage") in (None, "final")
+            )
+            out["inflight"] = {"request_id": rid, "user": inflight.get("user", ""), "text": text}
+        return out
+
+    async def rewind(self, session: Session, turns: int) -> int:
+        """Take back the last `turns` user turns: each user message and everything after
+        it leaves the history (a reply to regenerate, a message to edit and resend).
+
+        Returns the number of messages removed. Raises Busy while a reply of this
+        session is being generated, NotFound when the history has fewer user turns."""
+        if self.jobs.get(session.id):
+            raise errors.Busy("Wait for the running reply to finish (or stop it) before rewinding.")
+        history = session.state.setdefault("history", [])
+        users = [i for i, m in enumerate(history) if m.get("role") == "user"]
+        if len(users) < turns:
+            raise errors.NotFound(f"The conversation has {len(users)} user turns, fewer than {turns}.")
+        cut = users[-turns]
+        removed = len(history) - cut
+        del history[cut:]
+        await session.save_state_async()
+        return removed
+
+    async def delete_session(self, session: Session) -> None:
+        """Stop the session's replies, tell its tails, and delete it from memory and disk."""
+        jobs = list(self.jobs.get(session.id, {}).values())
+        for job in jobs:
+            job.cancel.set()
+        tasks = [j.task for j in jobs if j.task is not None and j.task is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        self.deleted.add(session.id)
+        self.send_transient(session, {"type": "session_deleted", "session_id": session.id})
+        self._subscribers.pop(session.id, None)
+        await asyncio.to_thread(self.store.delete, session.id)
+
     # ------------------------------------------------------------------ generation (shared)
 
     def params_from(self, cfg: dict[str, Any]) -> GenerationParams:
@@ -561,6 +618,8 @@ class ChatService:
         """Start an inference job in `session`; its events go to the session."""
         if self.closing:
             raise errors.Busy("The server is shutting down.")
+        if session.id in self.deleted:
+            raise errors.SessionNotFound("This session was deleted; start a new one.", request_id=msg.request_id)
         jobs = self.jobs.setdefault(session.id, {})
         if len(jobs) >= self.settings.limits.max_queued_per_session:
             raise errors.Busy("This session already has the maximum number of requests in flight.")

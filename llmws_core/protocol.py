@@ -201,6 +201,28 @@ class Ping(_Strict):
     request_id: RequestId | None = None
 
 
+class GetHistory(_Strict):
+    """Ask for this session's conversation (its turns), to rebuild a view of it."""
+
+    type: Literal["get_history"]
+    request_id: RequestId | None = None
+
+
+class Rewind(_Strict):
+    """Take back the last `turns` user turns (each user message and all after it)."""
+
+    type: Literal["rewind"]
+    turns: Annotated[int, Field(ge=1, le=10_000)] = 1
+    request_id: RequestId | None = None
+
+
+class DeleteSession(_Strict):
+    """Delete this session: its history, buffer and folder on disk."""
+
+    type: Literal["delete_session"]
+    request_id: RequestId | None = None
+
+
 ClientMessage = Annotated[
     Union[
         Inference,
@@ -217,6 +239,9 @@ ClientMessage = Annotated[
         Reset,
         GetStatus,
         Ping,
+        GetHistory,
+        Rewind,
+        DeleteSession,
     ],
     Field(discriminator="type"),
 ]
@@ -227,6 +252,7 @@ CLIENT_TYPES = frozenset(
     for m in (
         Inference, Ack, Cancel, Config, ListModels, SwitchModel, DownloadModel,
         CancelDownload, DeleteModel, EstimateModel, GetResources, Reset, GetStatus, Ping,
+        GetHistory, Rewind, DeleteSession,
     )
 )
 
@@ -358,12 +384,15 @@ SERVER_EVENT_TYPES = frozenset(
         "ack_received", "config_ack", "models_list", "model_loading", "model_switched",
         "download_started", "download_progress", "log", "download_done", "model_deleted",
         "model_estimate", "resources", "reset_done", "status", "pong", "error", "cancelled",
+        "history", "rewound", "session_deleted",
     }
 )
 
 #: Events that are stored in the session's sealed buffer (and so replayed).
 #: Answers to pure queries (pong, status, resources...) are sent but not buffered.
-EPHEMERAL_EVENTS = frozenset({"welcome", "pong", "status", "ack_received", "queued"})
+EPHEMERAL_EVENTS = frozenset(
+    {"welcome", "pong", "status", "ack_received", "queued", "history", "session_deleted"}
+)
 
 
 class ServerEvent(BaseModel):

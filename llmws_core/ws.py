@@ -359,6 +359,10 @@ class Connection:
         self.dialect = dialect
         self.legacy = LegacyView() if dialect is Dialect.LEGACY else None
 
+    async def close_soon(self, code: int, reason: str) -> None:
+        """Close after the queued events (the error saying why) have been written."""
+        await self._close_soon(code, reason)
+
     async def _close_soon(self, code: int, reason: str) -> None:
         """Close after the queued events (the error saying why) have been written."""
         self.close_code = (code, reason)

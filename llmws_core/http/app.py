@@ -15,6 +15,7 @@ One module per surface (a door), each a thin translator over the services:
 - nash.py              nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
                        and session-backed streams that resume with `Last-Event-ID`
 - hf_server.py         the HF "LLM Server"'s `/chat/blocking`, `/chat/stream`, `/ping`
+- sessions.py          `/v1/sessions/{id}/history` and `DELETE /v1/sessions/{id}`
 - mcp.py               `/v1/mcp/{method}` over the configured MCP servers
 - metrics.py           Prometheus `/metrics`
 - auth.py              API keys and the Host (DNS rebinding) check (rules: ../security.py)
@@ -35,6 +36,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, errors
@@ -51,6 +53,7 @@ from . import (
     nash,
     ollama,
     openai,
+    sessions,
     tokenize,
 )
 from .auth import ClientTag, HostCheck
@@ -62,6 +65,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("llmws.http")
 
 WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
+#: The browser libraries the web client loads by relative path (`vendor/...`).
+WEB_VENDOR = REPO_ROOT / "vendor"
 
 #: Surfaces with an error shape of their own: each has `owns_path(path) -> bool` and
 #: `error_body(event: ErrorEvent, param: str | None) -> dict`. Every other route
@@ -160,7 +165,14 @@ def create_app(app: Services) -> FastAPI:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return Response(page, media_type="text/html", headers=ui_headers(page))
 
-    for module in (openai, completions, embeddings, tokenize, anthropic, ollama, llamacpp_server, nash, hf_server):
+    if WEB_VENDOR.is_dir():
+        # StaticFiles refuses paths that leave the folder; only these files are served.
+        api.mount("/vendor", StaticFiles(directory=WEB_VENDOR), name="vendor")
+
+    for module in (
+        openai, completions, embeddings, tokenize, anthropic, ollama, llamacpp_server, nash,
+        hf_server, sessions,
+    ):
         api.include_router(module.router)
 
     sec = app.settings.security

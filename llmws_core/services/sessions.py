@@ -68,6 +68,14 @@ class SessionService:
         session.state["history"] = [m for m in messages if m["role"] != "system"]
         await session.save_state_async()
 
+    async def history(self, session: Session) -> dict[str, Any]:
+        """The session's turns, settings and reply in flight (the WebSocket `history` body)."""
+        return await self._chat.history(session)
+
+    async def delete(self, session: Session) -> None:
+        """Stop the session's replies and delete it from memory and disk."""
+        await self._chat.delete_session(session)
+
     # ------------------------------------------------------------------ numbers
 
     @property

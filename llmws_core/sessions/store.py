@@ -980,6 +980,14 @@ class SessionStore:
             logger.info("expired %d idle session(s)", len(expired))
         return expired
 
+    def delete(self, session_id: str) -> bool:
+        """Delete a session from memory and disk; False if there was none."""
+        sid = _canonical_id(session_id)
+        if sid is None or not self.exists(sid):
+            return False
+        self._delete(sid)
+        return True
+
     def _delete(self, sid: str) -> None:
         """Remove a session from memory and disk (rename first: a crash leaves no half)."""
         with self._lock:
