@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import DaemonProcess, scaled
 
-DAEMON_CONFIG = {"security": {"api_keys": ["user-key-k1-0123456789"], "admin_keys": ["admin-key-a1-0123456789"], "require_api_key": True}}
+K1 = "user-key-k1-0123456789"
+DAEMON_CONFIG = {"security": {"api_keys": [K1], "admin_keys": ["admin-key-a1-0123456789"], "require_api_key": True}}
 
 
 def test_ping_and_health_need_no_key(http: httpx.Client) -> None:
@@ -97,7 +98,7 @@ async def test_websocket_and_http_read_a_key_from_the_query_alike(module_daemon:
 
     from tests.wire import Peer
 
-    good_first, bad_first = "?x_api_key=k1&api_key=wrong", "?x_api_key=wrong&api_key=k1"
+    good_first, bad_first = f"?x_api_key={K1}&api_key=wrong", f"?x_api_key=wrong&api_key={K1}"
     with httpx.Client(base_url=module_daemon.http_url, timeout=scaled(60)) as http:
         assert http.get("/v1/models" + good_first).status_code == 200
         assert http.get("/v1/models" + bad_first).status_code == 401
