@@ -369,17 +369,23 @@ class ChatService:
             "messages": [dict(m) for m in session.state.get("history", [])],
             "config": self.session_config(session),
         }
-        inflight = session.state.get("inflight")
-        job = self.jobs.get(session.id, {}).get(inflight.get("request_id")) if inflight else None
-        if inflight and job is not None and job.start_seq is not None:
+        # The reply being generated: the earliest started of those running (a session may
+        # run several; each has its own in-flight mark).
+        jobs = self.jobs.get(session.id, {})
+        running = sorted(
+            (jobs[rid].start_seq, rid, mark)
+            for rid, mark in self._inflight(session).items()
+            if rid in jobs and jobs[rid].start_seq is not None
+        )
+        if running:
+            start_seq, rid, mark = running[0]
             # Decrypting the reply's events is proportional to its length: a worker thread.
-            events = await asyncio.to_thread(session.replay, job.start_seq - 1)
-            rid = inflight.get("request_id")
+            events = await asyncio.to_thread(session.replay, start_seq - 1)
             text = "".join(
                 e.get("data", "") for e in events
                 if e.get("request_id") == rid and e.get("type") == "token" and e.get("stage") in (None, "final")
             )
-            out["inflight"] = {"request_id": rid, "user": inflight.get("user", ""), "text": text}
+            out["inflight"] = {"request_id": rid, "user": mark.get("user", ""), "text": text}
         return out
 
     async def rewind(self, session: Session, turns: int) -> int:
