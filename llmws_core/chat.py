@@ -83,6 +83,8 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[None] | None = None
     start_seq: int | None = None
+    #: The checked images of the prompt (`images.CheckedImage`), on its user message.
+    images: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -98,6 +100,26 @@ class Chunk:
     #: On the first chunk: whether the serving backend constrains the reply to
     #: `params.grammar` / `params.response_format` (its `supports_grammar`).
     constrained: bool = False
+
+
+def readable_by(backend: Backend, messages: Sequence[Message]) -> list[Message]:
+    """The messages as `backend` reads them: a vision model gets their images; a
+    text-only one gets none from earlier turns (a conversation may have begun on a
+    vision model), and images in the newest user message are refused.
+
+    Raises:
+        Unsupported: the newest user message has images and the model takes text only.
+    """
+    msgs = list(messages)
+    if backend.info.vision or not any(m.get("images") for m in msgs):
+        return msgs
+    last_user = next((m for m in reversed(msgs) if m.get("role") == "user"), None)
+    if last_user is not None and last_user.get("images"):
+        raise errors.Unsupported(
+            f"The model {backend.info.name} takes text only, so this prompt's images cannot be read; "
+            "send it without images or use a vision model."
+        )
+    return [{k: v for k, v in m.items() if k != "images"} if m.get("images") else m for m in msgs]
 
 
 class ChatService:
@@ -178,7 +200,10 @@ class ChatService:
         ]
         text = "".join(e.get("data", "") for e in tokens)
         history = session.state.setdefault("history", [])
-        history.append({"role": "user", "content": inflight.get("user", "")})
+        user: Message = {"role": "user", "content": inflight.get("user", "")}
+        if inflight.get("images"):
+            user["images"] = inflight["images"]
+        history.append(user)
         history.append({"role": "assistant", "content": text})
         session.state.pop("inflight", None)
         # The reply may have ended (its `done` is in the buffer) with the daemon killed
@@ -357,7 +382,7 @@ class ChatService:
                 return
             reserve = min(params.max_new_tokens, REPLY_RESERVE_TOKENS) if trim_history else 1
             msgs, n_in, dropped = await asyncio.to_thread(
-                self.fit_history, backend, list(messages), reserve
+                self.fit_history, backend, readable_by(backend, messages), reserve
             )
             if on_ready:
                 on_ready(n_in, dropped)
@@ -415,8 +440,24 @@ class ChatService:
 
     # ------------------------------------------------------------------ session jobs (WebSocket)
 
-    def submit(self, session: Session, msg: protocol.Inference, origin: object | None = None) -> Job:
-        """Start an inference job in `session`; its events go to the session."""
+    def require_vision(self, request_id: str | None = None) -> None:
+        """Raises Unsupported unless the loaded model takes images."""
+        info = self.models.model_info() or {}
+        if not info.get("vision"):
+            name = info.get("name") or "no model"
+            raise errors.Unsupported(
+                f"The loaded model ({name}) takes text only, so this prompt's images cannot be "
+                "read; send it without images or switch to a vision model.",
+                request_id=request_id,
+            )
+
+    def submit(
+        self, session: Session, msg: protocol.Inference, origin: object | None = None,
+        images: list[dict[str, str]] | None = None,
+    ) -> Job:
+        """Start an inference job in `session`; its events go to the session.
+
+        `images`: the prompt's images, already checked (`images.resolve`)."""
         if self.closing:
             raise errors.Busy("The server is shutting down.")
         jobs = self.jobs.setdefault(session.id, {})
@@ -428,15 +469,10 @@ class ChatService:
         if msg.prompt is None and not msg.messages:
             raise errors.BadRequest("inference needs a prompt or messages.", request_id=rid)
         if isinstance(msg.prompt, protocol.PromptParts) and msg.prompt.images:
-            info = self.models.model_info() or {}
-            if not info.get("vision"):
-                name = info.get("name") or "no model"
-                raise errors.Unsupported(
-                    f"The loaded model ({name}) takes text only, so this prompt's images cannot be "
-                    "read; send it without images or switch to a vision model.",
-                    request_id=rid,
-                )
-        job = Job(rid, session.id, msg.on_disconnect, origin)
+            self.require_vision(rid)
+            if images is None:
+                raise errors.BadRequest("The prompt's images were not checked.", request_id=rid)
+        job = Job(rid, session.id, msg.on_disconnect, origin, images=list(images or []))
         jobs[rid] = job
         job.task = asyncio.create_task(self._run_job(session, job, msg))
         return job
@@ -451,9 +487,13 @@ class ChatService:
             raise errors.NotFound("No running request with that request_id.", request_id=request_id)
         return found
 
-    def _build_messages(self, session: Session, msg: protocol.Inference, cfg: dict[str, Any]) -> tuple[list[Message], list[Message]]:
+    def _build_messages(
+        self, session: Session, msg: protocol.Inference, cfg: dict[str, Any], images: list[dict[str, str]] | None = None
+    ) -> tuple[list[Message], list[Message]]:
         """(full prompt messages, the new turn's messages to keep in history)."""
-        new = protocol.prompt_to_messages(msg.prompt)
+        new: list[Message] = list(protocol.prompt_to_messages(msg.prompt))
+        if images:
+            new[-1] = {**new[-1], "images": images}  # the prompt's user message
         if msg.messages:
             # content may be null (OpenAI allows it); downstream code and templates need a str.
             new = [{**m.model_dump(exclude_none=True), "content": m.content or ""} for m in msg.messages] + new
@@ -470,7 +510,7 @@ class ChatService:
             cfg = self.effective_config(session, override)
             params = self.params_from(cfg)
             params.cache_key = session.id
-            messages, turn = self._build_messages(session, msg, cfg)
+            messages, turn = self._build_messages(session, msg, cfg, job.images)
             user_text = "\n".join(str(m.get("content") or "") for m in turn if m["role"] == "user")
             if msg.mode == "improve":
                 from .improve import improve_job  # the improvement pipeline (HTTP issue)
@@ -554,6 +594,8 @@ class ChatService:
                 "dropped_messages": dropped,
             })
         session.state["inflight"] = {"request_id": rid, "user": user_text}
+        if job.images:
+            session.state["inflight"]["images"] = job.images
         await session.save_state_async()
         started = self.emit(session, {
             "type": "start", "request_id": rid, "tokens_in": tokens_in,

@@ -175,6 +175,13 @@ class Connection:
             request is not None and single_header(request.headers, "Origin") == "null"
         )
 
+    @property
+    def may_read_paths(self) -> bool:
+        """Whether prompt images may name files on this machine: a loopback peer that is
+        not a page opened from disk."""
+        address = self.ws.remote_address
+        return bool(address) and is_loopback(str(address[0])) and not self.null_origin
+
     # ------------------------------------------------------------------ output
 
     def send(self, event: dict[str, Any]) -> None:

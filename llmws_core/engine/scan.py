@@ -97,6 +97,11 @@ class ModelEntry:
     source: Source
     parameters: int | None = None
     quantization: str | None = None
+    #: Whether the model reads images: an HF folder with a `vision_config`, or a GGUF
+    #: with its multimodal projector (`mmproj`) beside it.
+    vision: bool = False
+    #: The projector file of a GGUF vision model.
+    mmproj: Path | None = None
 
     def public(self, loaded: bool, max_context: int | None = None) -> dict[str, Any]:
         """The `models_list` entry: relative path only, optional fields only when known."""
@@ -108,7 +113,10 @@ class ModelEntry:
             "size_mb": self.size_mb,
             "source": self.source,
             "loaded": loaded,
+            "vision": self.vision,
         }
+        if self.mmproj is not None:
+            data["mmproj"] = self.mmproj.name
         if self.parameters is not None:
             data["parameters"] = self.parameters
         if self.quantization is not None:
@@ -210,14 +218,69 @@ def _hf_quantization(folder: Path) -> str | None:
     return _HF_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else None
 
 
+def _is_mmproj(path: Path) -> bool:
+    name = path.name.lower()
+    return name.startswith("mmproj") and name.endswith(".gguf")
+
+
+def _stem_key(name: str) -> str:
+    """A file name reduced for pairing: lower case, no extension, no quantization, no `mmproj`."""
+    stem = name.lower().removesuffix(".gguf")
+    stem = re.sub(r"^mmproj[._-]?(model[._-]?)?", "", stem)
+    return _QUANT_RE.sub("", stem).strip("._-")
+
+
+def find_mmproj(model: Path) -> Path | None:
+    """The multimodal projector of a GGUF vision model: an `mmproj*.gguf` beside it.
+
+    One projector in the folder pairs with every model there (the layout of most
+    published repositories); with several, the one whose name shares the longest
+    start with the model's name (quantization and the `mmproj` prefix left aside).
+    A projector that points outside the model folders is never paired (the caller
+    resolved `model` inside them; the projector must sit in the same folder)."""
+    try:
+        candidates = sorted(
+            p for p in model.parent.iterdir()
+            if _is_mmproj(p) and p.is_file() and p.resolve().parent == model.resolve().parent
+        )
+    except OSError:
+        return None
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    key = _stem_key(model.name)
+
+    def shared(p: Path) -> int:
+        other = _stem_key(p.name)
+        n = 0
+        while n < min(len(key), len(other)) and key[n] == other[n]:
+            n += 1
+        return n
+
+    best = max(candidates, key=shared)
+    return best if shared(best) > 0 else None
+
+
+def _hf_vision(folder: Path) -> bool:
+    """Whether an HF folder's config describes a vision-language model (a `vision_config`)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get("vision_config"), dict)
+
+
 def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> ModelEntry | None:
     """Describe the model at `path` (a GGUF file or HF folder), or None if it is neither."""
     try:
         if path.is_file() and path.name.lower().endswith(".gguf"):
+            if _is_mmproj(path):
+                return None  # a vision projector is served with its model, never alone
             size = sum(p.stat().st_size for p in _gguf_parts(path))
             params, quant = gguf_details(path)
+            mmproj = find_mmproj(path)
             return ModelEntry(
-                name, path, rel_path, "gguf", _BACKEND["gguf"], _mib(size), source, params, quant
+                name, path, rel_path, "gguf", _BACKEND["gguf"], _mib(size), source, params, quant,
+                vision=mmproj is not None, mmproj=mmproj,
             )
         if path.is_dir() and _is_hf_folder(path):
             size = sum(
@@ -233,6 +296,7 @@ def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> Model
                 source,
                 safetensors_params(path),
                 _hf_quantization(path),
+                vision=_hf_vision(path),
             )
     except OSError as exc:
         logger.warning("cannot inspect %s: %s", path, exc)
@@ -255,7 +319,7 @@ class ModelDirs:
         self.var_models_dir = Path(var_models_dir).absolute()
         self.allow_delete_from_models = allow_delete_from_models
         # (path, size, mtime) -> entry: scanning reads GGUF headers, so don't re-read unchanged files.
-        self._cache: dict[tuple[str, int, int], ModelEntry] = {}
+        self._cache: dict[tuple[str, int, int, int], ModelEntry] = {}
 
     # -- folders ---------------------------------------------------------------------------
 
@@ -327,7 +391,7 @@ class ModelDirs:
                 elif (
                     child.is_file() and child.name.lower().endswith(".gguf") and depth <= MAX_DEPTH
                 ):
-                    if child.name.lower().startswith("mmproj"):
+                    if _is_mmproj(child):
                         continue  # a vision projector, not a model on its own
                     split = _SPLIT_RE.match(child.name)
                     if split and int(split["part"]) != 1:
@@ -344,7 +408,11 @@ class ModelDirs:
             st = path.stat()
         except OSError:
             return None
-        key = (str(path), st.st_size, st.st_mtime_ns)
+        try:  # a projector added or removed beside the file changes the folder's mtime
+            folder_mtime = path.parent.stat().st_mtime_ns
+        except OSError:
+            folder_mtime = 0
+        key = (str(path), st.st_size, st.st_mtime_ns, folder_mtime)
         cached = self._cache.get(key)
         if cached is not None and cached.name == kw["name"]:
             return cached

@@ -182,6 +182,7 @@ async def list_models(request: Request) -> dict[str, Any]:
                 "created": 0,
                 "owned_by": m.get("source", "local"),
                 "loaded": m.get("loaded", False),
+                "vision": bool(m.get("vision")),
                 **({"max_context": m["max_context"]} if m.get("max_context") else {}),
             }
             for m in models

@@ -215,7 +215,7 @@ class TransformersBackend(Backend):
                     model, processor, decode=self._decode_ids,
                     eos_ids=self._eos_ids(model, tokenizer), error_map=generation_error,
                 )
-                self.info.extra["vision"] = True
+                self.info.vision = True
             else:
                 self._start_scheduler(torch, model, tokenizer)
         except errors.LLMWSError:
