@@ -242,6 +242,11 @@ def to_pil(image: CheckedImage) -> Any:
         return img.convert("RGB")
 
 
+def to_bytes(image: CheckedImage) -> bytes:
+    """A checked image's file bytes."""
+    return base64.b64decode(image["data"])
+
+
 def data_url(image: CheckedImage) -> str:
     """A checked image as a data: URL (for backends that take OpenAI-shaped parts)."""
     return f"data:{image['media_type']};base64,{image['data']}"

@@ -218,6 +218,10 @@ def _hf_quantization(folder: Path) -> str | None:
     return _HF_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else None
 
 
+#: Characters a projector's name must share with its model's to pair by name.
+MMPROJ_MIN_SHARED = 4
+
+
 def _is_mmproj(path: Path) -> bool:
     name = path.name.lower()
     return name.startswith("mmproj") and name.endswith(".gguf")
@@ -233,20 +237,19 @@ def _stem_key(name: str) -> str:
 def find_mmproj(model: Path) -> Path | None:
     """The multimodal projector of a GGUF vision model: an `mmproj*.gguf` beside it.
 
-    One projector in the folder pairs with every model there (the layout of most
-    published repositories); with several, the one whose name shares the longest
-    start with the model's name (quantization and the `mmproj` prefix left aside).
-    A projector that points outside the model folders is never paired (the caller
-    resolved `model` inside them; the projector must sit in the same folder)."""
+    The projector whose name shares the longest start with the model's (quantization
+    and the `mmproj` prefix left aside; at least MMPROJ_MIN_SHARED characters) pairs
+    with it; in a folder holding one model, its only projector pairs whatever its
+    name (`mmproj-model-f16.gguf`). A projector that resolves outside the model's
+    folder (a symlink pointing elsewhere) is never paired."""
     try:
-        candidates = sorted(
-            p for p in model.parent.iterdir()
-            if _is_mmproj(p) and p.is_file() and p.resolve().parent == model.resolve().parent
-        )
+        folder = model.resolve().parent
+        siblings = sorted(model.parent.iterdir())
     except OSError:
         return None
-    if len(candidates) <= 1:
-        return candidates[0] if candidates else None
+    candidates = [p for p in siblings if _is_mmproj(p) and p.is_file() and p.resolve().parent == folder]
+    if not candidates:
+        return None
     key = _stem_key(model.name)
 
     def shared(p: Path) -> int:
@@ -257,7 +260,14 @@ def find_mmproj(model: Path) -> Path | None:
         return n
 
     best = max(candidates, key=shared)
-    return best if shared(best) > 0 else None
+    if shared(best) >= MMPROJ_MIN_SHARED:
+        return best
+    models = [
+        p for p in siblings
+        if p.name.lower().endswith(".gguf") and not _is_mmproj(p)
+        and not ((m := _SPLIT_RE.match(p.name)) and int(m["part"]) != 1)
+    ]
+    return candidates[0] if len(candidates) == 1 and len(models) == 1 else None
 
 
 def _hf_vision(folder: Path) -> bool:
