@@ -617,6 +617,18 @@ class ChatService:
         limit = self.settings.sessions.max_history_messages
         if len(history) > limit:
             del history[: len(history) - limit]
+        # The state is sealed and rewritten at every turn: it keeps the newest images
+        # only, as many as one request may carry; older turns keep their text.
+        keep = self.settings.limits.max_images_per_request
+        for i in range(len(history) - 1, -1, -1):
+            pics = history[i].get("images")
+            if not pics:
+                continue
+            if keep <= 0:
+                history[i] = {k: v for k, v in history[i].items() if k != "images"}
+            elif len(pics) > keep:
+                history[i] = {**history[i], "images": pics[-keep:]}
+            keep -= len(pics)
 
     async def drain(self, timeout: float) -> None:
         """Let running jobs finish for up to `timeout` seconds, then cancel the rest."""

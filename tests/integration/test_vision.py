@@ -232,3 +232,42 @@ async def test_text_only_model_refuses_images(shared_daemon: DaemonProcess) -> N
         assert refused.value.code == "unsupported"
         ok = c.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert ok.choices[0].message.content is not None
+
+
+def test_repl_image_flag(vlm_daemon: DaemonProcess, tmp_path: Path) -> None:
+    """`python llm.py -p ... --image FILE --json` sends the image; its tokens count in the reply's tokens_in."""
+    import json
+    import subprocess
+    import sys
+
+    from ..conftest import REPO
+
+    pic = tmp_path / "red.png"
+    pic.write_bytes(RED)
+
+    def one_shot(*extra: str) -> dict[str, Any]:
+        result = subprocess.run(
+            [sys.executable, "llm.py", "--server", vlm_daemon.ws_url, "-p", "What is it?", "--json",
+             "--temperature", "0", "--max-new-tokens", "3", *extra],
+            cwd=REPO, capture_output=True, text=True, timeout=scaled(120),
+        )
+        assert result.returncode == 0, result.stderr
+        events = [json.loads(line) for line in result.stdout.splitlines()]
+        return next(e for e in events if e["type"] == "done")
+
+    assert one_shot("--image", str(pic))["tokens_in"] > one_shot()["tokens_in"]
+
+
+async def test_history_keeps_only_the_newest_images(vlm_daemon: DaemonProcess) -> None:
+    """Past max_images_per_request (3 here) images, the oldest turns lose their images, not their text."""
+    peer = await Peer.open(vlm_daemon.ws_url)
+    follow = {"user": "ok"}
+    sizes = []
+    for i in range(5):
+        await start_of(peer, prompt("look", B64), f"p{i}")
+        sizes.append((await start_of(peer, follow, f"f{i}"))[0]["tokens_in"])
+    await peer.close()
+    growth = [b - a for a, b in zip(sizes, sizes[1:], strict=False)]
+    # Each round adds two text turns and one image; from the fourth image on, one image
+    # leaves the history as another comes, so the prompt grows by the text turns alone.
+    assert growth[0] == growth[1] > growth[2] == growth[3]
