@@ -28,13 +28,14 @@ from .config import Settings, describe_settings, load_settings
 from .engine.manager import ModelManager
 from .engine.prefixes import PrefixStore
 from .legacy import capabilities
+from .security import keys_required, origin_allowed
 from .services import Services
 from .services.generation import GenerationService
 from .services.models import ModelService
 from .services.sessions import SessionService
 from .sessions.crypto import Sealer, load_or_create_master_key
 from .sessions.store import Session, SessionStore
-from .ws import Connection, is_loopback, make_origin_check
+from .ws import Connection, make_origin_check
 
 logger = logging.getLogger("llmws.daemon")
 
@@ -64,7 +65,7 @@ class App:
         self.per_ip: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         sec = settings.security
-        self.keys_required = sec.require_api_key or not is_loopback(settings.server.host)
+        self.keys_required = keys_required(settings)
         if self.keys_required and not (sec.api_keys or sec.admin_keys):
             raise SystemExit(
                 "LLMWS refuses to listen beyond loopback without an API key: set security.api_keys "
@@ -145,16 +146,7 @@ class App:
         }
 
     def origin_allowed(self, origin: str) -> bool:
-        sec = self.settings.security
-        if origin == "null":
-            return sec.allow_file_origin
-        if origin in sec.allowed_origins:
-            return True
-        if self.http_port:
-            own = {f"http://{h}:{self.http_port}" for h in ("127.0.0.1", "localhost", "[::1]", self.settings.server.host)}
-            if origin in own:
-                return True
-        return False
+        return origin_allowed(origin, self.settings, self.http_port)
 
     # ------------------------------------------------------------------ connections
 
