@@ -23,7 +23,7 @@ from websockets.protocol import State
 
 from . import errors, protocol
 from .legacy import Dialect, LegacyView, legacy_welcome, shape, split_missed
-from .security import access, install_key_redaction, key_from
+from .security import access, install_key_redaction, is_loopback, key_from
 from .sessions.store import Session
 
 if TYPE_CHECKING:
