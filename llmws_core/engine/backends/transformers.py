@@ -229,6 +229,12 @@ class TransformersBackend(Backend):
                 raise errors.ModelLoadError(
                     f"Not enough memory to load {self.info.name}; try quantization or a smaller model."
                 ) from None
+            if vision and "torchvision" in str(exc).lower():
+                # transformers' Qwen2-VL / Qwen2.5-VL processors (video included) import torchvision.
+                raise errors.ModelLoadError(
+                    f"{self.info.name} needs torchvision for its image processor; install the "
+                    "torchvision build that matches the installed torch."
+                ) from None
             raise errors.ModelLoadError(
                 f"transformers could not load {self.info.name}: not a valid model or not enough memory."
             ) from None

@@ -7,6 +7,7 @@ The folder goes through the real loading path (`AutoProcessor`,
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,17 @@ def test_history_images_are_read(backend: TransformersBackend) -> None:
     """Images in earlier turns stay part of the prompt."""
     turns = ask("first", picture()) + [{"role": "assistant", "content": "ok"}] + ask("and this?", picture((0, 0, 255)))
     assert backend.count_tokens(turns) - backend.count_tokens([{**m, "images": []} for m in turns]) >= 2 * IMAGE_TOKENS
+
+
+def test_qwen2_vl_without_torchvision_says_what_is_missing(tmp_path: Path) -> None:
+    """transformers' Qwen2-VL processor imports torchvision: without it the load fails with that hint."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed")
+    from tests.tiny_vlm import build_tiny_qwen2_vl
+
+    b = TransformersBackend(build_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl"))
+    with pytest.raises(errors.ModelLoadError) as failed:
+        b.load()
+    assert "torchvision" in failed.value.message
