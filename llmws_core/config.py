@@ -108,6 +108,8 @@ class RemoteModel(BaseModel):
     api_base: str | None = None
     api_key_env: str | None = None
     max_context: int | None = None
+    #: The provider's model reads images (they are sent as OpenAI `image_url` data: URLs).
+    vision: bool = False
 
 
 class Settings(_Section):
@@ -127,7 +129,7 @@ class Settings(_Section):
         }
     )
     mcp_servers: dict[str, MCPServer] = Field(default_factory=dict, description='MCP servers the daemon is a client of: {"name": {"command", "args", "env"}} (stdio, started on demand).')
-    remote_models: list[RemoteModel] = Field(default_factory=list, description="Remote models served through LiteLLM: [{name, model, api_base?, api_key_env?, max_context?}].")
+    remote_models: list[RemoteModel] = Field(default_factory=list, description="Remote models served through LiteLLM: [{name, model, api_base?, api_key_env?, max_context?, vision?}].")
     router: dict[str, Any] | None = Field(None, description="A LiteLLM Router over several upstream deployments (model_list, routing_strategy, num_retries, fallbacks, cooldown_time).")
 
     @property

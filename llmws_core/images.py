@@ -25,6 +25,7 @@ import base64
 import binascii
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,22 @@ def to_bytes(image: CheckedImage) -> bytes:
 def data_url(image: CheckedImage) -> str:
     """A checked image as a data: URL (for backends that take OpenAI-shaped parts)."""
     return f"data:{image['media_type']};base64,{image['data']}"
+
+
+def openai_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages in OpenAI's shape (for llama-cpp-python's multimodal handler and LiteLLM
+    providers): a message with images has content parts, its images (as data: URLs)
+    before its text; other messages are left as they are."""
+    out = []
+    for m in messages:
+        rest = {k: v for k, v in m.items() if k != "images"}
+        pics = m.get("images") or ()
+        if pics:
+            parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in pics]
+            parts.append({"type": "text", "text": m.get("content") or ""})
+            rest["content"] = parts
+        out.append(rest)
+    return out
 
 
 def count(messages: list[dict[str, Any]]) -> int:

@@ -97,6 +97,7 @@ class RemoteEntry(ModelEntry):
             "source": "remote",
             "loaded": loaded,
             "remote_model": self.remote.model,
+            "vision": self.remote.vision,
         }
         ctx = max_context or self.remote.max_context
         if ctx is not None:
@@ -127,6 +128,7 @@ class RemoteModels:
             source="remote",  # type: ignore[arg-type]
             remote=rm,
             registry=self,
+            vision=rm.vision,
         )
 
     def entries(self) -> list[RemoteEntry]:

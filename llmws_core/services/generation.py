@@ -573,7 +573,7 @@ class GenerationService:
         """
         if not images.count(plan.messages):
             return
-        if plan.remote is not None or not (self.models.info() or {}).get("vision"):
+        if not self.models.takes_images(plan.remote):
             name = plan.remote or self.models.name or "no model"
             raise errors.Unsupported(
                 f"The model {name} takes text only, so this request's images cannot be read; "

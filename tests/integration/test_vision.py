@@ -271,3 +271,27 @@ async def test_history_keeps_only_the_newest_images(vlm_daemon: DaemonProcess) -
     # Each round adds two text turns and one image; from the fourth image on, one image
     # leaves the history as another comes, so the prompt grows by the text turns alone.
     assert growth[0] == growth[1] > growth[2] == growth[3]
+
+
+def test_images_reach_a_remote_vision_model(vlm_daemon: DaemonProcess, daemon_factory: Any) -> None:
+    """A gateway daemon sends images to a remote model configured with vision (here the VLM daemon's
+    /v1, through LiteLLM): the upstream reads them; a remote model without vision refuses them."""
+    pytest.importorskip("litellm")
+    remote = {"model": "openai/tiny-llava", "api_base": vlm_daemon.http_url + "/v1", "api_key": None, "max_context": 512}
+    gw = daemon_factory(config={"remote_models": [
+        {"name": "seeing", **{k: v for k, v in remote.items() if v is not None}, "vision": True},
+        {"name": "blind", **{k: v for k, v in remote.items() if v is not None}},
+    ]})
+    with openai.OpenAI(base_url=gw.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0) as c:
+        listed = {m.id: m.model_dump() for m in c.models.list().data}
+        assert listed["seeing"]["vision"] is True and listed["blind"]["vision"] is False
+        direct = openai.OpenAI(base_url=vlm_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0)
+        want = direct.chat.completions.create(model="tiny-llava", messages=image_message("Describe it."), max_tokens=4, temperature=0)  # type: ignore[arg-type]
+        got = c.chat.completions.create(model="seeing", messages=image_message("Describe it."), max_tokens=4, temperature=0)  # type: ignore[arg-type]
+        assert got.choices[0].message.content == want.choices[0].message.content
+        assert got.usage is not None and want.usage is not None
+        assert got.usage.prompt_tokens == want.usage.prompt_tokens  # the upstream's count, image included
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.chat.completions.create(model="blind", messages=image_message("Describe it."), max_tokens=4)  # type: ignore[arg-type]
+        assert refused.value.code == "unsupported"
+        direct.close()

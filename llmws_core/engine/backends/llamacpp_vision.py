@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import errors, images
+from ...images import openai_messages
 from .base import (
     Backend,
     CancelCheck,
@@ -32,21 +33,6 @@ from .base import (
 )
 
 logger = logging.getLogger("llmws.engine.llamacpp_vision")
-
-
-def openai_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
-    """Messages in the OpenAI shape the handler reads: a message with images has
-    content parts, its images (as data: URLs) before its text."""
-    out = []
-    for m in messages:
-        pics = m.get("images") or ()
-        if not pics:
-            out.append({"role": m["role"], "content": m.get("content") or ""})
-            continue
-        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": images.data_url(p)}} for p in pics]
-        parts.append({"type": "text", "text": m.get("content") or ""})
-        out.append({"role": m["role"], "content": parts})
-    return out
 
 
 class LlamaCppVisionBackend(Backend):

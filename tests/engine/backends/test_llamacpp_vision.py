@@ -106,7 +106,7 @@ def test_an_unnamed_projector_pairs_only_with_a_lone_model(tmp_path: Path) -> No
 
 def test_request_shape_for_the_multimodal_handler() -> None:
     """Messages with images become OpenAI content parts with data: URLs, images first; others stay text."""
-    from llmws_core.engine.backends.llamacpp_vision import openai_messages
+    from llmws_core.images import openai_messages
 
     pic = images.check_bytes(png(), images.ImageLimits())
     out = openai_messages([
