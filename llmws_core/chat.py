@@ -630,6 +630,10 @@ class ChatService:
                 history[i] = {**history[i], "images": pics[-keep:]}
             keep -= len(pics)
 
+    def close(self) -> None:
+        """Release the generation threads (after `drain`, at shutdown)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     async def drain(self, timeout: float) -> None:
         """Let running jobs finish for up to `timeout` seconds, then cancel the rest."""
         self.closing = True

@@ -255,6 +255,7 @@ class App:
             for task in background:
                 task.cancel()
             await self.models.close()
+            self.chat.close()
             logger.info("stopped")
 
     async def _start_http(self) -> tuple[Any, Any]:

@@ -46,7 +46,9 @@ def key_matches(given: str | None, keys: list[str]) -> bool:
 
 
 def key_from(
-    header: Callable[[str], str | None], query: Callable[[str], str | None], handshake: str | None = None
+    header: Callable[[str], str | None],
+    query: Callable[[str], str | None],
+    handshake: str | None = None,
 ) -> str | None:
     """The key a client sent: the handshake frame's, `X-API-Key`, `Authorization:
     Bearer`, then the query parameters (`x_api_key`, then `api_key`).
@@ -75,7 +77,9 @@ class Access:
     admin: bool
 
 
-def access(given: str | None, settings: Settings, *, keys_required: bool, null_origin: bool = False) -> Access:
+def access(
+    given: str | None, settings: Settings, *, keys_required: bool, null_origin: bool = False
+) -> Access:
     """The roles a key (or none) gives, the same on every door.
 
     Without required keys everyone is allowed in; admin actions then need the admin
@@ -112,7 +116,10 @@ def origin_allowed(origin: str, settings: Settings, http_port: int | None) -> bo
     if origin in sec.allowed_origins:
         return True
     if http_port:
-        own = {f"http://{h}:{http_port}" for h in ("127.0.0.1", "localhost", "[::1]", settings.server.host)}
+        own = {
+            f"http://{h}:{http_port}"
+            for h in ("127.0.0.1", "localhost", "[::1]", settings.server.host)
+        }
         if origin in own:
             return True
     return False

@@ -28,11 +28,19 @@ def test_roles_with_and_without_required_keys() -> None:
     both = _settings(api_keys=["u"], admin_keys=["a"])
     assert access(None, both, keys_required=True) == access("x", both, keys_required=True)
     assert not access(None, both, keys_required=True).allowed
-    assert access("u", both, keys_required=True).allowed and not access("u", both, keys_required=True).admin
+    assert (
+        access("u", both, keys_required=True).allowed
+        and not access("u", both, keys_required=True).admin
+    )
     assert access("a", both, keys_required=True).admin
-    assert access(None, both, keys_required=False).allowed and not access(None, both, keys_required=False).admin
+    assert (
+        access(None, both, keys_required=False).allowed
+        and not access(None, both, keys_required=False).admin
+    )
     users = _settings(api_keys=["u"])
-    assert access("u", users, keys_required=True).admin  # without admin keys every valid key manages
+    assert access(
+        "u", users, keys_required=True
+    ).admin  # without admin keys every valid key manages
     assert access(None, _settings(), keys_required=False).admin
 
 
@@ -47,7 +55,12 @@ def test_null_origin_never_manages_models_without_a_key() -> None:
 
 def test_loopback_and_host_rules() -> None:
     """Loopback addresses are recognised; a loopback bind answers only to loopback Host names."""
-    assert is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("[::1]") and not is_loopback("0.0.0.0")
+    assert (
+        is_loopback("127.0.0.2")
+        and is_loopback("::1")
+        and is_loopback("[::1]")
+        and not is_loopback("0.0.0.0")
+    )
     hosts = allowed_hosts(Settings())
     assert hosts is not None and "localhost" in hosts and "evil.example" not in hosts
     assert allowed_hosts(Settings.model_validate({"server": {"host": "0.0.0.0"}})) is None
