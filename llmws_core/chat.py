@@ -365,6 +365,7 @@ class ChatService:
         trim_history: bool = True,
         on_ready: Callable[[int, int], None] | None = None,
         model: str | None = None,
+        prompt: str | list[int] | None = None,
     ) -> AsyncIterator[Chunk]:
         """Stream a reply: waits its FIFO turn, fits the context, runs the backend in a
         worker thread, yields text chunks and finally a Chunk with the result.
@@ -372,6 +373,8 @@ class ChatService:
         `model` names the model for this request only (None: the loaded one; a
         remote model's name: its LiteLLM backend, see `ModelManager.backend_for`).
         If the consumer stops iterating, the generation is cancelled.
+        `prompt` (raw text or token ids) is continued as it is, without the chat
+        template (`messages` is then ignored): backends whose `supports_completion` is true.
 
         Text that arrived while the consumer was busy comes as one chunk (one event,
         one write), so a loaded loop does less work per token, never less text."""
@@ -385,10 +388,20 @@ class ChatService:
             if cancel.is_set():
                 yield Chunk(result=GenerationResult("cancelled", 0, 0))
                 return
-            reserve = min(params.max_new_tokens, REPLY_RESERVE_TOKENS) if trim_history else 1
-            msgs, n_in, dropped = await asyncio.to_thread(
-                self.fit_history, backend, readable_by(backend, messages), reserve
-            )
+            if params.logprobs is not None and not backend.supports_logprobs:
+                raise errors.Unsupported(f"The {backend.name} backend cannot report logprobs.")
+            if prompt is not None:
+                if not backend.supports_completion:
+                    raise errors.Unsupported(f"The {backend.name} backend cannot continue raw text; use chat completions.")
+                msgs, dropped = [], 0
+                n_in = await asyncio.to_thread(backend.count_prompt, prompt)
+                if n_in + 1 > backend.info.max_context:
+                    raise errors.ContextTooLong(n_in, backend.info.max_context)
+            else:
+                reserve = min(params.max_new_tokens, REPLY_RESERVE_TOKENS) if trim_history else 1
+                msgs, n_in, dropped = await asyncio.to_thread(
+                    self.fit_history, backend, readable_by(backend, messages), reserve
+                )
             if on_ready:
                 on_ready(n_in, dropped)
             yield Chunk(tokens_in=n_in, dropped_messages=dropped, constrained=backend.supports_grammar)
@@ -401,7 +414,10 @@ class ChatService:
 
             def run() -> None:
                 try:
-                    result = backend.generate(msgs, params, on_token, cancel.is_set)
+                    if prompt is not None:
+                        result = backend.complete(prompt, params, on_token, cancel.is_set)
+                    else:
+                        result = backend.generate(msgs, params, on_token, cancel.is_set)
                 except BaseException as exc:  # handed to the loop, raised there
                     handoff.put(queue, exc)
                 else:

@@ -37,6 +37,7 @@ class PathSettings(_Section):
 
 class ModelSettings(_Section):
     path: str | None = Field(None, description="Model to load at start (a name from list_models, or a path inside the model folders). null: auto-select (one model found: it; several: prefer models/; none: the embedded SmolLM2).")
+    embedding_path: str | None = Field(None, description="Embedding model served when a request names none (or a name that is no local model): a name from list_models. null: the first embedding model in models/ (then var/models/), else the embedded all-MiniLM-L6-v2.")
     n_ctx: int | None = Field(None, ge=256, description="llama.cpp context size; null: the memory-aware estimate, capped by the model's trained context and `max_context_cap`.")
     max_context_cap: int = Field(8192, ge=256, description="Upper bound on the context the daemon allocates when `n_ctx` is null (KV memory grows with it).")
     n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp; null: the number of physical cores, lowered to half while other programs keep the cores busy (decode step times decide, see Benchmarks, \"On a busy machine\"). A number is used as given.")

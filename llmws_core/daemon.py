@@ -30,6 +30,7 @@ from .engine.prefixes import PrefixStore
 from .legacy import capabilities
 from .security import keys_required, origin_allowed
 from .services import Services
+from .services.embeddings import EmbeddingService
 from .services.generation import GenerationService
 from .services.models import ModelService
 from .services.sessions import SessionService
@@ -77,6 +78,7 @@ class App:
             generation=GenerationService(self.chat, model_service),
             models=model_service,
             sessions=SessionService(self.chat),
+            embeddings=EmbeddingService(settings, self.models),
             keys_required=self.keys_required,
         )
         self.runtime = self.services.runtime

@@ -229,7 +229,9 @@ class Connection:
             if self.session is not None:
                 app.chat.unsubscribe(self.session, self.deliver, origin=self)
                 self.session.touch()
-            self.outbox.put_nowait(None) if not writer.done() else None
+            # The socket is closed or closing here (the peer left, or `_close_soon` ran, or
+            # the handler failed and `App.handle` closes with 1011): nothing is left for
+            # the writer to send.
             writer.cancel()
 
     async def _welcome_legacy(

@@ -19,6 +19,7 @@ from typing import Any
 from .. import errors
 from ..config import Settings
 from .backends.base import Backend
+from .embedding import EmbeddingModels, embedded_entry
 from .prefixes import PrefixStore
 from .remote import RemoteEntry, RemoteModels
 from .scan import ModelDirs, ModelEntry, auto_select
@@ -186,6 +187,10 @@ class ModelManager:
         # is current: each has its own backend and its own FairQueue.
         self._remote_backends: dict[str, tuple[Backend, FairQueue]] = {}
         self._remote_lock = asyncio.Lock()
+        # Embedding models, resident beside the chat model (see engine/embedding.py).
+        self.embedders = EmbeddingModels(
+            n_threads=settings.model.n_threads, n_gpu_layers=settings.model.n_gpu_layers
+        )
 
     # ------------------------------------------------------------------ info
 
@@ -210,11 +215,17 @@ class ModelManager:
         out = []
         seen = set()
         for e in entries:
+            if e.kind == "embedding":
+                out.append(e.public(self.embedders.is_loaded(e.path)))
+                continue
             loaded = loaded_path is not None and Path(e.path) == Path(loaded_path)
             out.append(e.public(loaded, self.max_context if loaded else None))
             seen.add(Path(e.path))
         if self.entry is not None and current_remote is None and Path(self.entry.path) not in seen:
             out.append(self.entry.public(True, self.max_context))
+        embedded = embedded_entry(self.settings.var_dir)
+        if embedded is not None:
+            out.append(embedded.public(self.embedders.is_loaded(embedded.path)))
         for r in self.remote.entries():
             loaded = r.name == current_remote
             if loaded:
@@ -238,6 +249,9 @@ class ModelManager:
             return remote
         if self.entry is not None and name_or_path in (self.entry.name, self.entry.rel_path) and self.entry.source == "embedded":
             return self.entry
+        embedded = embedded_entry(self.settings.var_dir)
+        if embedded is not None and name_or_path in (embedded.name, embedded.rel_path):
+            return embedded
         return self.dirs.resolve(name_or_path)
 
     def initial_entry(self) -> ModelEntry | None:
@@ -257,6 +271,10 @@ class ModelManager:
 
     async def load(self, entry: ModelEntry, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Backend:
         """Load `entry` and make it current. The old model serves until the swap."""
+        if entry.kind == "embedding":
+            raise errors.Unsupported(
+                f"'{entry.name}' is an embedding model: it serves /v1/embeddings and cannot chat."
+            )
         async with self._switch_lock:
             self.loading = entry.name
             try:
@@ -372,6 +390,7 @@ class ModelManager:
             self.queue.release()
 
     async def close(self) -> None:
+        await self.embedders.close()
         for backend, _ in self._remote_backends.values():
             await asyncio.to_thread(backend.unload)
         self._remote_backends.clear()

