@@ -19,10 +19,11 @@ from typing import Any
 from .. import errors
 from ..config import Settings
 from .backends.base import Backend
-from .embedding import EmbeddingModels, embedded_entry
+from .embedding import EmbeddingModels
+from .embedding import embedded_entry as embedded_embedder
 from .prefixes import PrefixStore
 from .remote import RemoteEntry, RemoteModels
-from .scan import ModelDirs, ModelEntry, auto_select
+from .scan import ModelDirs, ModelEntry, auto_select, embedded_entry
 
 logger = logging.getLogger("llmws.engine.manager")
 
@@ -223,9 +224,9 @@ class ModelManager:
             seen.add(Path(e.path))
         if self.entry is not None and current_remote is None and Path(self.entry.path) not in seen:
             out.append(self.entry.public(True, self.max_context))
-        embedded = embedded_entry(self.settings.var_dir)
-        if embedded is not None:
-            out.append(embedded.public(self.embedders.is_loaded(embedded.path)))
+        embedder = embedded_embedder(self.settings.var_dir)
+        if embedder is not None:
+            out.append(embedder.public(self.embedders.is_loaded(embedder.path)))
         for r in self.remote.entries():
             loaded = r.name == current_remote
             if loaded:
@@ -247,19 +248,37 @@ class ModelManager:
         remote = self.remote.find(name_or_path)
         if remote is not None:
             return remote
-        if self.entry is not None and name_or_path in (self.entry.name, self.entry.rel_path) and self.entry.source == "embedded":
-            return self.entry
-        embedded = embedded_entry(self.settings.var_dir)
-        if embedded is not None and name_or_path in (embedded.name, embedded.rel_path):
+        embedder = embedded_embedder(self.settings.var_dir)
+        if embedder is not None and name_or_path in (embedder.name, embedder.rel_path):
+            return embedder
+        embedded = self._embedded(name_or_path)
+        if embedded is not None and name_or_path == embedded.rel_path:
+            return embedded  # "embedded/<file>": never a file of the folders
+        try:
+            return self.dirs.resolve(name_or_path)
+        except errors.ModelNotFound:
+            if embedded is None:  # the embedded model by its bare name, once another is loaded
+                raise
             return embedded
-        return self.dirs.resolve(name_or_path)
+
+    @staticmethod
+    def _embedded(name_or_path: str | None) -> ModelEntry | None:
+        """The embedded default if `name_or_path` names it (its name or `embedded/<name>`)."""
+        entry = embedded_entry()
+        if entry is None or name_or_path not in (entry.name, entry.rel_path):
+            return None
+        return entry
 
     def initial_entry(self) -> ModelEntry | None:
-        """The config's `model.path` (a local or remote model), else the auto-selected local one."""
-        remote = self.remote.find(self.settings.model.path)
+        """The config's `model.path` (a local or remote model, or the embedded default
+        by name), else the auto-selected local one."""
+        configured = self.settings.model.path
+        remote = self.remote.find(configured)
         if remote is not None:
             return remote
-        return auto_select(self.settings.model.path, self.dirs)
+        if self._embedded(configured) is not None:
+            return self.resolve(configured)  # type: ignore[arg-type]
+        return auto_select(configured, self.dirs)
 
     def _build(self, entry: ModelEntry) -> Backend:
         factory = self.factories.get(entry.backend)

@@ -35,6 +35,8 @@ Kind = Literal["chat", "embedding"]
 EMBEDDED_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: How deep under a folder GGUF files are looked for (models/a/b/c.gguf is depth 3).
 MAX_DEPTH = 3
+#: Longest model name or path a client may send (longer cannot exist on disk).
+MAX_NAME_CHARS = 1024
 #: A file inside a folder that marks it as an unfinished download.
 PARTIAL_MARKER = ".partial"
 
@@ -423,6 +425,9 @@ class ModelDirs:
         if "\x00" in text:
             raise Forbidden("Model paths may not contain NUL characters.")
         parts = text.replace("\\", "/").split("/")
+        if len(text) > MAX_NAME_CHARS or any(len(p.encode("utf-8", "surrogatepass")) > 255 for p in parts):
+            # Longer than any path the folders can hold (the OS would say ENAMETOOLONG).
+            raise ModelNotFound(f"No model named '{_short(text)}' in models/ or var/models/.")
         if ".." in parts:
             raise Forbidden(
                 "Model paths may not contain '..'; name a model inside models/ or var/models/."
@@ -519,7 +524,7 @@ class ModelDirs:
             raise Forbidden(
                 f"'{entry.name}' is the loaded model; switch to another model before deleting it."
             )
-        path = entry.path
+        path = self._removable(entry.path)
         if path.is_symlink():
             path.unlink()  # remove the link, never what it points to
         elif path.is_dir():
@@ -531,9 +536,31 @@ class ModelDirs:
         logger.info("deleted model %s", entry.rel_path)
         return entry
 
+    def _removable(self, path: Path) -> Path:
+        """`path` with its folder resolved, if what a delete would remove lies inside the
+        model folders: the entry itself (a link is removed, not its target), and for a
+        file or folder also its real location, every GGUF part included.
+
+        Raises:
+            Forbidden: a folder on the way (a symlinked folder), the link or the data
+                lies outside `models/` and `var/models/`.
+        """
+        outside = Forbidden("That model lies outside models/ and var/models/; it cannot be deleted.")
+        folder = self._real(path.parent)
+        if self._root_of(folder) is None:
+            raise outside
+        here = folder / path.name
+        if here.is_symlink():
+            return here
+        parts = gguf.split_parts(here) if here.is_file() else [here]
+        for part in parts:
+            if self._root_of(self._real(part)) is None or self._real(part.parent) != folder:
+                raise outside
+        return here
+
     def _download_folder(self, name: str) -> Path | None:
         """`var/models/<name>` if `name` is a single plain folder name holding a model."""
-        if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name or len(name.encode("utf-8", "surrogatepass")) > 255:
             return None
         folder = self.var_models_dir / name
         if folder.is_symlink() or not folder.is_dir():

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import Request
 
-from .. import errors
+from .. import errors, protocol
 from ..services.generation import (
     ChatMessage,
     Generation,
@@ -101,9 +101,16 @@ def normalize_messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
         elif role == "function":
             msg["role"] = "tool"
         elif role == "assistant" and m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function") or {}, dict) for c in m["tool_calls"]
+            ):
+                raise errors.BadRequest(
+                    "An assistant message's tool_calls must be a list of {type, function} objects.",
+                    param=f"messages.[{i}].tool_calls",
+                )
             calls = []
             for j, call in enumerate(m["tool_calls"]):
-                fn = (call or {}).get("function") or {}
+                fn = call.get("function") or {}
                 args = fn.get("arguments") or "{}"
                 if isinstance(args, str):
                     try:
@@ -115,6 +122,8 @@ def normalize_messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
                         ) from None
                 calls.append({"name": fn.get("name"), "arguments": args})
             msg["tool_calls"] = calls
+        if not protocol.is_unicode(msg["content"]):  # refused before a stream starts, not inside it
+            raise errors.BadRequest(protocol.LONE_SURROGATE_MESSAGE)
         out.append(msg)
     if not out:
         raise errors.BadRequest("messages must not be empty.")

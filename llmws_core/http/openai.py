@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import errors
+from ..protocol import MAX_NEW_TOKENS, MAX_TOP_K, not_a_boolean
 from ..services.generation import (
     DoneEvent,
     ErrorEvent,
@@ -58,9 +59,9 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     repeat_penalty: float | None = Field(None, gt=0, le=5)
@@ -71,6 +72,11 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
+
+    _numbers = field_validator(
+        "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed",
+        "repeat_penalty", "n", mode="before",
+    )(not_a_boolean)
 
 
 def openai_tools(body: ChatCompletionRequest) -> list[Tool] | None:

@@ -221,6 +221,9 @@ class DoneEvent:
     tool_calls: tuple[ToolCall, ...] = ()
     #: Every generated token's log-probability, when the request asked for them.
     logprobs: tuple[TokenLogprob, ...] | None = None
+    #: The stop string that ended the reply (one the request gave, or the chat
+    #: template's end marker); None when it ended otherwise.
+    stop_sequence: str | None = None
     kind: Literal["done"] = "done"
 
 
@@ -520,6 +523,7 @@ class Generation:
                         "length" if partial else "tool_calls" if calls else result.finish_reason,
                         result.tokens_in, result.tokens_out, content, tuple(calls),
                         tuple(result.logprobs) if result.logprobs is not None else None,
+                        result.stop_sequence,
                     ))
                 elif chunk.text:
                     parts.append(chunk.text)
@@ -655,12 +659,18 @@ class GenerationService:
         async with gen:
             return await gen.collect()
 
-    async def count_tokens(self, messages: list[ChatMessage]) -> int:
-        """Real prompt tokens of `messages` under the loaded model's chat template."""
+    async def count_tokens(
+        self, messages: list[ChatMessage], *, tools: list[Tool] | None = None, tool_choice: ToolChoice = "auto"
+    ) -> int:
+        """Real prompt tokens of `messages` under the loaded model's chat template, with
+        the description of `tools` a generation would add (none for tool_choice "none")."""
         backend = self.chat.models.backend
         if backend is None:
             raise errors.ModelNotLoaded("No model is loaded yet.")
-        return await asyncio.to_thread(backend.count_tokens, render_messages(messages))
+        rendered = render_messages(messages)
+        if tools and tool_choice != "none":
+            rendered = toolcalls.with_tools(rendered, tools, tool_choice)
+        return await asyncio.to_thread(backend.count_tokens, rendered)
 
     async def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
         """Token ids of plain text under the loaded model (no chat template)."""

@@ -78,6 +78,9 @@ class GenerationResult:
     tokens_out: int
     #: Every generated token's log-probability when `GenerationParams.logprobs` was set.
     logprobs: list[TokenLogprob] | None = None
+    #: The stop string that ended the reply (a request's `stop` or the template's), None
+    #: when it ended otherwise or the backend cannot tell (remote models).
+    stop_sequence: str | None = None
 
 
 @dataclass

@@ -492,8 +492,9 @@ class BatchScheduler:
                 text += seq.matcher.flush()
             if text and not self._emit(seq, text):
                 return
+        matched = seq.matcher.matched if seq.matcher is not None else None
         logprobs = (seq.logprobs or []) if seq.params.logprobs is not None else None
-        seq.result = GenerationResult(reason, len(seq.prompt_ids), seq.n_out, logprobs)  # type: ignore[arg-type]
+        seq.result = GenerationResult(reason, len(seq.prompt_ids), seq.n_out, logprobs, stop_sequence=matched)  # type: ignore[arg-type]
         seq.done.set()
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:

@@ -564,7 +564,8 @@ class BatchEngine:
                     req.on_token(tail)
                 except Exception:
                     logger.exception("token callback failed")
-        req.result = GenerationResult(reason, len(req.tokens), slot.n_out, slot.logprobs)  # type: ignore[arg-type]
+        matched = slot.matcher.matched if slot.matcher is not None else None
+        req.result = GenerationResult(reason, len(req.tokens), slot.n_out, slot.logprobs, stop_sequence=matched)  # type: ignore[arg-type]
         if req.persist:
             self._store(slot)
         self._release(slot, wipe=False)
