@@ -295,3 +295,38 @@ def test_images_reach_a_remote_vision_model(vlm_daemon: DaemonProcess, daemon_fa
             c.chat.completions.create(model="blind", messages=image_message("Describe it."), max_tokens=4)  # type: ignore[arg-type]
         assert refused.value.code == "unsupported"
         direct.close()
+
+
+def test_anthropic_image_blocks_and_ollama_images(vlm_daemon: DaemonProcess) -> None:
+    """Anthropic `image` blocks and Ollama `images` reach the vision model: their tokens count in the usage."""
+    base = vlm_daemon.http_url
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": B64}}
+
+    def anthropic(content: Any) -> dict[str, Any]:
+        r = httpx.post(base + "/v1/messages", json={
+            "model": "tiny-llava", "max_tokens": 3, "temperature": 0,
+            "messages": [{"role": "user", "content": content}],
+        }, timeout=scaled(120))
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    plain = anthropic([{"type": "text", "text": "Describe it."}])
+    seen = anthropic([block, {"type": "text", "text": "Describe it."}])
+    assert seen["usage"]["input_tokens"] > plain["usage"]["input_tokens"]
+    bad = httpx.post(base + "/v1/messages", json={
+        "model": "tiny-llava", "max_tokens": 3,
+        "messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}],
+    }, timeout=scaled(60))
+    assert bad.status_code == 400 and bad.json()["type"] == "error"
+
+    def ollama(images: list[str] | None) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": "user", "content": "Describe it."}
+        if images:
+            msg["images"] = images
+        r = httpx.post(base + "/api/chat", json={
+            "model": "tiny-llava", "stream": False, "messages": [msg], "options": {"temperature": 0, "num_predict": 3},
+        }, timeout=scaled(120))
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    assert ollama([B64])["prompt_eval_count"] > ollama(None)["prompt_eval_count"]
