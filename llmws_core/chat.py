@@ -90,6 +90,8 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[None] | None = None
     start_seq: int | None = None
+    #: The checked images of the prompt (`images.CheckedImage`), on its user message.
+    images: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -105,6 +107,26 @@ class Chunk:
     #: On the first chunk: whether the serving backend constrains the reply to
     #: `params.grammar` / `params.response_format` (its `supports_grammar`).
     constrained: bool = False
+
+
+def readable_by(backend: Backend, messages: Sequence[Message]) -> list[Message]:
+    """The messages as `backend` reads them: a vision model gets their images; a
+    text-only one gets none from earlier turns (a conversation may have begun on a
+    vision model), and images in the newest user message are refused.
+
+    Raises:
+        Unsupported: the newest user message has images and the model takes text only.
+    """
+    msgs = list(messages)
+    if backend.info.vision or not any(m.get("images") for m in msgs):
+        return msgs
+    last_user = next((m for m in reversed(msgs) if m.get("role") == "user"), None)
+    if last_user is not None and last_user.get("images"):
+        raise errors.Unsupported(
+            f"The model {backend.info.name} takes text only, so this prompt's images cannot be read; "
+            "send it without images or use a vision model."
+        )
+    return [{k: v for k, v in m.items() if k != "images"} if m.get("images") else m for m in msgs]
 
 
 class ChatService:
@@ -207,10 +229,12 @@ class ChatService:
             return {marks["request_id"]: {"user": marks.get("user", "")}}
         return {rid: m for rid, m in marks.items() if isinstance(m, dict)}
 
-    def mark_inflight(self, session: Session, request_id: str, user_text: str) -> None:
+    def mark_inflight(
+        self, session: Session, request_id: str, user_text: str, images: list[dict[str, str]] | None = None
+    ) -> None:
         """Record a reply as running (saved with the next state), beside any other."""
         marks = self._inflight(session)
-        marks[request_id] = {"user": user_text}
+        marks[request_id] = {"user": user_text, **({"images": images} if images else {})}
         session.state["inflight"] = marks
 
     def clear_inflight(self, session: Session, request_id: str) -> None:
@@ -242,7 +266,10 @@ class ChatService:
                 and e.get("stage") in (None, "final")  # improvement passes: only the final one
             ]
             text = "".join(e.get("data", "") for e in tokens)
-            history.append({"role": "user", "content": marks[rid].get("user", "")})
+            user: Message = {"role": "user", "content": marks[rid].get("user", "")}
+            if marks[rid].get("images"):
+                user["images"] = marks[rid]["images"]
+            history.append(user)
             history.append({"role": "assistant", "content": text})
             self.clear_inflight(session, rid)
             # The reply may have ended (its `done` is in the buffer) with the daemon killed
@@ -559,7 +586,7 @@ class ChatService:
             else:
                 reserve = min(params.max_new_tokens, REPLY_RESERVE_TOKENS) if trim_history else 1
                 msgs, n_in, dropped = await asyncio.to_thread(
-                    self.fit_history, backend, list(messages), reserve
+                    self.fit_history, backend, readable_by(backend, messages), reserve
                 )
             if on_ready:
                 on_ready(n_in, dropped)
@@ -620,8 +647,24 @@ class ChatService:
 
     # ------------------------------------------------------------------ session jobs (WebSocket)
 
-    def submit(self, session: Session, msg: protocol.Inference, origin: object | None = None) -> Job:
-        """Start an inference job in `session`; its events go to the session."""
+    def require_vision(self, request_id: str | None = None) -> None:
+        """Raises Unsupported unless the loaded model takes images."""
+        info = self.models.model_info() or {}
+        if not info.get("vision"):
+            name = info.get("name") or "no model"
+            raise errors.Unsupported(
+                f"The loaded model ({name}) takes text only, so this prompt's images cannot be "
+                "read; send it without images or switch to a vision model.",
+                request_id=request_id,
+            )
+
+    def submit(
+        self, session: Session, msg: protocol.Inference, origin: object | None = None,
+        images: list[dict[str, str]] | None = None,
+    ) -> Job:
+        """Start an inference job in `session`; its events go to the session.
+
+        `images`: the prompt's images, already checked (`images.resolve`)."""
         if self.closing:
             raise errors.Busy("The server is shutting down.")
         if session.id in self.deleted:
@@ -635,15 +678,10 @@ class ChatService:
         if msg.prompt is None and not msg.messages:
             raise errors.BadRequest("inference needs a prompt or messages.", request_id=rid)
         if isinstance(msg.prompt, protocol.PromptParts) and msg.prompt.images:
-            info = self.models.model_info() or {}
-            if not info.get("vision"):
-                name = info.get("name") or "no model"
-                raise errors.Unsupported(
-                    f"The loaded model ({name}) takes text only, so this prompt's images cannot be "
-                    "read; send it without images or switch to a vision model.",
-                    request_id=rid,
-                )
-        job = Job(rid, session.id, msg.on_disconnect, origin)
+            self.require_vision(rid)
+            if images is None:
+                raise errors.BadRequest("The prompt's images were not checked.", request_id=rid)
+        job = Job(rid, session.id, msg.on_disconnect, origin, images=list(images or []))
         jobs[rid] = job
         job.task = asyncio.create_task(self._run_job(session, job, msg))
         return job
@@ -658,9 +696,13 @@ class ChatService:
             raise errors.NotFound("No running request with that request_id.", request_id=request_id)
         return found
 
-    def _build_messages(self, session: Session, msg: protocol.Inference, cfg: dict[str, Any]) -> tuple[list[Message], list[Message]]:
+    def _build_messages(
+        self, session: Session, msg: protocol.Inference, cfg: dict[str, Any], images: list[dict[str, str]] | None = None
+    ) -> tuple[list[Message], list[Message]]:
         """(full prompt messages, the new turn's messages to keep in history)."""
-        new = protocol.prompt_to_messages(msg.prompt)
+        new: list[Message] = list(protocol.prompt_to_messages(msg.prompt))
+        if images:
+            new[-1] = {**new[-1], "images": images}  # the prompt's user message
         if msg.messages:
             # content may be null (OpenAI allows it); downstream code and templates need a str.
             new = [{**m.model_dump(exclude_none=True), "content": m.content or ""} for m in msg.messages] + new
@@ -677,7 +719,7 @@ class ChatService:
             cfg = self.effective_config(session, override)
             params = self.params_from(cfg)
             params.cache_key = session.id
-            messages, turn = self._build_messages(session, msg, cfg)
+            messages, turn = self._build_messages(session, msg, cfg, job.images)
             user_text = "\n".join(str(m.get("content") or "") for m in turn if m["role"] == "user")
             if msg.mode == "improve":
                 from .improve import improve_job  # the improvement pipeline (HTTP issue)
@@ -760,7 +802,7 @@ class ChatService:
                 "message": f"The conversation no longer fits the model's context; the oldest {dropped} messages were dropped.",
                 "dropped_messages": dropped,
             })
-        self.mark_inflight(session, rid, user_text)
+        self.mark_inflight(session, rid, user_text, job.images)
         await session.save_state_async()
         started = self.emit(session, {
             "type": "start", "request_id": rid, "tokens_in": tokens_in,
@@ -777,6 +819,18 @@ class ChatService:
         limit = self.settings.sessions.max_history_messages
         if len(history) > limit:
             del history[: len(history) - limit]
+        # The state is sealed and rewritten at every turn: it keeps the newest images
+        # only, as many as one request may carry; older turns keep their text.
+        keep = self.settings.limits.max_images_per_request
+        for i in range(len(history) - 1, -1, -1):
+            pics = history[i].get("images")
+            if not pics:
+                continue
+            if keep <= 0:
+                history[i] = {k: v for k, v in history[i].items() if k != "images"}
+            elif len(pics) > keep:
+                history[i] = {**history[i], "images": pics[-keep:]}
+            keep -= len(pics)
 
     def close(self) -> None:
         """Release the generation threads (after `drain`, at shutdown)."""

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import errors, legacy, protocol
+from . import errors, images, legacy, protocol
 from .sessions.store import Session
 
 if TYPE_CHECKING:
@@ -31,7 +31,16 @@ def _require_admin(conn: Connection) -> None:
 
 
 async def inference(conn: Connection, session: Session, msg: protocol.Inference) -> None:
-    conn.app.chat.submit(session, msg, origin=conn)
+    checked = None
+    if isinstance(msg.prompt, protocol.PromptParts) and msg.prompt.images:
+        chat = conn.app.chat
+        chat.require_vision(msg.request_id)  # a text-only model refuses before any decoding
+        # Paths name files on this machine: only its own programs may use them (never a
+        # page opened from disk, whose `Origin: null` any web site's sandboxed frame sends).
+        checked = await images.resolve(
+            msg.prompt.images, images.ImageLimits.of(chat.settings), allow_path=conn.may_read_paths
+        )
+    conn.app.chat.submit(session, msg, origin=conn, images=checked)
 
 
 async def ack(conn: Connection, session: Session, msg: protocol.Ack) -> None:

@@ -86,6 +86,9 @@ class LimitSettings(_Section):
     max_downloads: int = Field(2, ge=1, description="Concurrent model downloads.")
     min_free_disk_mb: int = Field(1024, ge=0, description="Downloads refuse to start with less free disk than this.")
     max_download_mb: int | None = Field(200_000, ge=1, description="A download larger than this fails (null: only free disk limits it).")
+    max_images_per_request: int = Field(8, ge=0, le=64, description="Images one prompt may carry (WebSocket `prompt.images`, image parts of an HTTP request); 0 refuses images.")
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest image accepted, in bytes of the encoded file (a WebSocket frame must also fit `max_frame_bytes`).")
+    max_image_pixels: int = Field(40_000_000, ge=1024, description="Largest image accepted, in pixels (width x height), so a small file cannot decode into a huge bitmap.")
 
 
 #: Shortest API key accepted.
@@ -99,6 +102,7 @@ class SecuritySettings(_Section):
     allowed_origins: list[str] = Field(default_factory=list, description="Extra browser Origins allowed to open the WebSocket (the HTTP adapter's own origin and non-browser clients are always allowed).")
     allow_file_origin: bool = Field(True, description="Allow pages opened from disk (Origin 'null', which sandboxed frames on any site send too) to connect: they chat in sessions such pages started and never manage models without a key that allows it. false refuses them.")
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins for the HTTP adapter; empty: CORS off.")
+    allow_image_urls: bool = Field(False, description="Fetch images that an HTTP request names by an http(s) URL (the daemon then reaches any address a client names). false: only images sent inline (base64, data: URLs).")
 
     @field_validator("api_keys", "admin_keys")
     @classmethod
@@ -128,6 +132,8 @@ class RemoteModel(BaseModel):
     api_base: str | None = None
     api_key_env: str | None = None
     max_context: int | None = None
+    #: The provider's model reads images (they are sent as OpenAI `image_url` data: URLs).
+    vision: bool = False
 
 
 class Settings(_Section):
@@ -147,7 +153,7 @@ class Settings(_Section):
         }
     )
     mcp_servers: dict[str, MCPServer] = Field(default_factory=dict, description='MCP servers the daemon is a client of: {"name": {"command", "args", "env"}} (stdio, started on demand).')
-    remote_models: list[RemoteModel] = Field(default_factory=list, description="Remote models served through LiteLLM: [{name, model, api_base?, api_key_env?, max_context?}].")
+    remote_models: list[RemoteModel] = Field(default_factory=list, description="Remote models served through LiteLLM: [{name, model, api_base?, api_key_env?, max_context?, vision?}].")
     router: dict[str, Any] | None = Field(None, description="A LiteLLM Router over several upstream deployments (model_list, routing_strategy, num_retries, fallbacks, cooldown_time).")
 
     @property

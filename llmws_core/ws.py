@@ -24,7 +24,7 @@ from websockets.protocol import State
 from . import errors, protocol
 from .chat import CLIENT
 from .legacy import Dialect, LegacyView, legacy_welcome, shape, split_missed
-from .security import access, install_key_redaction, key_from, key_owner
+from .security import access, install_key_redaction, is_loopback, key_from, key_owner
 from .sessions.store import Session
 
 if TYPE_CHECKING:
@@ -104,6 +104,13 @@ class Connection:
         self.null_origin = (
             request is not None and single_header(request.headers, "Origin") == "null"
         )
+
+    @property
+    def may_read_paths(self) -> bool:
+        """Whether prompt images may name files on this machine: a loopback peer that is
+        not a page opened from disk."""
+        address = self.ws.remote_address
+        return bool(address) and is_loopback(str(address[0])) and not self.null_origin
 
     # ------------------------------------------------------------------ output
 

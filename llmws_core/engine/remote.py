@@ -98,6 +98,7 @@ class RemoteEntry(ModelEntry):
             "loaded": loaded,
             "kind": "chat",
             "remote_model": self.remote.model,
+            "vision": self.remote.vision,
         }
         ctx = max_context or self.remote.max_context
         if ctx is not None:
@@ -128,6 +129,7 @@ class RemoteModels:
             source="remote",  # type: ignore[arg-type]
             remote=rm,
             registry=self,
+            vision=rm.vision,
         )
 
     def entries(self) -> list[RemoteEntry]:

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +62,11 @@ class ModelEntry:
     parameters: int | None = None
     quantization: str | None = None
     kind: Kind = "chat"
+    #: Whether the model reads images: an HF folder with a `vision_config`, or a GGUF
+    #: with its multimodal projector (`mmproj`) beside it.
+    vision: bool = False
+    #: The projector file of a GGUF vision model.
+    mmproj: Path | None = None
 
     def public(self, loaded: bool, max_context: int | None = None) -> dict[str, Any]:
         """The `models_list` entry: relative path only, optional fields only when known."""
@@ -72,8 +78,11 @@ class ModelEntry:
             "size_mb": self.size_mb,
             "source": self.source,
             "loaded": loaded,
+            "vision": self.vision,
             "kind": self.kind,
         }
+        if self.mmproj is not None:
+            data["mmproj"] = self.mmproj.name
         if self.parameters is not None:
             data["parameters"] = self.parameters
         if self.quantization is not None:
@@ -152,6 +161,69 @@ def _hf_quantization(folder: Path) -> str | None:
     return _HF_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else None
 
 
+#: Characters a projector's name must share with its model's to pair by name.
+MMPROJ_MIN_SHARED = 4
+
+
+def _is_mmproj(path: Path) -> bool:
+    name = path.name.lower()
+    return name.startswith("mmproj") and name.endswith(".gguf")
+
+
+def _stem_key(name: str) -> str:
+    """A file name reduced for pairing: lower case, no extension, no quantization, no `mmproj`."""
+    stem = re.sub(r"^mmproj[._-]?(model[._-]?)?", "", name.lower().removesuffix(".gguf"))
+    quant = gguf.quant_from_name(name)
+    if quant:
+        stem = stem.replace(quant.lower(), "")
+    return stem.strip("._-")
+
+
+def find_mmproj(model: Path) -> Path | None:
+    """The multimodal projector of a GGUF vision model: an `mmproj*.gguf` beside it.
+
+    The projector whose name shares the longest start with the model's (quantization
+    and the `mmproj` prefix left aside; at least MMPROJ_MIN_SHARED characters) pairs
+    with it; in a folder holding one model, its only projector pairs whatever its
+    name (`mmproj-model-f16.gguf`). A projector that resolves outside the model's
+    folder (a symlink pointing elsewhere) is never paired."""
+    try:
+        folder = model.resolve().parent
+        siblings = sorted(model.parent.iterdir())
+    except OSError:
+        return None
+    candidates = [p for p in siblings if _is_mmproj(p) and p.is_file() and p.resolve().parent == folder]
+    if not candidates:
+        return None
+    key = _stem_key(model.name)
+
+    def shared(p: Path) -> int:
+        other = _stem_key(p.name)
+        n = 0
+        while n < min(len(key), len(other)) and key[n] == other[n]:
+            n += 1
+        return n
+
+    best = max(candidates, key=shared)
+    if shared(best) >= MMPROJ_MIN_SHARED:
+        return best
+    models = [
+        p for p in siblings
+        if p.name.lower().endswith(".gguf") and not _is_mmproj(p)
+        and not gguf.is_later_part(p.name)
+    ]
+    return candidates[0] if len(candidates) == 1 and len(models) == 1 else None
+
+
+def _hf_vision(folder: Path) -> bool:
+    """Whether an HF folder's config describes a vision-language model (a `vision_config`)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get("vision_config"), dict)
+
+
 #: Encoder architectures (Hugging Face `model_type`, GGUF `general.architecture`) that
 #: only make vectors.
 _EMBEDDING_ARCHS = frozenset({
@@ -185,11 +257,15 @@ def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> Model
     """Describe the model at `path` (a GGUF file or HF folder), or None if it is neither."""
     try:
         if path.is_file() and path.name.lower().endswith(".gguf"):
+            if _is_mmproj(path):
+                return None  # a vision projector is served with its model, never alone
             size = sum(p.stat().st_size for p in gguf.split_parts(path))
             params, quant = gguf_details(path)
+            mmproj = find_mmproj(path)
             return ModelEntry(
                 name, path, rel_path, "gguf", _BACKEND["gguf"], _mib(size), source, params, quant,
                 "embedding" if _gguf_is_embedding(path) else "chat",
+                vision=mmproj is not None, mmproj=mmproj,
             )
         if path.is_dir() and _is_hf_folder(path):
             size = sum(
@@ -206,6 +282,7 @@ def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> Model
                 safetensors_params(path),
                 _hf_quantization(path),
                 "embedding" if _hf_is_embedding(path) else "chat",
+                vision=_hf_vision(path),
             )
     except OSError as exc:
         logger.warning("cannot inspect %s: %s", path, exc)
@@ -228,7 +305,7 @@ class ModelDirs:
         self.var_models_dir = Path(var_models_dir).absolute()
         self.allow_delete_from_models = allow_delete_from_models
         # (path, size, mtime) -> entry: scanning reads GGUF headers, so don't re-read unchanged files.
-        self._cache: dict[tuple[str, int, int], ModelEntry] = {}
+        self._cache: dict[tuple[str, int, int, int], ModelEntry] = {}
 
     # -- folders ---------------------------------------------------------------------------
 
@@ -300,7 +377,7 @@ class ModelDirs:
                 elif (
                     child.is_file() and child.name.lower().endswith(".gguf") and depth <= MAX_DEPTH
                 ):
-                    if child.name.lower().startswith("mmproj"):
+                    if _is_mmproj(child):
                         continue  # a vision projector, not a model on its own
                     if gguf.is_later_part(child.name):
                         continue
@@ -316,7 +393,11 @@ class ModelDirs:
             st = path.stat()
         except OSError:
             return None
-        key = (str(path), st.st_size, st.st_mtime_ns)
+        try:  # a projector added or removed beside the file changes the folder's mtime
+            folder_mtime = path.parent.stat().st_mtime_ns
+        except OSError:
+            folder_mtime = 0
+        key = (str(path), st.st_size, st.st_mtime_ns, folder_mtime)
         cached = self._cache.get(key)
         if cached is not None and cached.name == kw["name"]:
             return cached

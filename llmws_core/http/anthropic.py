@@ -118,8 +118,9 @@ def chat_messages(body: TokenCountRequest) -> list[ChatMessage]:
 
     `tool_use` blocks become an assistant's `tool_calls`, `tool_result` blocks become
     `tool` messages (in the order they appear), `thinking` blocks of earlier turns are
-    dropped (they are not replayed to the model). Image and document blocks are a
-    typed `unsupported` error: the models served here read text only.
+    dropped (they are not replayed to the model). A user message's `image` blocks
+    become its images (their `source`, base64 or url, checked by the generation
+    service); document blocks are a typed `unsupported` error.
     """
     out: list[ChatMessage] = []
     system = block_text(body.system, "system")
@@ -132,6 +133,7 @@ def chat_messages(body: TokenCountRequest) -> list[ChatMessage]:
             continue
         text: list[str] = []
         calls: list[dict[str, Any]] = []
+        pics: list[Any] = []
         for j, block in enumerate(msg.content):
             kind = block.get("type")
             if kind == "text":
@@ -150,8 +152,12 @@ def chat_messages(body: TokenCountRequest) -> list[ChatMessage]:
                 out.append({"role": "tool", "content": "Error: " + result if block.get("is_error") else result})
             elif kind in ("thinking", "redacted_thinking") and msg.role == "assistant":
                 continue
+            elif kind == "image" and msg.role == "user":
+                if not isinstance(block.get("source"), dict):
+                    raise errors.BadRequest(f"{where}.{j}.source: an image block needs a source.")
+                pics.append(block["source"])
             elif kind in ("image", "document"):
-                raise errors.Unsupported(f"{where}.{j}: {kind} blocks are not supported; the model reads text only.")
+                raise errors.Unsupported(f"{where}.{j}: {kind} blocks are not supported here.")
             else:
                 raise errors.BadRequest(f"{where}.{j}: a {str(kind)[:32]!r} block is not valid in a {msg.role} message.")
         if msg.role == "assistant":
@@ -159,8 +165,11 @@ def chat_messages(body: TokenCountRequest) -> list[ChatMessage]:
             if calls:
                 entry["tool_calls"] = calls
             out.append(entry)
-        elif text:
-            out.append({"role": "user", "content": "".join(text)})
+        elif text or pics:
+            user: ChatMessage = {"role": "user", "content": "".join(text)}
+            if pics:
+                user["images"] = pics
+            out.append(user)
     return out
 
 

@@ -43,27 +43,48 @@ def sse(data: Any, *, event_id: int | str | None = None, event: str | None = Non
 
 def message_text(content: Any) -> str:
     """Flatten OpenAI message content (a string or a list of parts) into text."""
+    text, images = message_parts(content)
+    if images:
+        raise errors.Unsupported("Only text message content is supported here.")
+    return text
+
+
+def message_parts(content: Any) -> tuple[str, list[dict[str, Any]]]:
+    """OpenAI message content as (its text, its image references).
+
+    Image parts are `{"type": "image_url", "image_url": {"url": ...}}` (Chat
+    Completions) or `{"type": "input_image", "image_url": "..."}` (Responses); each
+    becomes `{"url": ...}`, which the generation service checks (`images.resolve`)."""
     if content is None:
-        return ""
+        return "", []
     if isinstance(content, str):
-        return content
+        return content, []
     if isinstance(content, list):
-        parts = []
+        parts: list[str] = []
+        refs: list[dict[str, Any]] = []
         for part in content:
-            if isinstance(part, dict) and part.get("type") in ("text", "input_text"):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("text", "input_text"):
                 parts.append(str(part.get("text") or ""))
             elif isinstance(part, str):
                 parts.append(part)
+            elif kind in ("image_url", "input_image"):
+                url = part.get("image_url")
+                if isinstance(url, dict):
+                    url = url.get("url")
+                if not isinstance(url, str) or not url:
+                    raise errors.BadRequest("An image_url part needs a url.")
+                refs.append({"url": url})
             else:
-                raise errors.Unsupported("Only text message content is supported by this server.")
-        return "".join(parts)
-    raise errors.BadRequest("A message's content must be a string or a list of text parts.")
+                raise errors.Unsupported("Only text and image_url message content is supported by this server.")
+        return "".join(parts), refs
+    raise errors.BadRequest("A message's content must be a string or a list of text and image parts.")
 
 
 def normalize_messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
     """OpenAI messages into the generation service's messages.
 
-    Content parts become text, `developer` is the system role, a tool's (or legacy
+    Content parts become text (image parts: the message's `images`), `developer` is the system role, a tool's (or legacy
     function's) result has role `tool`, an assistant's calls are {name, arguments}.
     Roles are checked by the service."""
     out: list[ChatMessage] = []
@@ -71,7 +92,10 @@ def normalize_messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
         if not isinstance(m, dict) or "role" not in m:
             raise errors.BadRequest("Each message needs a role.")
         role = m["role"]
-        msg: ChatMessage = {"role": role, "content": message_text(m.get("content"))}
+        text, refs = message_parts(m.get("content"))
+        msg: ChatMessage = {"role": role, "content": text}
+        if refs:
+            msg["images"] = refs
         if role == "developer":
             msg["role"] = "system"
         elif role == "function":

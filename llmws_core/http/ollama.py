@@ -177,12 +177,13 @@ def response_format(fmt: str | dict[str, Any] | None) -> ResponseFormat | None:
 def chat_messages(messages: list[WireMessage]) -> list[ChatMessage]:
     """Ollama chat messages as the service's chat messages.
 
-    Images are a typed `unsupported` error (the models served here read text only)."""
+    A message's `images` (base64 strings) go with it; the generation service checks
+    them (a text-only model refuses them with `unsupported`)."""
     out: list[ChatMessage] = []
-    for i, m in enumerate(messages):
-        if m.images:
-            raise errors.Unsupported(f"messages.{i}.images: images are not supported; the model reads text only.")
+    for m in messages:
         entry: ChatMessage = {"role": m.role, "content": m.content or ""}
+        if m.images:
+            entry["images"] = list(m.images)
         if m.role == "assistant" and m.tool_calls:
             entry["tool_calls"] = [{"name": c.function.name, "arguments": c.function.arguments} for c in m.tool_calls]
         out.append(entry)
@@ -206,8 +207,8 @@ def generate_messages(body: GenerateRequest) -> list[dict[str, Any]]:
     """`/api/generate`'s prompt (and system) as chat messages, through the model's template.
 
     Raises:
-        Unsupported: `raw`, `template`, `suffix`, `context` or `images`, which need
-            a prompt outside the chat template or a multimodal model.
+        Unsupported: `raw`, `template`, `suffix` or `context`, which need a prompt
+            outside the chat template. `images` go with the prompt (see `chat_messages`).
     """
     if body.raw:
         raise errors.Unsupported("raw prompts are not supported; the prompt always goes through the model's chat template.")
@@ -217,12 +218,13 @@ def generate_messages(body: GenerateRequest) -> list[dict[str, Any]]:
         raise errors.Unsupported("suffix (fill-in-the-middle) is not supported.")
     if body.context:
         raise errors.Unsupported("context is not supported; send the conversation to /api/chat instead.")
-    if body.images:
-        raise errors.Unsupported("images are not supported; the model reads text only.")
     out: list[dict[str, Any]] = []
     if body.system:
         out.append({"role": "system", "content": body.system})
-    out.append({"role": "user", "content": body.prompt or ""})
+    user: dict[str, Any] = {"role": "user", "content": body.prompt or ""}
+    if body.images:
+        user["images"] = list(body.images)
+    out.append(user)
     return out
 
 

@@ -188,8 +188,10 @@ def capabilities(model: dict[str, Any]) -> list[str]:
     if model.get("kind") == "embedding":
         return ["embeddings"]
     if model.get("format") == "remote":
-        return ["chat", "tools"]  # raw-text completion is served by local backends only
-    return ["chat", "completion", "tools"]
+        caps = ["chat", "tools"]  # raw-text completion is served by local backends only
+    else:
+        caps = ["chat", "tools"] if model.get("vision") else ["chat", "completion", "tools"]
+    return [*caps, "vision"] if model.get("vision") else caps
 
 
 def model_object(model: dict[str, Any]) -> dict[str, Any]:
@@ -202,6 +204,7 @@ def model_object(model: dict[str, Any]) -> dict[str, Any]:
         "loaded": model.get("loaded", False),
         "kind": model.get("kind", "chat"),
         "capabilities": capabilities(model),
+        "vision": bool(model.get("vision")),
         **({"max_context": model["max_context"]} if model.get("max_context") else {}),
     }
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
-from .. import errors
+from .. import errors, images
 from ..engine import grammar
 from ..engine.backends.base import GenerationParams, GenerationResult, Message, TokenLogprob
 from ..improve import ImproveEvent, improve_stream
@@ -61,7 +61,10 @@ JSON_INSTRUCTION = "Reply with a single valid JSON object and nothing else."
 
 #: A chat message as doors hand it over: {"role", "content"}, where role is system,
 #: user, assistant or tool; an assistant message may carry "tool_calls", a list of
-#: {"name", "arguments"} (arguments an object or its JSON text).
+#: {"name", "arguments"} (arguments an object or its JSON text); a user message may
+#: carry "images", a list of image references (see `images.py`: {"data",
+#: "media_type"}, {"url"} with a data: or http(s) URL, or a base64 string), which
+#: the generation checks when it starts.
 ChatMessage = dict[str, Any]
 
 
@@ -276,7 +279,12 @@ def render_messages(messages: list[ChatMessage]) -> list[Message]:
             role, text = "user", toolcalls.result_text(text)
         elif role not in ("system", "user", "assistant"):
             raise errors.BadRequest(f"Unknown message role {str(role)[:32]!r}.")
-        out.append({"role": role, "content": text})
+        rendered: Message = {"role": role, "content": text}
+        if m.get("images"):
+            if role != "user" or not isinstance(m["images"], list):
+                raise errors.BadRequest("Images are accepted in user messages only.")
+            rendered["images"] = list(m["images"])
+        out.append(rendered)
     if not out:
         raise errors.BadRequest("messages must not be empty.")
     return out
@@ -391,6 +399,7 @@ class Generation:
         """
         plan = self._plan
         plan.remote = await self._service.models.serve_request_model(plan.request.model, may_switch=plan.request.may_switch)
+        await self._service.check_images(plan)
         self._task = self._service._spawn(self._run())
         # The end mark comes from the task's end, so it comes even for a task
         # cancelled before its first step.
@@ -609,6 +618,28 @@ class GenerationService:
         params.response_format = fmt.as_openai() if fmt is not None else None
         grammar.grammar_for(params.response_format)
         return Generation(self, _Plan([], params, None, fmt, request))
+
+    async def check_images(self, plan: _Plan) -> None:
+        """Check the request's images (decoding in a worker thread) into the form backends read.
+
+        Raises:
+            Unsupported: the model serving the request takes text only, or a remote URL
+                while `security.allow_image_urls` is off.
+            InvalidImage: too many images, or a corrupt or oversized one.
+        """
+        if not images.count(plan.messages):
+            return
+        if not self.models.takes_images(plan.remote):
+            name = plan.remote or self.models.name or "no model"
+            raise errors.Unsupported(
+                f"The model {name} takes text only, so this request's images cannot be read; "
+                "send it without images or use a vision model."
+            )
+        limits = images.ImageLimits.of(self.chat.settings)
+        images.check_count([i for m in plan.messages for i in m.get("images") or ()], limits)
+        for m in plan.messages:
+            if m.get("images"):
+                m["images"] = await images.resolve(m["images"], limits)
 
     def params(self, sampling: Sampling, principal: str) -> GenerationParams:
         """Generation parameters: the server's defaults under `sampling`, cached for `principal`."""

@@ -104,6 +104,14 @@ class ModelService:
     def is_remote(self, name: str | None) -> bool:
         return self._models.is_remote(name)
 
+    def takes_images(self, remote: str | None = None) -> bool:
+        """Whether the model serving a request reads images: the remote model `remote`
+        (its `vision` in `remote_models`), or the loaded model when None."""
+        if remote is not None:
+            entry = self._models.remote.find(remote)
+            return bool(entry is not None and entry.vision)
+        return bool((self.info() or {}).get("vision"))
+
     async def resolve(self, name: str) -> ModelEntry:
         """The model `name` names (a scan of the model folders, in a worker thread).
 

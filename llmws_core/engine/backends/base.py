@@ -99,6 +99,8 @@ class ModelInfo:
     device: str = "cpu"
     dtype: str | None = None
     attention: str | None = None
+    #: Whether the model reads images in user messages (a message's `images`).
+    vision: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from ... import errors
 from ...config import RemoteModel
+from ...images import openai_messages
 from ..remote import REMOTE_PREFIX, ROUTER_PREFIX, import_litellm
 from .base import (
     Backend,
@@ -178,6 +179,7 @@ class LiteLLMBackend(Backend):
             backend=self.name,
             max_context=remote.max_context or DEFAULT_CONTEXT,
             device="remote",
+            vision=remote.vision,
             extra={"remote_model": remote.model},
         )
 
@@ -226,7 +228,7 @@ class LiteLLMBackend(Backend):
         """LiteLLM's count for the model (tiktoken cl100k where it has no tokenizer of its own)."""
         litellm = self._litellm or import_litellm()
         try:
-            return int(litellm.token_counter(model=self.data_model, messages=[dict(m) for m in messages]))
+            return int(litellm.token_counter(model=self.data_model, messages=openai_messages(messages)))
         except Exception:
             logger.warning("token counting failed for %s; estimating from characters", self.data_model, exc_info=True)
             chars = sum(len(str(m.get("content") or "")) for m in messages)
@@ -237,7 +239,7 @@ class LiteLLMBackend(Backend):
     def call_kwargs(self, messages: Sequence[Message], params: GenerationParams) -> dict[str, Any]:
         """The keyword arguments of one `completion` call, credentials included (per call)."""
         kwargs: dict[str, Any] = {
-            "messages": [dict(m) for m in messages],
+            "messages": openai_messages(messages),
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": params.max_new_tokens,

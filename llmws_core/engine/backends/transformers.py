@@ -7,7 +7,10 @@ with bitsandbytes, and starts a `BatchScheduler` that owns the model: concurrent
 `generate()` calls share forward passes (`max_concurrency = max_batch`).
 
 Chat templates render through `tokenizer.apply_chat_template`, which uses
-transformers' sandboxed Jinja environment. torch and transformers are imported
+transformers' sandboxed Jinja environment. A folder whose config has a
+`vision_config` is a vision-language model: it loads through `AutoProcessor` and
+`AutoModelForImageTextToText` with the same device policy and is served by
+`vision.VisionRunner` (images in the prompt, one request at a time). torch and transformers are imported
 only in `load()`, so importing this module is cheap and works without them.
 Library errors (OOM, bad files) are logged here and become `ModelLoadError` /
 `GenerationError` with user-safe messages.
@@ -133,6 +136,7 @@ class TransformersBackend(Backend):
         self._model: Any = None
         self._tokenizer: Any = None
         self._scheduler: Any = None
+        self._vision: Any = None  # a VisionRunner when the model takes images
         self._template_stops: list[str] = []
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe to encode concurrently
         self.info = ModelInfo(
@@ -184,16 +188,36 @@ class TransformersBackend(Backend):
             dtype = "bfloat16" if (caps.compute_capability or (0, 0)) >= devmod.AMPERE else "float16"
         attention = devmod.choose_attention(self._attention, caps, dtype)
 
+        vision = self._is_vision()
         try:
-            tokenizer = self._load_tokenizer(transformers)
-            model = self._load_model(transformers, torch, caps, dtype, attention)
+            if vision:
+                processor = transformers.AutoProcessor.from_pretrained(
+                    str(self._dir), trust_remote_code=self._trust_remote_code
+                )
+                tokenizer = processor.tokenizer
+                auto = transformers.AutoModelForImageTextToText
+                # One request at a time (see vision.py): the KV budget is one sequence's.
+                self.max_batch = self.max_concurrency = 1
+            else:
+                tokenizer = self._load_tokenizer(transformers)
+                auto = transformers.AutoModelForCausalLM
+            model = self._load_model(transformers, torch, caps, dtype, attention, auto)
             self._tokenizer = tokenizer
             self._model = model
-            if not getattr(tokenizer, "chat_template", None):
+            if not vision and not getattr(tokenizer, "chat_template", None):
                 logger.info("%s has no chat template; using a plain role-prefixed one", self.info.name)
                 self._template_stops = list(SIMPLE_TEMPLATE_STOPS)
             self._fill_info(model, caps, dtype)
-            self._start_scheduler(torch, model, tokenizer)
+            if vision:
+                from .vision import VisionRunner
+
+                self._vision = VisionRunner(
+                    model, processor, decode=self._decode_ids,
+                    eos_ids=self._eos_ids(model, tokenizer), error_map=generation_error,
+                )
+                self.info.vision = True
+            else:
+                self._start_scheduler(torch, model, tokenizer)
         except errors.LLMWSError:
             self.unload()
             raise
@@ -205,6 +229,12 @@ class TransformersBackend(Backend):
                 raise errors.ModelLoadError(
                     f"Not enough memory to load {self.info.name}; try quantization or a smaller model."
                 ) from None
+            if vision and "torchvision" in str(exc).lower():
+                # transformers' Qwen2-VL / Qwen2.5-VL processors (video included) import torchvision.
+                raise errors.ModelLoadError(
+                    f"{self.info.name} needs torchvision for its image processor; install the "
+                    "torchvision build that matches the installed torch."
+                ) from None
             raise errors.ModelLoadError(
                 f"transformers could not load {self.info.name}: not a valid model or not enough memory."
             ) from None
@@ -214,13 +244,29 @@ class TransformersBackend(Backend):
             self.info.max_context, self.max_batch,
         )
 
+    def _is_vision(self) -> bool:
+        """Whether the folder holds a vision-language model (its config has a `vision_config`)."""
+        if self._gguf:
+            return False
+        import json
+
+        from .vision import is_vision_config
+
+        try:
+            cfg = json.loads((self._dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(cfg, dict) and is_vision_config(cfg)
+
     def _load_tokenizer(self, transformers: Any) -> Any:
         kwargs: dict[str, Any] = {"trust_remote_code": self._trust_remote_code}
         if self._gguf:
             kwargs["gguf_file"] = self._gguf
         return transformers.AutoTokenizer.from_pretrained(str(self._dir), **kwargs)
 
-    def _load_model(self, transformers: Any, torch: Any, caps: devmod.Capabilities, dtype: str, attention: str) -> Any:
+    def _load_model(
+        self, transformers: Any, torch: Any, caps: devmod.Capabilities, dtype: str, attention: str, auto: Any
+    ) -> Any:
         kwargs: dict[str, Any] = {
             "attn_implementation": attention,
             "trust_remote_code": self._trust_remote_code,
@@ -246,7 +292,7 @@ class TransformersBackend(Backend):
                 )
             else:
                 kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(self._dir), **kwargs)
+        model = auto.from_pretrained(str(self._dir), **kwargs)
         if not caps.cuda:
             model = model.to("cpu")
         model.eval()
@@ -398,13 +444,14 @@ class TransformersBackend(Backend):
             self._scheduler = None
         self._model = None
         self._tokenizer = None
+        self._vision = None
         gc.collect()
         _empty_cuda_cache()
 
     # ------------------------------------------------------------------ prompts
 
     def _require(self) -> Any:
-        if self._model is None or self._scheduler is None:
+        if self._model is None or (self._scheduler is None and self._vision is None):
             raise errors.ModelNotLoaded("The model is not loaded.")
         return self._scheduler
 
@@ -416,6 +463,8 @@ class TransformersBackend(Backend):
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt text the chat template renders `messages` into."""
         self._require()
+        if self._vision is not None:
+            return str(self._vision.render(messages))
         template = None if getattr(self._tokenizer, "chat_template", None) else SIMPLE_TEMPLATE
         try:
             with self._tok_lock:
@@ -436,6 +485,8 @@ class TransformersBackend(Backend):
             return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
+        if self._vision is not None:
+            return int(self._vision.count_tokens(messages))  # with the images' tokens
         return len(self.prompt_ids(messages))
 
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
@@ -461,6 +512,12 @@ class TransformersBackend(Backend):
         on_token: TokenCallback,
         cancelled: CancelCheck,
     ) -> GenerationResult:
+        if self._vision is not None:
+            self._require()
+            return self._vision.generate(  # type: ignore[no-any-return]
+                messages, params, on_token, cancelled,
+                max_context=self.info.max_context, stops=list(params.stop) + self._template_stops,
+            )
         return self._run(self.prompt_ids(messages), list(params.stop) + self._template_stops, params, on_token, cancelled)
 
     def complete(
