@@ -233,7 +233,8 @@ def test_unreachable_server_exits_nonzero_without_traceback() -> None:
     assert result.returncode == EXIT_CONNECTION
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "llm.py: Cannot reach the LLMWS server at ws://127.0.0.1:1."
+        "llm.py: Cannot reach the LLMWS server at ws://127.0.0.1:1.",
+        "llm.py: is the daemon running? Start it with `make run` (or `python llmws.py`).",
     ]
 
 

@@ -32,6 +32,17 @@ def test_execute_tool_and_call_tool(http: httpx.Client) -> None:
     assert r.json()["result"]["content"][0]["text"] == "hi there"
 
 
+def test_nash_later_client_names(http: httpx.Client) -> None:
+    """nash's later MCP client reads `tools` from list_tools and calls call_tool with tool_name."""
+    tools = http.post("/v1/mcp/list_tools", json={}).json()["tools"]
+    assert "echo" in {t["name"] for t in tools}
+    r = http.post("/v1/mcp/call_tool", json={"tool_name": "echo", "arguments": {"text": "nash"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["content"][0]["text"] == "nash"
+    r = http.post("/v1/mcp/call_tool", json={"arguments": {"text": "nameless"}})
+    assert r.status_code == 400 and "tool_name" in r.json()["detail"]
+
+
 def test_prompts_and_resources(http: httpx.Client) -> None:
     """list_prompts/get_prompt and list_resources/read_resource reach the server."""
     prompts = http.post("/v1/mcp/list_prompts", json={}).json()["result"]

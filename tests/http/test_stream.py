@@ -56,6 +56,43 @@ def test_stream_warns_about_long_conversations(http: httpx.Client) -> None:
     assert warnings[0]["messages"] == len(history)
 
 
+def _read_like_nash(lines) -> tuple[str, dict | None]:
+    """nash-llm-server's client loop: content accumulates; at a warning it indexes
+    warning/suggestions/details.limits as its client does, and stops reading."""
+    reply = ""
+    for line in lines:
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            break
+        parsed = json.loads(data)
+        if "warning" in parsed:
+            warning = parsed["warning"]
+            f"{warning['warning']} {warning['suggestions'][0]}"
+            details = warning["details"]
+            limits = details["limits"]
+            f"{details['message_count']}/{limits['max_messages']} {details['estimated_tokens']}/{limits['max_tokens']}"
+            return reply, warning
+        if "content" in parsed:
+            reply += parsed["content"]
+    return reply, None
+
+
+@pytest.mark.slow
+def test_nash_client_reads_the_warning_and_keeps_the_reply(http: httpx.Client) -> None:
+    """nash's client reads the warning in its own shape, and has the whole reply when it stops there."""
+    history = []
+    for i in range(26):
+        history += [{"role": "user", "content": f"Note {i}."}, {"role": "assistant", "content": "Noted."}]
+    history.append({"role": "user", "content": "Say thanks."})
+    body = {"messages": history, "max_tokens": 8, "temperature": 0}
+    with http.stream("POST", "/v1/chat/completions/stream", json=body) as r:
+        reply, warning = _read_like_nash(r.iter_lines())
+    assert warning is not None and warning["details"]["message_count"] == len(history)
+    assert reply.strip(), "the reply came before the warning"
+
+
 def test_stream_errors_are_chunks_and_the_stream_still_ends(http: httpx.Client) -> None:
     """A failing request yields an {"error"} chunk, then the session id and [DONE]."""
     data = [e["data"] for e in _stream(http, {"messages": [{"role": "user", "content": "x " * 30000}], "max_tokens": 4})]

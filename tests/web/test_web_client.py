@@ -215,9 +215,10 @@ def test_resources_and_config_panels_talk_to_the_server(browser: Any, daemon: An
 def test_page_opened_from_disk_connects_with_the_server_field(
     browser: Any, daemon_factory: Any
 ) -> None:
-    """Opened as a file, the page connects to the server typed in the Server field."""
-    # A page from disk sends `Origin: null`, which the daemon refuses unless told otherwise.
-    daemon = daemon_factory(config={"security": {"allow_file_origin": True}})
+    """Opened as a file (the seed's way), the page connects by default to the server typed in
+    the Server field and chats."""
+    # A page from disk sends `Origin: null`: allowed by default, to chat (not to manage models).
+    daemon = daemon_factory()
     page = _new_page(browser, width=390, height=800)  # a phone-width screen
     page.goto((REPO / "web_client_enhanced.html").as_uri())
     assert _state(page)["connected"] is False
