@@ -135,6 +135,8 @@ class ChatService:
             return self._new_session(null_origin), False, "No session with that id exists; a new one was started."
         except errors.CorruptRecord:
             return self._new_session(null_origin), False, "That session's stored data failed its integrity check; a new one was started."
+        if "response" in session.state:  # a stored response of the HTTP door, not a conversation
+            return self._new_session(null_origin), False, "No session with that id exists; a new one was started."
         if null_origin and not session.state.get("null_origin"):
             return self._new_session(null_origin), False, (
                 "That session was not started from a page opened from disk, so such a page cannot "

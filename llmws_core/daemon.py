@@ -32,6 +32,7 @@ from .legacy import capabilities
 from .services import Services
 from .services.generation import GenerationService
 from .services.models import ModelService
+from .services.responses import ResponseService
 from .sessions.crypto import Sealer, load_or_create_master_key
 from .sessions.store import Session, SessionStore
 from .ws import Connection, is_loopback, make_origin_check
@@ -61,7 +62,10 @@ class App:
         self.models = ModelManager(settings, prefixes=prefixes)
         self.chat = ChatService(settings, self.store, self.models)
         model_service = ModelService(self.models, self.chat)
-        self.services = Services(generation=GenerationService(self.chat, model_service), models=model_service)
+        generation = GenerationService(self.chat, model_service)
+        self.services = Services(
+            generation=generation, models=model_service, responses=ResponseService(generation, self.chat)
+        )
         self._downloads: Any = None
         self.handlers = dict(commands.HANDLERS)
         self.started = time.monotonic()

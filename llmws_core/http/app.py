@@ -3,6 +3,7 @@
 One module per surface, each a thin adapter over the chat service:
 
 - openai.py    `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
+- responses.py `/v1/responses` (OpenAI's Responses API: stored, resumable responses)
 - legacy.py    the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
                `/chat/completions`, `/restore_cache`
 - stream.py    nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
@@ -29,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from .. import __version__, errors
 from ..config import REPO_ROOT
 from ..services.generation import ErrorEvent
-from . import blocking, legacy, mcp, metrics, openai, stream
+from . import blocking, legacy, mcp, metrics, openai, responses, stream
 from .auth import HostCheck
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ WEB_CLIENT = REPO_ROOT / "web_client_enhanced.html"
 #: Surfaces with an error shape of their own: each has `owns_path(path) -> bool` and
 #: `error_body(event: ErrorEvent, param: str | None) -> dict`. Every other route
 #: answers {"detail": ..., "code": ...}.
-ERROR_SHAPES: tuple[Any, ...] = (openai,)
+ERROR_SHAPES: tuple[Any, ...] = (openai, responses)
 
 
 def _error_shape(request: Request) -> Any:
@@ -115,7 +116,7 @@ def create_app(app: App) -> FastAPI:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return FileResponse(WEB_CLIENT, media_type="text/html")
 
-    for module in (openai, legacy, stream, blocking):
+    for module in (openai, responses, legacy, stream, blocking):
         api.include_router(module.router)
 
     sec = app.settings.security
@@ -123,7 +124,7 @@ def create_app(app: App) -> FastAPI:
         api.add_middleware(
             CORSMiddleware,
             allow_origins=sec.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "Last-Event-ID"],
         )
     # Added last so it runs first: a rebinding attack is refused before anything else.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .generation import GenerationService
 from .models import ModelService
+from .responses import ResponseService
 
 
 @dataclass
@@ -19,3 +20,5 @@ class Services:
 
     generation: GenerationService
     models: ModelService
+    #: Stored, resumable responses (OpenAI's Responses API).
+    responses: ResponseService

@@ -867,6 +867,12 @@ class SessionStore:
             logger.info("expired %d idle session(s)", len(expired))
         return expired
 
+    def delete(self, session_id: str) -> None:
+        """Remove a session from memory and disk (unknown ids: nothing happens)."""
+        sid = _canonical_id(session_id)
+        if sid is not None:
+            self._delete(sid)
+
     def _delete(self, sid: str) -> None:
         """Remove a session from memory and disk (rename first: a crash leaves no half)."""
         with self._lock:
