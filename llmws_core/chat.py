@@ -196,6 +196,11 @@ class ChatService:
         session.sync()
         logger.info("session %s: closed out request %s interrupted by a restart", session.id, rid)
 
+    @property
+    def connected_sessions(self) -> int:
+        """Sessions with a connected client (a WebSocket, or an HTTP stream tailing it)."""
+        return len(self._subscribers)
+
     def broadcast(self, event: dict[str, Any], origin: Session | None = None, extra: dict[str, Any] | None = None) -> None:
         """Emit `event` into every session with a connected client (and the origin's).
 

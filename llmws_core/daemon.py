@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from .services import Services
 from .services.generation import GenerationService
 from .services.models import ModelService
 from .services.responses import ResponseService
+from .services.sessions import SessionService
 from .sessions.crypto import Sealer, load_or_create_master_key
 from .sessions.store import Session, SessionStore
 from .ws import Connection, is_loopback, make_origin_check
@@ -61,18 +61,9 @@ class App:
             )
         self.models = ModelManager(settings, prefixes=prefixes)
         self.chat = ChatService(settings, self.store, self.models)
-        model_service = ModelService(self.models, self.chat)
-        generation = GenerationService(self.chat, model_service)
-        self.services = Services(
-            generation=generation, models=model_service, responses=ResponseService(generation, self.chat)
-        )
         self._downloads: Any = None
         self.handlers = dict(commands.HANDLERS)
-        self.started = time.monotonic()
-        self.connection_count = 0
         self.per_ip: dict[str, int] = {}
-        self.ws_port: int | None = None
-        self.http_port: int | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         sec = settings.security
         self.keys_required = sec.require_api_key or not is_loopback(settings.server.host)
@@ -81,6 +72,47 @@ class App:
                 "LLMWS refuses to listen beyond loopback without an API key: set security.api_keys "
                 "(or LLMWS_API_KEYS) or bind 127.0.0.1."
             )
+        model_service = ModelService(self.models, self.chat)
+        generation = GenerationService(self.chat, model_service)
+        self.services = Services(
+            settings=settings,
+            generation=generation,
+            models=model_service,
+            sessions=SessionService(self.chat),
+            keys_required=self.keys_required,
+            responses=ResponseService(generation, self.chat),
+        )
+        self.runtime = self.services.runtime
+
+    # The daemon's live numbers live in `runtime`, which the HTTP door reads too.
+
+    @property
+    def started(self) -> float:
+        return self.runtime.started
+
+    @property
+    def connection_count(self) -> int:
+        return self.runtime.connections
+
+    @connection_count.setter
+    def connection_count(self, value: int) -> None:
+        self.runtime.connections = value
+
+    @property
+    def ws_port(self) -> int | None:
+        return self.runtime.ws_port
+
+    @ws_port.setter
+    def ws_port(self, value: int | None) -> None:
+        self.runtime.ws_port = value
+
+    @property
+    def http_port(self) -> int | None:
+        return self.runtime.http_port
+
+    @http_port.setter
+    def http_port(self, value: int | None) -> None:
+        self.runtime.http_port = value
 
     @property
     def downloads(self) -> Any:
@@ -285,7 +317,7 @@ class App:
                 yield
 
         config = uvicorn.Config(
-            create_app(self), host=self.settings.server.host, port=port,
+            create_app(self.services), host=self.settings.server.host, port=port,
             log_level="warning", lifespan="on", access_log=False,
         )
         server = _Server(config)

@@ -34,7 +34,7 @@ from . import blocking, legacy, mcp, metrics, openai, responses, stream
 from .auth import HostCheck
 
 if TYPE_CHECKING:
-    from ..daemon import App
+    from ..services import Services
 
 logger = logging.getLogger("llmws.http")
 
@@ -50,7 +50,7 @@ def _error_shape(request: Request) -> Any:
     return next((door for door in ERROR_SHAPES if door.owns_path(request.url.path)), None)
 
 
-def create_app(app: App) -> FastAPI:
+def create_app(app: Services) -> FastAPI:
     """Build the HTTP adapter over the daemon's services."""
 
     @contextlib.asynccontextmanager
@@ -72,7 +72,7 @@ def create_app(app: App) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    api.state.llmws = app
+    api.state.services = app
     app_mcp = mcp.attach(api, app)
     metrics.attach(api, app)
 
@@ -101,11 +101,11 @@ def create_app(app: App) -> FastAPI:
         """Liveness and the basics a client needs (the WebSocket port)."""
         return {
             "status": "ok",
-            "model": app.models.model_info(),
+            "model": app.models.info(),
             "max_context": app.models.max_context,
-            "ws_port": app.ws_port,
-            "http_port": app.http_port,
-            "queue_depth": app.models.queue.depth,
+            "ws_port": app.runtime.ws_port,
+            "http_port": app.runtime.http_port,
+            "queue_depth": app.models.queue_depth,
             "version": __version__,
         }
 

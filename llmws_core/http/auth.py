@@ -24,7 +24,7 @@ from .. import errors
 from ..ws import key_matches
 
 if TYPE_CHECKING:
-    from ..daemon import App
+    from ..services import Services
 
 logger = logging.getLogger("llmws.http.auth")
 
@@ -38,9 +38,9 @@ _bearer = HTTPBearer(auto_error=False, description="API key as a Bearer token")
 _query = APIKeyQuery(name="x_api_key", auto_error=False, description="API key in the query (GET tests)")
 
 
-def llmws(request: Request) -> App:
-    """The daemon's App behind this request."""
-    return request.app.state.llmws  # type: ignore[no-any-return]
+def llmws(request: Request) -> Services:
+    """The services behind this request."""
+    return request.app.state.services  # type: ignore[no-any-return]
 
 
 def given_key(request: Request) -> str | None:
@@ -117,7 +117,7 @@ def is_admin(request: Request) -> bool:
     return key_matches(given_key(request), sec.admin_keys)
 
 
-def allowed_hosts(app: App) -> frozenset[str] | None:
+def allowed_hosts(app: Services) -> frozenset[str] | None:
     """Host names this server answers to; None: any (bound to a wildcard address)."""
     host = app.settings.server.host.strip("[]")
     if host in WILDCARD_HOSTS:
@@ -136,7 +136,7 @@ def host_name(header: str) -> str:
 class HostCheck:
     """ASGI middleware: refuse requests whose Host header names another server."""
 
-    def __init__(self, asgi: ASGIApp, app: App) -> None:
+    def __init__(self, asgi: ASGIApp, app: Services) -> None:
         self.asgi = asgi
         self.allowed = allowed_hosts(app)
 

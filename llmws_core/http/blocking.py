@@ -20,22 +20,18 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..improve import improve_stream
 from ..services.generation import (
     ChatMessage,
     ErrorEvent,
     Generation,
-    GenerationParams,
-    Message,
+    ImproveEvent,
     Sampling,
     TokenEvent,
-    render_messages,
 )
-from .auth import llmws, user_key
+from .auth import llmws, principal, user_key
 from .common import (
     cancel_when_gone,
     generation,
-    make_params,
     normalize_messages,
     sampling_request,
     start_or_gone,
@@ -92,13 +88,10 @@ def _prepare(request: Request, body: ChatRequest) -> Generation:
 
 async def blocking_reply(request: Request, body: ChatRequest) -> dict[str, Any]:
     if body.improvement:
-        chat = llmws(request).chat
-        messages = render_messages(conversation(request, body))
-        params = make_params(request, _sampling(body))
-        cancel = threading.Event()
+        events = _improve(request, body, cancel := threading.Event())
         async with cancel_when_gone(request, cancel.set):
             stages: list[dict[str, Any]] = []
-            async for ev in improve_stream(chat, messages, params, cancel=cancel):
+            async for ev in events:
                 if ev.kind == "stage_done":
                     stages.append({"stage": ev.stage, "label": ev.label, "text": ev.text})
                 elif ev.kind == "done":
@@ -121,14 +114,20 @@ async def blocking_reply(request: Request, body: ChatRequest) -> dict[str, Any]:
     }
 
 
+def _improve(request: Request, body: ChatRequest, cancel: threading.Event) -> AsyncIterator[ImproveEvent]:
+    """The improvement pipeline's events for this request (checked now)."""
+    return generation(request).improve(
+        conversation(request, body), _sampling(body), principal=principal(request), cancel=cancel
+    )
+
+
 async def improved_text(
-    request: Request, body: ChatRequest, messages: list[Message], params: GenerationParams
+    request: Request, body: ChatRequest, events: AsyncIterator[ImproveEvent], cancel: threading.Event
 ) -> AsyncIterator[str]:
     """The improved reply's text chunks (each pass under a label with intermediate_steps)."""
-    cancel = threading.Event()
     try:
         async with cancel_when_gone(request, cancel.set):
-            async for ev in improve_stream(llmws(request).chat, messages, params, cancel=cancel):
+            async for ev in events:
                 if body.intermediate_steps:
                     if ev.kind == "stage":
                         yield ("" if ev.index == 1 else "\n\n") + f"### {ev.label}\n\n"
@@ -166,8 +165,8 @@ async def text_stream(source: AsyncIterator[str]) -> AsyncIterator[str]:
 def _stream_response(request: Request, body: ChatRequest) -> StreamingResponse:
     # Checked before the 200 goes out: a bad history must be a 400, not a cut stream.
     if body.improvement:
-        messages = render_messages(conversation(request, body))
-        source = improved_text(request, body, messages, make_params(request, _sampling(body)))
+        cancel = threading.Event()
+        source = improved_text(request, body, _improve(request, body, cancel), cancel)
     else:
         source = reply_text(request, _prepare(request, body))
     return StreamingResponse(

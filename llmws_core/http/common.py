@@ -20,10 +20,8 @@ from .. import errors
 from ..services.generation import (
     ChatMessage,
     Generation,
-    GenerationParams,
     GenerationRequest,
     GenerationService,
-    Sampling,
 )
 from .auth import llmws, principal
 
@@ -90,17 +88,9 @@ def normalize_messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
     return out
 
 
-def make_params(request: Request, sampling: Sampling) -> GenerationParams:
-    """Generation parameters: server defaults under the request's own values.
-
-    The cache key is the caller's principal, so its prompt prefixes (restore_cache,
-    a growing conversation) are reused for it and for nobody else."""
-    return generation(request).params(sampling, principal(request))
-
-
 def generation(request: Request) -> GenerationService:
     """The generation service behind this request."""
-    return llmws(request).services.generation
+    return llmws(request).generation
 
 
 def sampling_request(request: Request, messages: list[ChatMessage], **fields: Any) -> GenerationRequest:

@@ -35,21 +35,21 @@ class RestoreCacheRequest(BaseModel):
 @router.get("/", summary="Server status")
 async def root(request: Request) -> dict[str, Any]:
     """Whether the server is up and which model serves (no key needed to see this)."""
-    app = llmws(request)
-    info = app.models.model_info()
+    models = llmws(request).models
+    info = models.info()
     return {
         "status": "ok" if info else "no_model",
         "server": f"llmws/{__version__}",
         "model": info["name"] if info else None,
-        "loading": app.models.loading,
-        "max_context": app.models.max_context,
+        "loading": models.loading,
+        "max_context": models.max_context,
     }
 
 
 @router.get("/models", summary="List the local models", dependencies=[Depends(user_key)])
 async def models(request: Request) -> dict[str, Any]:
     """GGUF (and other) models in models/, var/models/ and the embedded one."""
-    models = llmws(request).services.models
+    models = llmws(request).models
     entries = await models.list()
     return {"models": [m["name"] for m in entries], "current": models.current, "data": entries}
 
@@ -57,7 +57,7 @@ async def models(request: Request) -> dict[str, Any]:
 @router.post("/setModel", summary="Switch the model (admin key when admin keys exist)", dependencies=[Depends(admin_key)])
 async def set_model(body: SetModelRequest, request: Request) -> dict[str, Any]:
     """Load `modelName` and make it current; the old model serves until the swap."""
-    models = llmws(request).services.models
+    models = llmws(request).models
     entry = await models.resolve(body.modelName)
     switched = await models.switch(entry)
     return {
@@ -78,7 +78,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def restore_cache(body: RestoreCacheRequest, request: Request) -> dict[str, Any]:
     """Evaluate `messages` (and `tools`) into the model's KV cache, so the next request
     that starts with them skips their prefill. The cache belongs to the caller's key."""
-    services = llmws(request).services
+    services = llmws(request)
     tools = None
     if body.tools:
         tools = [t.get("function") if isinstance(t, dict) else None for t in body.tools]

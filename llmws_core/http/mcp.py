@@ -31,7 +31,7 @@ from ..mcp_client import MCPFailure, MCPManager
 from .auth import user_key
 
 if TYPE_CHECKING:
-    from ..daemon import App
+    from ..services import Services
 
 logger = logging.getLogger("llmws.http.mcp")
 
@@ -121,7 +121,7 @@ METHODS: dict[str, Method] = {
 }
 
 
-def attach(api: FastAPI, app: App) -> MCPManager:
+def attach(api: FastAPI, app: Services) -> MCPManager:
     """Create the MCP manager for `app` (servers start on first use) and add the route."""
     manager = MCPManager(app.settings.mcp_servers, app.settings.var_dir / "logs")
     api.state.mcp = manager

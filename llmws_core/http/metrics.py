@@ -2,9 +2,10 @@
 depth, sessions, model memory.
 
 Each app has a private `CollectorRegistry` (several daemons in one test process never
-collide). Counters the chat service already keeps (`app.chat.metrics`) are read at
-scrape time; the histograms are fed by `PrometheusMetrics`, a `Metrics` that also
-observes each finished generation, installed on the chat service at start.
+collide). Counters the generation service already keeps (`services.metrics`) and the
+daemon's numbers are read at scrape time (the sessions folder is counted in a worker
+thread); the histograms are fed by `PrometheusMetrics`, a `Metrics` that also
+observes each finished generation, installed on the service at start.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..chat import Metrics
-from ..engine.backends.base import GenerationResult
+from ..services.generation import GenerationResult
 
 if TYPE_CHECKING:
-    from ..daemon import App
+    from ..services import Services
 
 logger = logging.getLogger("llmws.http.metrics")
 
@@ -69,29 +70,29 @@ class PrometheusMetrics(Metrics):
 
 
 class StateCollector(Collector):
-    """Values read from the daemon at scrape time."""
+    """Values read from the services at scrape time (`refresh` first, on the loop)."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: Services) -> None:
         self.app = app
+        self.sessions = 0
+
+    async def refresh(self) -> None:
+        """Read what needs the disk (the sessions folder), in a worker thread."""
+        self.sessions = await self.app.sessions.count()
 
     def collect(self) -> Iterator[Any]:
         app = self.app
-        m = app.chat.metrics
+        m = app.metrics
         yield CounterMetricFamily("llmws_generations", "Generations started (both doors).", value=m.requests)
         yield CounterMetricFamily("llmws_prompt_tokens", "Prompt tokens of finished generations.", value=m.tokens_in)
         yield CounterMetricFamily("llmws_completion_tokens", "Generated tokens of finished generations.", value=m.tokens_out)
-        queue = app.models.queue
-        yield GaugeMetricFamily("llmws_queue_depth", "Requests waiting for the model.", value=queue.depth)
-        yield GaugeMetricFamily("llmws_generations_running", "Generations running now.", value=queue.running)
-        try:
-            sessions = len(app.store.ids())
-        except OSError:
-            sessions = 0
-        yield GaugeMetricFamily("llmws_sessions", "Sessions on disk or in memory.", value=sessions)
-        yield GaugeMetricFamily("llmws_sessions_connected", "Sessions with a connected client.", value=len(app.chat._subscribers))
-        yield GaugeMetricFamily("llmws_session_jobs", "Session jobs waiting or running.", value=sum(len(j) for j in app.chat.jobs.values()))
-        yield GaugeMetricFamily("llmws_websocket_connections", "Open WebSocket connections.", value=app.connection_count)
-        info = app.models.model_info()
+        yield GaugeMetricFamily("llmws_queue_depth", "Requests waiting for the model.", value=app.models.queue_depth)
+        yield GaugeMetricFamily("llmws_generations_running", "Generations running now.", value=app.models.running)
+        yield GaugeMetricFamily("llmws_sessions", "Sessions on disk or in memory.", value=self.sessions)
+        yield GaugeMetricFamily("llmws_sessions_connected", "Sessions with a connected client.", value=app.sessions.connected)
+        yield GaugeMetricFamily("llmws_session_jobs", "Session jobs waiting or running.", value=app.sessions.jobs)
+        yield GaugeMetricFamily("llmws_websocket_connections", "Open WebSocket connections.", value=app.runtime.connections)
+        info = app.models.info()
         if info:
             yield InfoMetricFamily("llmws_model", "The loaded model.", value={
                 "name": str(info.get("name")), "backend": str(info.get("backend")),
@@ -100,7 +101,7 @@ class StateCollector(Collector):
             yield GaugeMetricFamily("llmws_model_max_context_tokens", "Context the loaded model can hold.", value=info.get("max_context") or 0)
             size = float(info.get("size_mb") or 0) * 2**20
             yield GaugeMetricFamily("llmws_model_weights_bytes", "Size of the loaded model's weights.", value=size)
-            stats = getattr(app.models.backend, "cache_stats", None) or {}
+            stats = app.models.cache_stats()
             if stats:
                 # The prefix cache of the loaded model (counters restart with each load).
                 yield CounterMetricFamily("llmws_prefix_prefilled_tokens", "Prompt tokens the model evaluated.", value=stats.get("prefilled", 0))
@@ -143,11 +144,12 @@ class RequestCounter:
             self.counter.labels(scope.get("method", "?"), path, str(status[0])).inc()
 
 
-def attach(api: FastAPI, app: App) -> CollectorRegistry:
+def attach(api: FastAPI, app: Services) -> CollectorRegistry:
     """Give `app` a private registry, install the histogram-feeding Metrics, add /metrics."""
     registry = CollectorRegistry()
-    app.chat.metrics = PrometheusMetrics(registry, app.chat.metrics)
-    registry.register(StateCollector(app))
+    app.install_metrics(lambda previous: PrometheusMetrics(registry, previous))
+    state = StateCollector(app)
+    registry.register(state)
     requests = Counter("llmws_http_requests", "HTTP requests by method, route and status.", ["method", "route", "status"], registry=registry)
     api.add_middleware(RequestCounter, counter=requests)
     api.state.metrics_registry = registry
@@ -158,6 +160,7 @@ def attach(api: FastAPI, app: App) -> CollectorRegistry:
         from .auth import user_key
 
         await user_key(request)
+        await state.refresh()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return registry

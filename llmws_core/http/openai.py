@@ -172,7 +172,7 @@ def finish_reason(reason: str) -> str:
 @router.get("/v1/models", summary="List the local models (OpenAI shape)")
 async def list_models(request: Request) -> dict[str, Any]:
     """Every model in models/, var/models/ and the embedded one, as OpenAI model objects."""
-    models = await llmws(request).services.models.list()
+    models = await llmws(request).models.list()
     return {
         "object": "list",
         "data": [

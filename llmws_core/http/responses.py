@@ -218,7 +218,7 @@ def new_response(request: Request, body: ResponseCreate) -> NewResponse:
         keep_reply_room=body.truncation == "auto",
     )
     head = {
-        "model": body.model or llmws(request).services.models.name or "llmws",
+        "model": body.model or llmws(request).models.name or "llmws",
         "instructions": body.instructions,
         "max_output_tokens": body.max_output_tokens,
         "metadata": body.metadata or {},
@@ -243,7 +243,7 @@ def new_response(request: Request, body: ResponseCreate) -> NewResponse:
 
 
 def responses(request: Request) -> ResponseService:
-    return llmws(request).services.responses
+    return llmws(request).responses
 
 
 async def event_stream(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:

@@ -102,14 +102,7 @@ def session_backed(request: Request, session_id: str | None) -> Session | None:
     """The LLMWS session a request names, if it exists (else the stream is stateless)."""
     if not session_id:
         return None
-    app = llmws(request)
-    if not app.store.exists(session_id):
-        return None
-    try:
-        session, resumed, _ = app.chat.open_session(session_id)
-    except errors.LLMWSError:
-        return None
-    return session if resumed else None
+    return llmws(request).sessions.find(session_id)
 
 
 @router.post("/v1/chat/completions/stream", summary="Streaming chat (nash-llm-server SSE protocol)")
@@ -120,7 +113,7 @@ async def chat_stream(
 ) -> StreamingResponse:
     """Stream a reply as SSE. Stateless unless `session_id` names an LLMWS session;
     then `Last-Event-ID` resumes the session's stream instead of asking again."""
-    remote = await llmws(request).services.models.serve_request_model(body.model, may_switch=is_admin(request))
+    remote = await llmws(request).models.serve_request_model(body.model, may_switch=is_admin(request))
     session = session_backed(request, body.session_id)
     if session is not None:
         after = _seq(last_event_id)
@@ -218,8 +211,7 @@ def _submit(request: Request, session: Session, body: StreamRequest, remote: str
         on_disconnect="continue",
         model=remote,
     )
-    job = llmws(request).chat.submit(session, msg)
-    return job.request_id
+    return llmws(request).sessions.submit(session, msg)
 
 
 FOLLOWED_TYPES = frozenset({"start", "token", "warning", "stage", "done", "error"})
@@ -231,14 +223,14 @@ async def tail_session(request: Request, session: Session, after_seq: int, rid: 
 
     `rid` None (a resume) follows the request the first replayed event belongs to,
     or the session's running job."""
-    chat = llmws(request).chat
+    sessions = llmws(request).sessions
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    backlog = chat.subscribe(session, after_seq, queue.put_nowait)
+    backlog = sessions.subscribe(session, after_seq, queue.put_nowait)
     try:
         if rid is None:
             rid = next((e.get("request_id") for e in backlog if e.get("type") in FOLLOWED_TYPES and e.get("request_id")), None)
         if rid is None:
-            running = list(chat.jobs.get(session.id, {}))
+            running = sessions.running(session)
             rid = running[0] if running else None
         yield sse({"session_id": session.id})
         last = after_seq
@@ -261,7 +253,7 @@ async def tail_session(request: Request, session: Session, after_seq: int, rid: 
                 yield sse({"content": event.get("data", "")}, event_id=seq)
             elif kind == "warning":  # held until the reply's text is out (see stateless_stream)
                 fields = {k: v for k, v in event.items() if k not in ("type", "seq", "request_id")}
-                held.append({"warning": nash_warning(fields, None, None, llmws(request).services.models.max_context)})
+                held.append({"warning": nash_warning(fields, None, None, llmws(request).models.max_context)})
             elif kind == "error":
                 yield sse({"error": event.get("message", "The request failed.")}, event_id=seq)
                 break
@@ -274,7 +266,7 @@ async def tail_session(request: Request, session: Session, after_seq: int, rid: 
         yield sse({"session_id": session.id})
         yield sse("[DONE]")
     finally:
-        chat.unsubscribe(session, queue.put_nowait)
+        sessions.unsubscribe(session, queue.put_nowait)
 
 
 @router.get("/v1/sessions/{session_id}/events", summary="Resume a session-backed stream (SSE)")
@@ -303,20 +295,18 @@ async def summarize(body: SummarizeRequest, request: Request) -> dict[str, Any]:
     """Summarize `messages` (or, for an LLMWS session with no messages given, its
     history, which is then replaced) into a shorter replacement history that keeps
     the system message. `token_reduction` holds real tokenizer counts."""
-    app = llmws(request)
+    sessions = llmws(request).sessions
     session = session_backed(request, body.session_id)
     sid = body.session_id or str(uuid.uuid4())
     if body.messages:
         messages = normalize_messages(body.messages)
     elif session is not None:
-        system = app.chat.effective_config(session).get("system")
-        messages = ([{"role": "system", "content": system}] if system else []) + list(session.state.get("history", []))
+        messages = sessions.conversation(session)
     else:
         raise errors.BadRequest("messages must not be empty.")
     result = await generation(request).summarize(messages, max_tokens=body.max_tokens, principal=principal(request))
     if session is not None and not body.messages:
-        session.state["history"] = [m for m in result.messages if m["role"] != "system"]
-        await session.save_state_async()
+        await sessions.replace_history(session, result.messages)
     return {
         "success": True,
         "summary": result.summary,

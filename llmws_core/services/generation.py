@@ -36,13 +36,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .. import errors
 from ..engine import grammar
-from ..engine.backends.base import GenerationParams, Message
+from ..engine.backends.base import GenerationParams, GenerationResult, Message
+from ..improve import ImproveEvent, improve_stream
 from . import tools as toolcalls
 from .tools import Tool, ToolCall, ToolChoice
 
 if TYPE_CHECKING:
     from ..chat import ChatService
     from .models import ModelService
+
+__all__ = ["GenerationParams", "GenerationResult", "Message"]  # for doors, which never import the engine
 
 logger = logging.getLogger("llmws.services.generation")
 
@@ -638,6 +641,18 @@ class GenerationService:
         if not cached:
             raise errors.GenerationError("The prompt could not be evaluated.")
         return cached, persistent
+
+    def improve(
+        self, messages: list[ChatMessage], sampling: Sampling, *, principal: str, cancel: threading.Event
+    ) -> AsyncIterator[ImproveEvent]:
+        """The improvement pipeline (draft, review, revision, ...; see improve.py) over
+        `messages`, as its labelled events; `cancel` stops it.
+
+        Raises:
+            BadRequest: bad messages.
+        """
+        rendered = render_messages(messages)
+        return improve_stream(self.chat, rendered, self.params(sampling, principal), cancel=cancel)
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)

@@ -65,6 +65,10 @@ class ModelService:
     def running(self) -> int:
         return self._models.queue.running
 
+    def cache_stats(self) -> dict[str, int]:
+        """The loaded model's prompt-prefix cache counters ({} for a backend without one)."""
+        return dict(getattr(self._models.backend, "cache_stats", None) or {})
+
     async def list(self) -> list[dict[str, Any]]:
         """Every local model (both folders, the embedded one) and the remote ones (scanned in a worker thread)."""
         return await asyncio.to_thread(self._models.list_models)
