@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import DaemonProcess, scaled
+from tests.wire import Peer
 
 STORY = "Write a long story about a lighthouse keeper and the sea."
 WEATHER = {
@@ -336,3 +338,17 @@ def test_sigkill_mid_generation_then_restart(tmp_path: Path) -> None:
                     assert text.encode() not in data, path
     finally:
         d.kill()
+
+
+async def test_websocket_cannot_resume_a_response(module_daemon: DaemonProcess) -> None:
+    """The session behind a stored response is not a conversation: a WebSocket handshake
+    naming its id gets a new session, never the response's events."""
+    with sdk(module_daemon) as client:
+        r = client.responses.create(model="x", input="Say hi.", max_output_tokens=4, temperature=0)
+    session_id = str(uuid.UUID(hex=r.id[len("resp_") :]))
+    peer = await Peer.open(module_daemon.ws_url, {"session_id": session_id, "last_seq": 0})
+    try:
+        assert peer.welcome["resumed"] is False
+        assert peer.welcome["session_id"] != session_id
+    finally:
+        await peer.close()
