@@ -358,6 +358,7 @@ class ResponseService:
             LLMWSError: (not background) the model cannot serve the request.
         """
         conversation: list[ChatMessage] = []
+        conversation_id = uuid.uuid4().hex
         if new.previous_response_id:
             try:
                 previous = await self._open(new.previous_response_id, owner)
@@ -367,11 +368,15 @@ class ResponseService:
             if prev.get("status") in RUNNING:
                 raise errors.BadRequest("The previous response is still in progress; wait for it to end.")
             conversation = list(previous.state.get("conversation", []))
+            conversation_id = previous.state.get("conversation_id") or conversation_id
         system = [{"role": "system", "content": new.instructions}] if new.instructions else []
         turn = list(new.request.messages)
         new.request.messages = system + conversation + turn
         if new.background:
             new.request.on_disconnect = "continue"
+        # Each conversation keeps its own prompt cache (within the owner's): its next
+        # turn finds its KV prefix, whatever else the owner asked in between.
+        new.request.principal = f"{new.request.principal}/responses/{conversation_id}"
         gen = self._generation.prepare(new.request)  # BadRequest before anything is stored
 
         session = await asyncio.to_thread(self._store.create)
@@ -385,7 +390,7 @@ class ResponseService:
         }
         session.state.update({
             STATE_KEY: response, "owner": owner, "input_items": new.input_items,
-            "conversation": conversation + turn,
+            "conversation": conversation + turn, "conversation_id": conversation_id,
         })
         job = _Job(rid, session, gen)
         self._jobs[rid] = job

@@ -54,6 +54,13 @@ def wait_done(client: openai.OpenAI, response_id: str) -> openai.types.responses
     raise AssertionError("the response did not end")
 
 
+def prefix_reused(client: openai.OpenAI) -> float:
+    """The daemon's count of prompt tokens reused from a cached KV prefix (/metrics)."""
+    text = httpx.get(str(client.base_url).removesuffix("/v1/") + "/metrics").text
+    names = ("llmws_prefix_reused_tokens", "llmws_prefix_reused_tokens_total")
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] in names)
+
+
 def test_create_returns_a_completed_stored_response(client: openai.OpenAI) -> None:
     """A plain create answers with a completed response in OpenAI's shape, retrievable by its id."""
     r = client.responses.create(model="x", input="Say hello in one short sentence.", max_output_tokens=64, temperature=0)
@@ -82,10 +89,14 @@ def test_previous_response_id_continues_the_conversation(client: openai.OpenAI) 
     first = client.responses.create(
         model="x", input="My name is Ada. Say hello to me.", instructions="Be brief.", max_output_tokens=32, temperature=0,
     )
+    reused = prefix_reused(client)
     second = client.responses.create(
         model="x", input="What is my name?", previous_response_id=first.id, instructions="Be brief.",
         max_output_tokens=32, temperature=0,
     )
+    # The prompt prefix (turn 1 and its reply) came from the model's cache, not a new prefill.
+    assert first.usage is not None
+    assert prefix_reused(client) - reused >= first.usage.input_tokens
     assert second.previous_response_id == first.id
     explicit = client.chat.completions.create(
         model="x", max_tokens=32, temperature=0,
