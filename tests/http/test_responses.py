@@ -283,6 +283,36 @@ def test_bad_requests_get_openai_errors(client: openai.OpenAI, http: httpx.Clien
     assert client.responses.create(model="x", input="hi", max_output_tokens=4).status == "incomplete"
 
 
+def test_langchain_chat_openai_with_the_responses_api(module_daemon: DaemonProcess) -> None:
+    """LangChain's ChatOpenAI(use_responses_api=True) chats, streams, calls a bound tool and
+    continues through previous_response_id against the daemon."""
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Weather for a city."""
+        return "sunny"
+
+    common = {"base_url": module_daemon.http_url + "/v1", "api_key": "unused", "model": "local", "temperature": 0}
+    llm = ChatOpenAI(use_responses_api=True, max_tokens=32, **common)
+    reply = llm.invoke("Say hello in one short sentence.")
+    assert reply.text and str(reply.response_metadata["id"]).startswith("resp_")
+    assert reply.usage_metadata is not None and reply.usage_metadata["output_tokens"] > 0
+    assert "".join(chunk.text for chunk in llm.stream("Say hello in one short sentence.")) == reply.text
+    call = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
+    assert [c["name"] for c in call.tool_calls] == ["get_weather"] and isinstance(call.tool_calls[0]["args"]["city"], str)
+    chained = ChatOpenAI(use_responses_api=True, use_previous_response_id=True, max_tokens=16, **common)
+    first = chained.invoke([HumanMessage("My name is Ada.")])
+    second = chained.invoke([HumanMessage("My name is Ada."), first, HumanMessage("What is my name?")])
+    assert second.text
+    with sdk(module_daemon) as client:
+        stored = client.responses.retrieve(second.response_metadata["id"])
+        assert stored.previous_response_id == first.response_metadata["id"]
+        assert [i.type for i in client.responses.input_items.list(stored.id).data] == ["message"]  # only the new turn
+
+
 # ---------------------------------------------------------------------- own daemons
 
 
