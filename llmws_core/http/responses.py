@@ -31,6 +31,7 @@ logger = logging.getLogger("llmws.http.responses")
 
 router = APIRouter(tags=["OpenAI Responses"], dependencies=[Depends(user_key)])
 
+MAX_INPUT_ITEMS = 10_000
 BUILTIN_TOOLS_MESSAGE = (
     "Only function tools are available on this server; built-in tools such as web search, "
     "file search or code interpreter are not."
@@ -43,7 +44,7 @@ class ResponseCreate(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    input: str | list[dict[str, Any]] = Field(..., max_length=10_000)
+    input: str | list[dict[str, Any]]
     model: str | None = Field(None, max_length=1024)
     instructions: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -107,6 +108,8 @@ def parse_input(raw: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     results) are taken; reasoning items are skipped; other types are refused."""
     if isinstance(raw, str):
         raw = [{"type": "message", "role": "user", "content": raw}]
+    if len(raw) > MAX_INPUT_ITEMS:
+        raise errors.BadRequest(f"input may hold at most {MAX_INPUT_ITEMS} items.")
     items: list[dict[str, Any]] = []
     messages: list[ChatMessage] = []
     for item in raw:

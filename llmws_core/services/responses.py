@@ -507,7 +507,10 @@ class ResponseService:
         session.state["conversation"] = list(session.state.get("conversation", [])) + output_messages(output)
         kind = {"completed": "response.completed", "incomplete": "response.incomplete",
                 "cancelled": "response.cancelled"}.get(status, "response.failed")
-        self._emit_to(session)({"type": kind, "response": dict(response)})
+        emit = self._emit_to(session)
+        if error is not None:
+            emit({"type": "error", "code": error["code"], "message": error["message"], "param": None})
+        emit({"type": kind, "response": dict(response)})
         await session.save_state_async()
 
     def _end(self, job: _Job) -> None:

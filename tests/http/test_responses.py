@@ -223,6 +223,24 @@ def test_text_format_json_schema(client: openai.OpenAI) -> None:
     assert set(data) == {"name", "age"} and isinstance(data["name"], str) and isinstance(data["age"], int)
 
 
+def test_a_prompt_beyond_the_context(client: openai.OpenAI, module_daemon: DaemonProcess) -> None:
+    """A prompt beyond the model's context is a 400 context_too_long in the foreground (and
+    nothing is stored), and a `failed` response with that error in the background, whose
+    stream ends with `error` and `response.failed`."""
+    huge = "word " * 9000
+    sessions = module_daemon.var_dir / "sessions"
+    before = sorted(p.name for p in sessions.iterdir())
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(model="x", input=huge, max_output_tokens=8)
+    assert exc.value.body["code"] == "context_too_long"  # type: ignore[index]
+    assert sorted(p.name for p in sessions.iterdir()) == before
+    r = client.responses.create(model="x", input=huge, max_output_tokens=8, background=True)
+    failed = wait_done(client, r.id)
+    assert failed.status == "failed" and failed.error is not None and failed.error.code == "context_too_long"
+    kinds = [e.type for e in client.responses.retrieve(r.id, stream=True)]
+    assert kinds[-2:] == ["error", "response.failed"]
+
+
 def test_cancel_stops_a_background_response(client: openai.OpenAI) -> None:
     """Cancelling a running background response makes it `cancelled`, keeping what it had."""
     r = client.responses.create(model="x", input=STORY, max_output_tokens=2000, background=True)
