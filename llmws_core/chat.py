@@ -37,6 +37,10 @@ GENERATION_THREADS = 256
 
 Subscriber = Callable[[dict[str, Any]], None]
 
+#: The state key of a session that holds a stored response (services/responses.py)
+#: rather than a conversation: never resumed as one, never sent broadcasts.
+RESPONSE_STATE = "response"
+
 
 class Handoff:
     """Hands items from worker threads to asyncio queues with one loop wake-up per burst.
@@ -135,7 +139,7 @@ class ChatService:
             return self._new_session(null_origin), False, "No session with that id exists; a new one was started."
         except errors.CorruptRecord:
             return self._new_session(null_origin), False, "That session's stored data failed its integrity check; a new one was started."
-        if "response" in session.state:  # a stored response of the HTTP door, not a conversation
+        if RESPONSE_STATE in session.state:  # a stored response, not a conversation
             return self._new_session(null_origin), False, "No session with that id exists; a new one was started."
         if null_origin and not session.state.get("null_origin"):
             return self._new_session(null_origin), False, (
@@ -212,6 +216,8 @@ class ChatService:
             try:
                 session = self.store.get(sid)
             except errors.LLMWSError:
+                continue
+            if RESPONSE_STATE in session.state:  # a stored response's stream holds its own events only
                 continue
             body = dict(event)
             if origin is not None and sid == origin.id and extra:

@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from llmws_core.chat import ChatService, Handoff
+from llmws_core.chat import RESPONSE_STATE, ChatService, Handoff
 from llmws_core.config import Settings
 from llmws_core.engine.backends.base import token_burst
 from llmws_core.sessions.crypto import Sealer
@@ -106,3 +106,18 @@ def test_restart_mid_reply_closes_it_out_once(tmp_path: Path) -> None:
     done = [e for e in resumed.replay(0) if e["type"] == "done"]
     assert len(done) == 1 and done[0]["finish_reason"] == "interrupted"
     assert resumed.state["history"][-1] == {"role": "assistant", "content": "Hel"}
+
+
+def test_broadcasts_skip_a_stored_response_being_read(tmp_path: Path) -> None:
+    """A broadcast (a model switch) reaches a conversation's readers but never lands in a
+    stored response's stream, whose events are the response's own."""
+    chat, store = _chat(tmp_path)
+    conversation = chat._new_session()
+    response = store.create()
+    response.state[RESPONSE_STATE] = {"id": "resp_x"}
+    got: list[dict[str, object]] = []
+    chat.subscribe(conversation, 0, got.append)
+    chat.subscribe(response, 0, got.append)
+    chat.broadcast({"type": "model_switched", "model": {"name": "m"}})
+    assert [e["type"] for e in got] == ["model_switched"]
+    assert response.replay(0) == [] and len(conversation.replay(0)) == 1

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
+from ..chat import RESPONSE_STATE, Job
 from .generation import (
     ChatMessage,
     DoneEvent,
@@ -54,8 +55,8 @@ logger = logging.getLogger("llmws.services.responses")
 
 ID_PREFIX = "resp_"
 #: The state key that marks a session as a stored response (the WebSocket door never
-#: resumes such a session).
-STATE_KEY = "response"
+#: resumes such a session, broadcasts skip it).
+STATE_KEY = RESPONSE_STATE
 #: Events after which a response's stream ends.
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed", "response.cancelled"})
 RUNNING = frozenset({"queued", "in_progress"})
@@ -128,8 +129,7 @@ def accumulate(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(index, int):
             continue
         if kind in ("response.output_item.added", "response.output_item.done"):
-            items[index] = dict(ev["item"], content=[dict(p) for p in ev["item"].get("content", [])]) \
-                if ev["item"].get("type") == "message" else dict(ev["item"])
+            items[index] = _copy_item(ev["item"])
         elif kind == "response.content_part.added" and index in items:
             items[index].setdefault("content", []).append(dict(ev["part"]))
         elif kind == "response.output_text.delta" and index in items:
@@ -408,7 +408,7 @@ class ResponseService:
             await asyncio.to_thread(self._store.delete, session.id)
             raise
         job.task = asyncio.create_task(self._run(job, started=not new.background))
-        self._chat.jobs.setdefault(session.id, {})[rid] = _chat_job(self._chat, job)
+        self._chat.jobs.setdefault(session.id, {})[rid] = _chat_job(job)
         return self._snapshot(session)
 
     async def result(self, response_id: str, owner: str) -> dict[str, Any]:
@@ -525,7 +525,8 @@ class ResponseService:
         self._generation._tasks.add(task)  # kept from the GC until it ends
         task.add_done_callback(self._generation._tasks.discard)
 
-    def _emit_to(self, session: Session) -> Any:
+    def _emit_to(self, session: Session) -> Callable[[dict[str, Any]], None]:
+        """Seal an event into the response's session and hand it to its readers."""
         chat = self._chat
 
         def emit(event: dict[str, Any]) -> None:
@@ -568,11 +569,9 @@ class ResponseService:
         await asyncio.to_thread(self._store.delete, session.id)
 
 
-def _chat_job(chat: ChatService, job: _Job) -> Any:
+def _chat_job(job: _Job) -> Job:
     """The chat service's record of a response's job: shutdown drains it like any job,
     and its session is busy (never expired) while it runs."""
-    from ..chat import Job
-
     record = Job(job.response_id, job.session.id, job.gen.request.on_disconnect, None, task=job.task)
     record.cancel = job.gen._cancel  # a drain's cancel stops this generation's model
     return record
