@@ -584,6 +584,10 @@ class ChatService:
         if len(history) > limit:
             del history[: len(history) - limit]
 
+    def close(self) -> None:
+        """Release the generation threads (after `drain`, at shutdown)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     async def drain(self, timeout: float) -> None:
         """Let running jobs finish for up to `timeout` seconds, then cancel the rest."""
         self.closing = True

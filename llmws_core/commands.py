@@ -49,7 +49,7 @@ async def config(conn: Connection, session: Session, msg: protocol.Config) -> No
 
 
 async def list_models(conn: Connection, session: Session, msg: protocol.ListModels) -> None:
-    models = await asyncio.to_thread(conn.app.models.list_models)
+    models = await conn.app.services.models.list()
     conn.send({"type": "models_list", "models": models, **_rid(msg)})
 
 
@@ -91,19 +91,13 @@ async def cancel_download(conn: Connection, session: Session, msg: protocol.Canc
 async def delete_model(conn: Connection, session: Session, msg: protocol.DeleteModel) -> None:
     _require_admin(conn)
     app = conn.app
-    loaded = app.models.entry.path if app.models.entry else None
-    entry = await asyncio.to_thread(app.models.dirs.delete, msg.model_name, loaded)
+    entry = await app.services.models.delete(msg.model_name)
     app.chat.emit(session, {"type": "model_deleted", "model_name": entry.name, "path": entry.rel_path, **_rid(msg)})
 
 
 async def estimate_model(conn: Connection, session: Session, msg: protocol.EstimateModel) -> None:
-    from .engine.memory import estimate_for_entry
-
-    entry = await conn.app.services.models.resolve(msg.model_path)
-    if entry.backend == "litellm":
-        raise errors.Unsupported("Remote models have no local memory estimate.")
-    est = await asyncio.to_thread(estimate_for_entry, entry)
-    conn.send({"type": "model_estimate", "model": entry.name, **est.public(), **_rid(msg)})
+    entry, est = await conn.app.services.models.estimate(msg.model_path)
+    conn.send({"type": "model_estimate", "model": entry.name, **est, **_rid(msg)})
 
 
 async def get_resources(conn: Connection, session: Session, msg: protocol.GetResources) -> None:

@@ -22,12 +22,13 @@ from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
 
-from . import __version__, commands, errors
+from . import __version__, commands
 from .chat import ChatService
 from .config import Settings, describe_settings, load_settings
 from .engine.manager import ModelManager
 from .engine.prefixes import PrefixStore
 from .legacy import capabilities
+from .security import keys_required, origin_allowed
 from .services import Services
 from .services.generation import GenerationService
 from .services.models import ModelService
@@ -35,7 +36,7 @@ from .services.responses import ResponseService
 from .services.sessions import SessionService
 from .sessions.crypto import Sealer, load_or_create_master_key
 from .sessions.store import Session, SessionStore
-from .ws import Connection, is_loopback, make_origin_check
+from .ws import Connection, make_origin_check
 
 logger = logging.getLogger("llmws.daemon")
 
@@ -61,18 +62,17 @@ class App:
             )
         self.models = ModelManager(settings, prefixes=prefixes)
         self.chat = ChatService(settings, self.store, self.models)
-        self._downloads: Any = None
         self.handlers = dict(commands.HANDLERS)
         self.per_ip: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         sec = settings.security
-        self.keys_required = sec.require_api_key or not is_loopback(settings.server.host)
+        self.keys_required = keys_required(settings)
         if self.keys_required and not (sec.api_keys or sec.admin_keys):
             raise SystemExit(
                 "LLMWS refuses to listen beyond loopback without an API key: set security.api_keys "
                 "(or LLMWS_API_KEYS) or bind 127.0.0.1."
             )
-        model_service = ModelService(self.models, self.chat)
+        model_service = ModelService(self.models, self.chat, settings)
         generation = GenerationService(self.chat, model_service)
         self.services = Services(
             settings=settings,
@@ -116,18 +116,8 @@ class App:
 
     @property
     def downloads(self) -> Any:
-        """The download manager, built on first use (it imports huggingface_hub)."""
-        if self._downloads is None:
-            from .engine.download import DownloadManager
-
-            limits = self.settings.limits
-            self._downloads = DownloadManager(
-                self.models.dirs,
-                max_concurrent=limits.max_downloads,
-                min_free_bytes=limits.min_free_disk_mb * 2**20,
-                max_bytes=limits.max_download_mb * 2**20 if limits.max_download_mb else None,
-            )
-        return self._downloads
+        """The download manager (see `ModelService.downloads`)."""
+        return self.services.models.downloads
 
     # ------------------------------------------------------------------ helpers for handlers
 
@@ -159,16 +149,7 @@ class App:
         }
 
     def origin_allowed(self, origin: str) -> bool:
-        sec = self.settings.security
-        if origin == "null":
-            return sec.allow_file_origin
-        if origin in sec.allowed_origins:
-            return True
-        if self.http_port:
-            own = {f"http://{h}:{self.http_port}" for h in ("127.0.0.1", "localhost", "[::1]", self.settings.server.host)}
-            if origin in own:
-                return True
-        return False
+        return origin_allowed(origin, self.settings, self.http_port)
 
     # ------------------------------------------------------------------ connections
 
@@ -215,35 +196,8 @@ class App:
     # ------------------------------------------------------------------ run
 
     async def load_initial_model(self) -> None:
-        """Load the auto-selected model; if it fails, try the other models found and
-        finally the embedded default, so the daemon always starts serving something."""
-        from .engine.scan import embedded_entry
-
-        try:
-            first = self.models.initial_entry()
-        except errors.LLMWSError as exc:
-            logger.error("configured model unusable: %s", exc.message)
-            first = None
-        candidates = [first] if first is not None else []
-        try:
-            found = await asyncio.to_thread(self.models.dirs.scan)
-        except Exception:
-            found = []
-        candidates += sorted(found, key=lambda e: (e.source != "models", e.name.lower()))
-        embedded = embedded_entry()
-        if embedded is not None:
-            candidates.append(embedded)
-        tried: set[str] = set()
-        for entry in candidates:
-            if str(entry.path) in tried:
-                continue
-            tried.add(str(entry.path))
-            try:
-                await self.models.load(entry)
-                return
-            except errors.LLMWSError as exc:
-                logger.error("could not load %s: %s; trying the next model", entry.name, exc.message)
-        logger.warning("no model could be loaded: waiting for a download or switch_model")
+        """Load the first model to serve (see `ModelService.load_initial`)."""
+        await self.services.models.load_initial()
 
     async def serve(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -267,7 +221,12 @@ class App:
         self.ws_port = ws_server.sockets[0].getsockname()[1]
         http_server, http_task = await self._start_http()
         self._write_ready_file()
-        logger.info("%s", self.banner())
+        try:
+            found = await asyncio.to_thread(self.models.dirs.scan)
+        except Exception:
+            logger.exception("scanning the model folders failed")
+            found = []
+        logger.info("%s", self.banner(found))
         background = [self.spawn(self.fsync_loop()), self.spawn(self.expiry_loop())]
         try:
             await stop.wait()
@@ -275,9 +234,7 @@ class App:
             logger.info("shutting down: draining generations")
             ws_server.close(close_connections=False)
             await self.chat.drain(s.server.drain_seconds)
-            if self._downloads is not None:
-                with contextlib.suppress(Exception):
-                    await self._downloads.close()
+            await self.services.models.close()
             await asyncio.to_thread(self.store.close_all)
             # Server.close() is idempotent: the first call (close_connections=False)
             # already ran, so a second one would not close anything. Close the open
@@ -288,15 +245,20 @@ class App:
             ]
             if closing:
                 await asyncio.wait(closing, timeout=5)
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(ws_server.wait_closed(), 5)
+            except Exception:
+                logger.exception("the WebSocket server did not close in time")
             if http_server is not None:
                 http_server.should_exit = True
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.wait_for(http_task, 5)
+                except Exception:
+                    logger.exception("the HTTP adapter did not stop cleanly")
             for task in background:
                 task.cancel()
             await self.models.close()
+            self.chat.close()
             logger.info("stopped")
 
     async def _start_http(self) -> tuple[Any, Any]:
@@ -338,13 +300,10 @@ class App:
         tmp.write_text(json.dumps({"ws_port": self.ws_port, "http_port": self.http_port, "pid": os.getpid()}))
         os.replace(tmp, path)
 
-    def banner(self) -> str:
+    def banner(self, found: list[Any]) -> str:
+        """The start-up banner; `found` is the model folders' scan."""
         line = "=" * 60
         host = self.settings.server.host
-        try:
-            found = self.models.dirs.scan()
-        except Exception:
-            found = []
         lines = ["", line, f"LLMWS {__version__}", line, "", f"Available models: {len(found)}"]
         for m in found:
             lines.append(f"  - {m.name} ({m.size_mb:.0f} MB) [{m.source}]")
@@ -393,9 +352,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     put("server", "host", args.host)
     put("server", "port", args.port)
     if args.http_port is not None:
-        put("server", "http_port", None if args.http_port < 0 else args.http_port)
-        if args.http_port < 0:
-            out["server"]["http_port"] = None
+        # -1 disables HTTP: None is a value here, which `put` would skip.
+        out.setdefault("server", {})["http_port"] = None if args.http_port < 0 else args.http_port
     put("server", "log_level", args.log_level)
     put("server", "ready_file", args.ready_file)
     put("paths", "var_dir", args.var_dir)

@@ -143,8 +143,9 @@ class Connection:
             await asyncio.wait_for(asyncio.shield(task), 5)
         except Exception:
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            # Wait for it to end without taking on its outcome: a suppress around
+            # `await task` would also swallow this task's own cancellation.
+            await asyncio.wait({task})
 
     async def call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run `fn(session)`; a closed connection restarts the server and retries once."""

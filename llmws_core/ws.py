@@ -8,10 +8,8 @@ service. A bad message gets an `error` event; the connection keeps serving.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -25,6 +23,7 @@ from websockets.protocol import State
 
 from . import errors, protocol
 from .legacy import Dialect, LegacyView, legacy_welcome, shape, split_missed
+from .security import access, install_key_redaction, key_from
 from .sessions.store import Session
 
 if TYPE_CHECKING:
@@ -38,13 +37,6 @@ MAX_OUTBOX = 20_000
 #: Bytes the socket may hold unsent before events wait in the outbox for the writer
 #: task (which waits for the socket to drain) instead of being written at once.
 DIRECT_WRITE_LIMIT = 256 * 1024
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-
-
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
-
-
 def frame_size(frame: str | bytes, limit: int) -> int:
     """A frame's size in bytes for the limit check (a text frame's UTF-8 length).
 
@@ -62,70 +54,6 @@ def single_header(headers: Any, name: str) -> str | None:
     if not values:
         return None
     return values[0] if len(values) == 1 else ""
-
-
-#: Where a key can sit in anything a library logs: headers, query strings, JSON frames.
-_KEY_PATTERN = re.compile(
-    r"""(?ix)
-    ( x-api-key \s* [:=] \s*
-    | authorization \s* [:=] \s* (?: bearer \s+ | basic \s+ )?
-    | \b (?: x_)? api_key \s* = \s*
-    | ["']? (?: x_)? api_key ["']? \s* : \s* ["']?
-    )
-    ( [^\s&"',}\\]+ )
-    """
-)
-
-
-class KeyRedactor(logging.Filter):
-    """Strip API keys out of log records before any handler writes them.
-
-    websockets logs every request header and frame at DEBUG (X-API-Key, Bearer
-    tokens, `?api_key=`, `{"api_key": ...}` handshakes); keys must never reach a log
-    file, so the message is rewritten: configured keys by value, and anything in a
-    key-carrying position by pattern (that catches wrong keys too)."""
-
-    def __init__(self, keys: list[str]) -> None:
-        super().__init__()
-        self.keys = sorted({k for k in keys if k}, key=len, reverse=True)
-
-    def redact(self, text: str) -> str:
-        for key in self.keys:
-            text = text.replace(key, "[redacted]")
-        return _KEY_PATTERN.sub(lambda m: m.group(1) + "[redacted]", text)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record is the logging module's business
-            return True
-        clean = self.redact(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        return True
-
-
-def install_key_redaction(keys: list[str]) -> KeyRedactor:
-    """Attach a `KeyRedactor` to the websockets loggers and to every root handler.
-
-    Logger filters catch records of that logger wherever they are handled; the
-    root handlers' filter catches every other library that propagates to root."""
-    redactor = KeyRedactor(keys)
-    for name in ("websockets.server", "uvicorn.error"):
-        logging.getLogger(name).addFilter(redactor)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(redactor)
-    return redactor
-
-
-def key_matches(given: str | None, keys: list[str]) -> bool:
-    """Constant-time comparison against every configured key."""
-    if not given:
-        return False
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(given.encode(), key.encode())
-    return ok
 
 
 class RateLimiter:
@@ -438,34 +366,19 @@ class Connection:
     def authorized(self, handshake_key: str | None) -> bool:
         """Whether the peer may use this daemon; also decides `is_admin`.
 
-        Keys come from the handshake frame, `X-API-Key`, `Authorization: Bearer`, or
-        the `api_key` / `x_api_key` query parameter. With admin keys configured only
-        they allow admin actions; without, anyone allowed in may do them (the HTTP
-        adapter's rule too)."""
-        sec = self.app.settings.security
+        The key comes from the handshake frame, the headers or the query (see
+        `security.key_from`); the roles it gives are the HTTP door's too (`security.access`)."""
         request = self.ws.request
         given = handshake_key
         if request is not None and not given:
-            given = single_header(request.headers, "X-API-Key")
-            auth = single_header(request.headers, "Authorization") or ""
-            if not given and auth.lower().startswith("bearer "):
-                given = auth[7:].strip()
-            if not given:
-                query = parse_qs(urlsplit(request.path).query)
-                given = (query.get("api_key") or query.get("x_api_key") or [None])[0]
-        if not self.app.keys_required:
-            self.is_admin = key_matches(given, sec.admin_keys) if sec.admin_keys else True
-            if self.null_origin:
-                # Any web site can produce `Origin: null` (a sandboxed frame): without a
-                # key that allows it, such a peer chats but never manages models.
-                self.is_admin = key_matches(given, sec.admin_keys or sec.api_keys)
-            return True
-        is_user = key_matches(given, sec.api_keys)
-        if sec.admin_keys:
-            self.is_admin = key_matches(given, sec.admin_keys)
-        else:
-            self.is_admin = is_user
-        return self.is_admin or is_user
+            headers = request.headers
+            query = parse_qs(urlsplit(request.path).query)
+            given = key_from(
+                lambda name: single_header(headers, name), lambda name: (query.get(name) or [None])[0]
+            )
+        roles = access(given, self.app.settings, keys_required=self.app.keys_required, null_origin=self.null_origin)
+        self.is_admin = roles.admin
+        return roles.allowed
 
     # ------------------------------------------------------------------ input
 

@@ -51,3 +51,10 @@ def test_repo_config_json_is_valid() -> None:
 
     s = load_settings(REPO_ROOT / "config.json", env={})
     assert s.server.port == 8765
+
+
+def test_http_port_minus_one_disables_http() -> None:
+    """`--http-port -1` (documented: disables HTTP) gives a config without an HTTP port."""
+    args = build_parser().parse_args(["--http-port", "-1"])
+    settings = load_settings(None, env={}, overrides=overrides_from_args(args))
+    assert settings.server.http_port is None

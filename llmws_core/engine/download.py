@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from llmws_core.engine import gguf
 from llmws_core.engine.scan import PARTIAL_MARKER, ModelDirs
 from llmws_core.errors import BadRequest, Busy, DownloadError, Forbidden
 
@@ -54,7 +55,6 @@ GIT_PROTOCOLS = "file:git:http:https:ssh"
 _HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 _HF_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
 _SCP_GIT_RE = re.compile(r"^[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+:[^\s]+$")
-_SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 _GIT_PROGRESS_RE = re.compile(
     r"^(?:remote: )?(Enumerating|Counting|Compressing|Receiving|Resolving|Updating|Filtering|"
     r"Downloading LFS|Checking out)[^\n]*\d+%"
@@ -150,7 +150,7 @@ def choose_hf_files(sizes: dict[str, int], filename: str | None) -> list[str]:
         for p in sorted(sizes)
         if p.lower().endswith(".gguf")
         and not p.rsplit("/", 1)[-1].lower().startswith("mmproj")  # vision projectors
-        and (not _SPLIT_RE.match(p.rsplit("/", 1)[-1]) or _first_part(p))
+        and not gguf.is_later_part(p.rsplit("/", 1)[-1])
     ]
     if ggufs:
         q4 = [p for p in ggufs if re.search(r"(?<![a-z])i?q4", p.rsplit("/", 1)[-1], re.I)]
@@ -163,21 +163,14 @@ def choose_hf_files(sizes: dict[str, int], filename: str | None) -> list[str]:
     return sorted(p for p in top if p.endswith(HF_FOLDER_SUFFIXES))
 
 
-def _first_part(path: str) -> bool:
-    match = _SPLIT_RE.match(path.rsplit("/", 1)[-1])
-    return bool(match) and int(match["part"]) == 1
-
-
 def _with_split_parts(path: str, sizes: dict[str, int]) -> list[str]:
     """`path`, and if it is part 1 of a split GGUF, all its parts."""
     folder, _, name = path.rpartition("/")
-    match = _SPLIT_RE.match(name)
-    if not match:
+    names = gguf.part_names(name)
+    if len(names) == 1:
         return [path]
-    count = int(match["count"])
     prefix = f"{folder}/" if folder else ""
-    parts = [f"{prefix}{match['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
-    return [p for p in parts if p in sizes]
+    return [p for p in (prefix + n for n in names) if p in sizes]
 
 
 # -- jobs ------------------------------------------------------------------------------------

@@ -6,17 +6,18 @@ layer and per KV head, so its size per token is
 `kv_heads`, not `heads`). What is left of free VRAM (or RAM on the CPU) after the
 weights and a margin, divided by that, is the context this process can hold --
 capped by the context the model was trained with. The architecture comes from
-`config.json` or from GGUF metadata, read here without loading any weights.
+`config.json` or from GGUF metadata (gguf.py), read without loading any weights.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
+
+from .gguf import GGUFMeta, read_gguf, split_parts
 
 if TYPE_CHECKING:
     from llmws_core.engine.scan import ModelEntry
@@ -80,178 +81,6 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ArchInfo:
         n_ctx_train=int(n_ctx) if n_ctx is not None else None,
         n_params=None,
     )
-
-
-# -- GGUF metadata ----------------------------------------------------------------------------
-
-# GGUF value types (ggml/docs/gguf.md): type id -> struct format, for the fixed-size ones.
-_GGUF_SCALARS = {
-    0: "B",
-    1: "b",
-    2: "H",
-    3: "h",
-    4: "I",
-    5: "i",
-    6: "f",
-    7: "?",
-    10: "Q",
-    11: "q",
-    12: "d",
-}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-#: Numeric arrays longer than this (token scores, ...) are skipped, not kept.
-_MAX_KEPT_ARRAY = 4096
-_MAX_STRING = 64 * MiB
-
-
-@dataclass
-class GGUFMeta:
-    """A GGUF file's metadata: scalar and string keys, short numeric arrays, parameter count."""
-
-    version: int
-    fields: dict[str, Any] = field(default_factory=dict)
-    n_params: int | None = None
-
-
-class _Reader:
-    """Little-endian reads from a GGUF header, with sanity limits so a bad file fails cleanly."""
-
-    def __init__(self, fh: BinaryIO, version: int) -> None:
-        self.fh = fh
-        self.version = version
-
-    def unpack(self, fmt: str) -> Any:
-        size = struct.calcsize("<" + fmt)
-        data = self.fh.read(size)
-        if len(data) != size:
-            raise ValueError("truncated GGUF header")
-        return struct.unpack("<" + fmt, data)[0]
-
-    def count(self) -> int:
-        # GGUF v1 used 32-bit counts and lengths, v2+ 64-bit.
-        return int(self.unpack("I" if self.version == 1 else "Q"))
-
-    def string(self) -> str:
-        n = self.count()
-        if n > _MAX_STRING:
-            raise ValueError("implausible string length in GGUF header")
-        data = self.fh.read(n)
-        if len(data) != n:
-            raise ValueError("truncated GGUF header")
-        return data.decode("utf-8", errors="replace")
-
-    def skip_string(self) -> None:
-        n = self.count()
-        if n > _MAX_STRING:
-            raise ValueError("implausible string length in GGUF header")
-        self.fh.seek(n, 1)
-
-    def value(self, vtype: int) -> Any:
-        if vtype in _GGUF_SCALARS:
-            return self.unpack(_GGUF_SCALARS[vtype])
-        if vtype == _GGUF_STRING:
-            return self.string()
-        if vtype == _GGUF_ARRAY:
-            item_type = int(self.unpack("I"))
-            n = self.count()
-            if n > 1 << 31:
-                raise ValueError("implausible array length in GGUF header")
-            if item_type in _GGUF_SCALARS:
-                fmt = _GGUF_SCALARS[item_type]
-                size = struct.calcsize("<" + fmt)
-                if n > _MAX_KEPT_ARRAY:
-                    self.fh.seek(n * size, 1)
-                    return None
-                data = self.fh.read(n * size)
-                if len(data) != n * size:
-                    raise ValueError("truncated GGUF header")
-                return list(struct.unpack(f"<{n}{fmt}", data))
-            if item_type == _GGUF_STRING:
-                for _ in range(n):  # vocabularies: not needed here
-                    self.skip_string()
-                return None
-            if item_type == _GGUF_ARRAY:
-                for _ in range(n):
-                    self.value(_GGUF_ARRAY)
-                return None
-            raise ValueError(f"unknown GGUF array item type {item_type}")
-        raise ValueError(f"unknown GGUF value type {vtype}")
-
-
-def _read_gguf_pure(path: Path) -> GGUFMeta:
-    """Read GGUF metadata and tensor shapes with nothing but the standard library."""
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        version = struct.unpack("<I", fh.read(4))[0]
-        if version not in (1, 2, 3):
-            raise ValueError(f"unsupported GGUF version {version}")
-        r = _Reader(fh, version)
-        n_tensors, n_kv = r.count(), r.count()
-        if n_tensors > 10_000_000 or n_kv > 10_000_000:
-            raise ValueError("implausible GGUF counts")
-        meta = GGUFMeta(version=version)
-        for _ in range(n_kv):
-            key = r.string()
-            vtype = int(r.unpack("I"))
-            value = r.value(vtype)
-            if value is not None:
-                meta.fields[key] = value
-        total = 0
-        for _ in range(n_tensors):
-            r.skip_string()
-            n_dims = int(r.unpack("I"))
-            if n_dims > 8:
-                raise ValueError("implausible tensor rank in GGUF header")
-            count = 1
-            for _ in range(n_dims):
-                count *= r.count()
-            r.unpack("I")  # ggml type
-            r.unpack("Q")  # data offset
-            total += count
-        meta.n_params = total or None
-        return meta
-
-
-def _read_gguf_with_package(path: Path) -> GGUFMeta:
-    """Read GGUF metadata through the `gguf` package (llama.cpp's own reader)."""
-    from gguf import GGUFReader, GGUFValueType  # optional dependency
-
-    reader = GGUFReader(path, "r")
-    meta = GGUFMeta(version=0)
-    for key, fld in reader.fields.items():
-        if not fld.types:
-            continue
-        if fld.types[0] == GGUFValueType.ARRAY:
-            if len(fld.types) < 2 or fld.types[1] in (GGUFValueType.STRING, GGUFValueType.ARRAY):
-                continue
-            if len(fld.data) > _MAX_KEPT_ARRAY:
-                continue
-        value = fld.contents()
-        if key == "GGUF.version":
-            meta.version = int(value)
-        elif not key.startswith("GGUF."):
-            meta.fields[key] = value
-    meta.n_params = sum(int(t.n_elements) for t in reader.tensors) or None
-    return meta
-
-
-def read_gguf(path: Path, *, use_package: bool = False) -> GGUFMeta:
-    """A GGUF file's metadata, read by our small reader (or by the `gguf` package if asked).
-
-    Our reader is the default because it skips what it does not need: on a 2-core
-    machine `gguf.GGUFReader` takes ~3 s for the 94 MB embedded model (it decodes the
-    whole vocabulary), ours ~0.07 s, and `scan` reads every GGUF header. Tests check
-    that both agree.
-
-    Raises:
-        OSError: the file cannot be read.
-        ValueError: the file is not a valid GGUF file.
-        ImportError: `use_package` and the `gguf` package is not installed.
-    """
-    if use_package:
-        return _read_gguf_with_package(Path(path))
-    return _read_gguf_pure(Path(path))
 
 
 def _as_int(value: Any) -> int | None:
@@ -428,9 +257,7 @@ def arch_for_entry(entry: ModelEntry) -> ArchInfo:
 def weights_bytes_for_entry(entry: ModelEntry) -> int:
     """Bytes of weights on disk: the GGUF file (all split parts) or the folder's safetensors."""
     if entry.format == "gguf":
-        from llmws_core.engine.scan import _gguf_parts
-
-        return sum(p.stat().st_size for p in _gguf_parts(entry.path))
+        return sum(p.stat().st_size for p in split_parts(entry.path))
     return sum(p.stat().st_size for p in entry.path.glob("*.safetensors"))
 
 

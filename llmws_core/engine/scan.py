@@ -13,7 +13,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmws_core.errors import Forbidden, ModelNotFound
+
+from . import gguf
 
 logger = logging.getLogger("llmws.engine.scan")
 
@@ -35,48 +36,6 @@ MAX_DEPTH = 3
 PARTIAL_MARKER = ".partial"
 
 _BACKEND = {"gguf": "llamacpp", "safetensors": "transformers"}
-# "model-00002-of-00004.gguf": llama.cpp loads a split model from its first part.
-_SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
-# Quantization as model publishers spell it in file names (Q4_K_M, IQ3_XS, F16, BF16, ...).
-_QUANT_RE = re.compile(
-    r"(?:^|[._-])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32|TQ\d_\d|MXFP4)(?=$|[._-])", re.IGNORECASE
-)
-# llama.cpp's `general.file_type` (LLAMA_FTYPE) values; the names match gguf.LlamaFileType.
-_GGUF_FILE_TYPES = {
-    0: "F32",
-    1: "F16",
-    2: "Q4_0",
-    3: "Q4_1",
-    7: "Q8_0",
-    8: "Q5_0",
-    9: "Q5_1",
-    10: "Q2_K",
-    11: "Q3_K_S",
-    12: "Q3_K_M",
-    13: "Q3_K_L",
-    14: "Q4_K_S",
-    15: "Q4_K_M",
-    16: "Q5_K_S",
-    17: "Q5_K_M",
-    18: "Q6_K",
-    19: "IQ2_XXS",
-    20: "IQ2_XS",
-    21: "Q2_K_S",
-    22: "IQ3_XS",
-    23: "IQ3_XXS",
-    24: "IQ1_S",
-    25: "IQ4_NL",
-    26: "IQ3_S",
-    27: "IQ3_M",
-    28: "IQ2_S",
-    29: "IQ2_M",
-    30: "IQ4_XS",
-    31: "IQ1_M",
-    32: "BF16",
-    36: "TQ1_0",
-    37: "TQ2_0",
-    38: "MXFP4_MOE",
-}
 _HF_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
@@ -140,37 +99,14 @@ def _is_partial(path: Path) -> bool:
     return path.name.startswith(".") or (path / PARTIAL_MARKER).exists()
 
 
-def _gguf_parts(path: Path) -> list[Path]:
-    """All files of a (possibly split) GGUF model, first part first."""
-    match = _SPLIT_RE.match(path.name)
-    if not match:
-        return [path]
-    count = int(match["count"])
-    parts = [
-        path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)
-    ]
-    return [p for p in parts if p.exists()]
-
-
-def _quant_from_name(name: str) -> str | None:
-    found = _QUANT_RE.findall(Path(name).stem)
-    return found[-1].upper() if found else None
-
-
 def gguf_details(path: Path) -> tuple[int | None, str | None]:
     """(parameter count, quantization) of a GGUF file, from its header; (None, name guess) if unreadable."""
-    from llmws_core.engine.memory import read_gguf  # local: memory imports this module
-
-    quant = _quant_from_name(path.name)
     try:
-        meta = read_gguf(path)
+        meta = gguf.read_gguf(path)
     except (OSError, ValueError) as exc:
         logger.warning("cannot read GGUF header of %s: %s", path, exc)
-        return None, quant
-    file_type = meta.fields.get("general.file_type")
-    if isinstance(file_type, int) and file_type in _GGUF_FILE_TYPES:
-        quant = _GGUF_FILE_TYPES[file_type]
-    return meta.n_params, quant
+        return None, gguf.quant_from_name(path.name)
+    return meta.n_params, gguf.quantization(meta.fields.get("general.file_type"), path.name)
 
 
 def safetensors_params(folder: Path) -> int | None:
@@ -214,7 +150,7 @@ def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> Model
     """Describe the model at `path` (a GGUF file or HF folder), or None if it is neither."""
     try:
         if path.is_file() and path.name.lower().endswith(".gguf"):
-            size = sum(p.stat().st_size for p in _gguf_parts(path))
+            size = sum(p.stat().st_size for p in gguf.split_parts(path))
             params, quant = gguf_details(path)
             return ModelEntry(
                 name, path, rel_path, "gguf", _BACKEND["gguf"], _mib(size), source, params, quant
@@ -329,8 +265,7 @@ class ModelDirs:
                 ):
                     if child.name.lower().startswith("mmproj"):
                         continue  # a vision projector, not a model on its own
-                    split = _SPLIT_RE.match(child.name)
-                    if split and int(split["part"]) != 1:
+                    if gguf.is_later_part(child.name):
                         continue
                     yield child
 
@@ -474,7 +409,7 @@ class ModelDirs:
         elif path.is_dir():
             shutil.rmtree(path)
         else:
-            for part in _gguf_parts(path):
+            for part in gguf.split_parts(path):
                 part.unlink()
         self._cache = {k: v for k, v in self._cache.items() if v.path != path}
         logger.info("deleted model %s", entry.rel_path)

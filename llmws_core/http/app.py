@@ -1,17 +1,18 @@
 """The HTTP/SSE adapter's FastAPI application (routes live in sibling modules).
 
-One module per surface, each a thin adapter over the chat service:
+One module per surface (a door), each a thin translator over the services:
 
-- openai.py    `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
-- responses.py `/v1/responses` (OpenAI's Responses API: stored, resumable responses)
-- legacy.py    the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
-               `/chat/completions`, `/restore_cache`
-- stream.py    nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
-               and session-backed streams that resume with `Last-Event-ID`
-- blocking.py  the HF server's `/chat/blocking`, `/chat/stream`, `/ping`
-- mcp.py       `/v1/mcp/{method}` over the configured MCP servers
-- metrics.py   Prometheus `/metrics`
-- auth.py      API keys and the Host (DNS rebinding) check
+- openai.py            `/v1/models`, `/v1/chat/completions` (the official SDK, LiteLLM, curl)
+- responses.py         `/v1/responses` (OpenAI's Responses API: stored, resumable responses)
+- llamacpp_server.py   the llama-cpp FastAPI server's `/`, `/models`, `/setModel`,
+                       `/chat/completions`, `/restore_cache`
+- nash.py              nash-llm-server's SSE `/v1/chat/completions/stream`, `/v1/chat/summarize`,
+                       and session-backed streams that resume with `Last-Event-ID`
+- hf_server.py         the HF "LLM Server"'s `/chat/blocking`, `/chat/stream`, `/ping`
+- mcp.py               `/v1/mcp/{method}` over the configured MCP servers
+- metrics.py           Prometheus `/metrics`
+- auth.py              API keys and the Host (DNS rebinding) check (rules: ../security.py)
+- common.py            what the doors share (the services of a request, SSE, disconnects)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from .. import __version__, errors
 from ..config import REPO_ROOT
 from ..services.generation import ErrorEvent
-from . import blocking, legacy, mcp, metrics, openai, responses, stream
+from . import hf_server, llamacpp_server, mcp, metrics, nash, openai, responses
 from .auth import HostCheck
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ def create_app(app: Services) -> FastAPI:
             return JSONResponse({"detail": "The web client is not installed."}, status_code=404)
         return FileResponse(WEB_CLIENT, media_type="text/html")
 
-    for module in (openai, responses, legacy, stream, blocking):
+    for module in (openai, responses, llamacpp_server, nash, hf_server):
         api.include_router(module.router)
 
     sec = app.settings.security

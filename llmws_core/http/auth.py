@@ -1,8 +1,9 @@
-"""API keys and the Host check of the HTTP adapter.
+"""API keys and the Host check of the HTTP adapter, on the rules of `security.py`.
 
 Keys come from `security.api_keys` / `security.admin_keys` (config or LLMWS_API_KEYS /
 LLMWS_ADMIN_KEYS) and are read from `X-API-Key`, `Authorization: Bearer`, or the
-`x_api_key` query parameter (browser-friendly GET tests), compared in constant time.
+`x_api_key` query parameter (browser-friendly GET tests), compared in constant time;
+a key gives the same roles here as on the WebSocket.
 
 The Host check defeats DNS rebinding: a web page on evil.example whose name is
 re-pointed at 127.0.0.1 would otherwise reach this loopback server with the user's
@@ -21,15 +22,12 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import errors
-from ..ws import key_matches
+from ..security import Access, access, allowed_hosts, host_name, key_from, key_matches
 
 if TYPE_CHECKING:
     from ..services import Services
 
 logger = logging.getLogger("llmws.http.auth")
-
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
 # Declared as FastAPI security schemes so /openapi.json documents them; auto_error is
 # off because keys are optional on loopback and the decision is ours.
@@ -45,14 +43,13 @@ def llmws(request: Request) -> Services:
 
 def given_key(request: Request) -> str | None:
     """The key the client sent, from the header, the Bearer token or the query."""
-    key = request.headers.get("x-api-key")
-    if not key:
-        auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            key = auth[7:].strip()
-    if not key:
-        key = request.query_params.get("x_api_key") or request.query_params.get("api_key")
-    return key or None
+    return key_from(request.headers.get, request.query_params.get)
+
+
+def roles(request: Request) -> Access:
+    """What this request's key (or none) allows (`security.access`)."""
+    app = llmws(request)
+    return access(given_key(request), app.settings, keys_required=app.keys_required)
 
 
 def principal(request: Request) -> str:
@@ -76,15 +73,11 @@ async def user_key(
 
     The three scheme parameters only document the ways to send a key in
     /openapi.json; `given_key` reads them in order of precedence."""
-    app = llmws(request)
-    if not app.keys_required:
+    if roles(request).allowed:
         return
-    sec = app.settings.security
-    key = given_key(request)
-    if key is None:
+    if given_key(request) is None:
         raise errors.Unauthorized("An API key is required (X-API-Key header, Bearer token or x_api_key).")
-    if not (key_matches(key, sec.api_keys) or key_matches(key, sec.admin_keys)):
-        raise errors.Unauthorized("That API key is not valid.")
+    raise errors.Unauthorized("That API key is not valid.")
 
 
 async def admin_key(
@@ -94,43 +87,22 @@ async def admin_key(
     _query_key: str | None = Depends(_query),
 ) -> None:
     """Dependency: the admin key when admin keys exist (else the user rules apply)."""
-    app = llmws(request)
-    sec = app.settings.security
-    if not sec.admin_keys:
+    if not llmws(request).settings.security.admin_keys:
         await user_key(request)
+        return
+    if roles(request).admin:
         return
     key = given_key(request)
     if key is None:
         raise errors.Unauthorized("This action needs the admin key.")
-    if not key_matches(key, sec.admin_keys):
-        if key_matches(key, sec.api_keys):
-            raise errors.Forbidden("This action needs the admin key.")
-        raise errors.Unauthorized("That API key is not valid.")
+    if key_matches(key, llmws(request).settings.security.api_keys):
+        raise errors.Forbidden("This action needs the admin key.")
+    raise errors.Unauthorized("That API key is not valid.")
 
 
 def is_admin(request: Request) -> bool:
     """Whether this request may do admin actions (switch models)."""
-    app = llmws(request)
-    sec = app.settings.security
-    if not sec.admin_keys:
-        return not app.keys_required or key_matches(given_key(request), sec.api_keys)
-    return key_matches(given_key(request), sec.admin_keys)
-
-
-def allowed_hosts(app: Services) -> frozenset[str] | None:
-    """Host names this server answers to; None: any (bound to a wildcard address)."""
-    host = app.settings.server.host.strip("[]")
-    if host in WILDCARD_HOSTS:
-        return None
-    return LOOPBACK_HOSTS | {host.lower()}
-
-
-def host_name(header: str) -> str:
-    """The host part of a Host header: without the port, IPv6 brackets removed."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    return roles(request).admin
 
 
 class HostCheck:
@@ -138,7 +110,7 @@ class HostCheck:
 
     def __init__(self, asgi: ASGIApp, app: Services) -> None:
         self.asgi = asgi
-        self.allowed = allowed_hosts(app)
+        self.allowed = allowed_hosts(app.settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and self.allowed is not None:

@@ -2,7 +2,7 @@
 
 Stateless: the history comes with each request, as the OpenAI API defines it. The
 official `openai` SDK, LiteLLM and curl work unmodified. The same handler also
-serves the earlier llama-cpp server's `POST /chat/completions` (see legacy.py).
+serves the earlier llama-cpp server's `POST /chat/completions` (see llamacpp_server.py).
 """
 
 from __future__ import annotations

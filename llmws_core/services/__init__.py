@@ -22,6 +22,7 @@ from .sessions import SessionService
 if TYPE_CHECKING:
     from ..chat import Metrics
     from ..config import Settings
+    from ..engine.download import DownloadManager
 
 
 @dataclass
@@ -52,6 +53,17 @@ class Services:
     #: Stored, resumable responses (OpenAI's Responses API).
     responses: ResponseService
     runtime: Runtime = field(default_factory=Runtime)
+
+    @property
+    def services(self) -> Services:
+        """This object: routes written as `llmws(request).services.x` (when the HTTP
+        side was handed the daemon) keep working."""
+        return self
+
+    @property
+    def downloads(self) -> DownloadManager:
+        """The download manager (see `ModelService.downloads`)."""
+        return self.models.downloads
 
     @property
     def metrics(self) -> Metrics:

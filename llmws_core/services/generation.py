@@ -624,15 +624,17 @@ class GenerationService:
         """
         rendered = toolcalls.with_tools(render_messages(messages), tools, "auto")
         params = self.params(Sampling(max_tokens=1, temperature=0.0, seed=0), principal)
-        persistent = False
-        if hasattr(self.chat.models.backend, "warm_prefix"):
-            # A backend with a real prefix cache (kept in RAM, sealed on disk).
-            async with self.chat.models.use() as backend:
-                cached, persistent = await asyncio.to_thread(backend.warm_prefix, rendered, params.cache_key)  # type: ignore[attr-defined]
-        else:
+        cached, persistent, warmed = 0, False, False
+        async with self.chat.models.use() as backend:
+            # Asked of the backend this request holds: a switch may have changed it since.
+            warm_prefix = getattr(backend, "warm_prefix", None)
+            if warm_prefix is not None:
+                # A backend with a real prefix cache (kept in RAM, sealed on disk).
+                cached, persistent = await asyncio.to_thread(warm_prefix, rendered, params.cache_key)
+                warmed = True
+        if not warmed:
             # llama.cpp keeps the KV state of its last evaluation and reuses the longest
             # common prefix: evaluating the prompt (one token out) leaves it warm.
-            cached = 0
             async for chunk in self.chat.generate(rendered, params, cancel=threading.Event(), trim_history=False):
                 if chunk.result is not None:
                     cached = chunk.result.tokens_in

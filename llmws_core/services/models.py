@@ -1,4 +1,5 @@
-"""The model service: list, resolve, switch (with its broadcast), delete, status.
+"""The model service: list, resolve, switch (with its broadcast), delete, download,
+estimate, status, and the initial load.
 
 Every door that lists or switches models calls this, so a switch from HTTP tells
 the WebSocket clients (`model_switched`, with the new `max_context`) exactly as a
@@ -16,6 +17,8 @@ from .. import errors
 
 if TYPE_CHECKING:
     from ..chat import ChatService
+    from ..config import Settings
+    from ..engine.download import DownloadManager
     from ..engine.manager import ModelManager
     from ..engine.scan import ModelEntry
     from ..sessions.store import Session
@@ -26,9 +29,34 @@ logger = logging.getLogger("llmws.services.models")
 class ModelService:
     """Which models there are, which one serves, and switching between them."""
 
-    def __init__(self, models: ModelManager, chat: ChatService) -> None:
+    def __init__(self, models: ModelManager, chat: ChatService, settings: Settings) -> None:
         self._models = models
         self._chat = chat
+        self._settings = settings
+        self._downloads: DownloadManager | None = None
+
+    @property
+    def downloads(self) -> DownloadManager:
+        """The download manager, built on first use (it imports huggingface_hub)."""
+        if self._downloads is None:
+            from ..engine.download import DownloadManager
+
+            limits = self._settings.limits
+            self._downloads = DownloadManager(
+                self._models.dirs,
+                max_concurrent=limits.max_downloads,
+                min_free_bytes=limits.min_free_disk_mb * 2**20,
+                max_bytes=limits.max_download_mb * 2**20 if limits.max_download_mb else None,
+            )
+        return self._downloads
+
+    async def close(self) -> None:
+        """Stop running downloads (at shutdown)."""
+        if self._downloads is not None:
+            try:
+                await self._downloads.close()
+            except Exception:
+                logger.exception("closing the download manager failed")
 
     # ------------------------------------------------------------------ queries
 
@@ -103,6 +131,57 @@ class ModelService:
         event = {"type": "model_switched", "model": self.info(), "max_context": self.max_context}
         self._chat.broadcast(event, origin=origin, extra=extra)
         return event
+
+    async def delete(self, name: str) -> ModelEntry:
+        """Delete a model's files (never the loaded model's; see `ModelDirs.delete`)."""
+        loaded = self._models.entry.path if self._models.entry else None
+        return await asyncio.to_thread(self._models.dirs.delete, name, loaded)
+
+    async def estimate(self, name: str) -> tuple[ModelEntry, dict[str, Any]]:
+        """The memory estimate of a local model (KV bytes per token, the context it can hold).
+
+        Raises:
+            Unsupported: a remote model (it has no local memory).
+        """
+        from ..engine.memory import estimate_for_entry
+
+        entry = await self.resolve(name)
+        if entry.backend == "litellm":
+            raise errors.Unsupported("Remote models have no local memory estimate.")
+        est = await asyncio.to_thread(estimate_for_entry, entry)
+        return entry, est.public()
+
+    async def load_initial(self) -> None:
+        """Load the auto-selected model; if it fails, try the other models found and
+        finally the embedded default, so the daemon always starts serving something."""
+        from ..engine.scan import embedded_entry
+
+        try:
+            first = self._models.initial_entry()
+        except errors.LLMWSError as exc:
+            logger.error("configured model unusable: %s", exc.message)
+            first = None
+        candidates = [first] if first is not None else []
+        try:
+            found = await asyncio.to_thread(self._models.dirs.scan)
+        except Exception:
+            logger.exception("scanning the model folders failed")
+            found = []
+        candidates += sorted(found, key=lambda e: (e.source != "models", e.name.lower()))
+        embedded = embedded_entry()
+        if embedded is not None:
+            candidates.append(embedded)
+        tried: set[str] = set()
+        for entry in candidates:
+            if str(entry.path) in tried:
+                continue
+            tried.add(str(entry.path))
+            try:
+                await self._models.load(entry)
+                return
+            except errors.LLMWSError as exc:
+                logger.error("could not load %s: %s; trying the next model", entry.name, exc.message)
+        logger.warning("no model could be loaded: waiting for a download or switch_model")
 
     async def serve_request_model(self, name: str | None, *, may_switch: bool) -> str | None:
         """Make the model a request names serve it; the name to pass per request, if remote.

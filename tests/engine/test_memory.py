@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmws_core.engine import memory
+from llmws_core.engine.gguf import read_gguf
 from llmws_core.engine.memory import (
     ArchInfo,
     arch_from_gguf,
@@ -15,7 +16,6 @@ from llmws_core.engine.memory import (
     estimate,
     estimate_for_entry,
     kv_bytes_per_token,
-    read_gguf,
 )
 from llmws_core.engine.scan import ModelDirs, embedded_entry, embedded_model_path
 from tests.engine.fake_hub import gguf_bytes, tiny_gguf, tiny_hf_files

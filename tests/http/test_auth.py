@@ -89,3 +89,21 @@ def test_cors_is_off_by_default(http: httpx.Client) -> None:
     assert "access-control-allow-origin" not in r.headers
     r = http.get("/health", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in r.headers
+
+
+async def test_websocket_and_http_read_a_key_from_the_query_alike(module_daemon: DaemonProcess) -> None:
+    """A URL with both `x_api_key` and `api_key` is judged by `x_api_key` on both doors."""
+    import websockets
+
+    from tests.wire import Peer
+
+    good_first, bad_first = "?x_api_key=k1&api_key=wrong", "?x_api_key=wrong&api_key=k1"
+    with httpx.Client(base_url=module_daemon.http_url, timeout=scaled(60)) as http:
+        assert http.get("/v1/models" + good_first).status_code == 200
+        assert http.get("/v1/models" + bad_first).status_code == 401
+    peer = await Peer.open(module_daemon.ws_url + "/" + good_first)
+    assert peer.welcome["session_id"]
+    await peer.close()
+    with pytest.raises((AssertionError, websockets.ConnectionClosed)):
+        refused = await Peer.open(module_daemon.ws_url + "/" + bad_first)
+        await refused.recv()

@@ -368,3 +368,14 @@ def test_restore_cache_is_on_disk_before_it_answers(daemon) -> None:
     })
     assert r.status_code == 200, r.text
     assert _metric(daemon, "llmws_prefix_restored_tokens_total") >= body["cached_tokens"] - 8
+
+
+async def test_daemon_without_http_serves_the_websocket(daemon_factory) -> None:
+    """With `--http-port -1` the daemon starts, serves the WebSocket and opens no HTTP port."""
+    d = daemon_factory(["--http-port", "-1"])
+    assert d.http_port is None
+    peer = await Peer.open(d.ws_url)
+    assert peer.welcome["http_port"] is None
+    text, _ = await peer.infer("Say hi.", "r1", temperature=0, max_new_tokens=4)
+    assert isinstance(text, str)
+    await peer.close()

@@ -130,3 +130,18 @@ async def test_http_switch_tells_websocket_clients(daemon_factory) -> None:
         assert r.status_code == 200, r.text
         assert (await peer.until("model_switched", timeout=60))[-1]["model"]["name"] == first
     await peer.close()
+
+
+async def test_quantization_is_the_header_s_on_every_path(daemon_factory) -> None:
+    """A GGUF whose file name claims another quantization is reported by its header's
+    file type, the same in the model list and for the loaded model."""
+    d = daemon_factory(start=False)
+    shutil.copy(embedded_model_path(), d.models_dir / "smol-Q8_0.gguf")  # really Q4_1
+    d.start()
+    peer = await Peer.open(d.ws_url)
+    await peer.send({"type": "list_models"})
+    listed = {m["name"]: m for m in (await peer.until("models_list"))[-1]["models"]}
+    assert listed["smol-Q8_0.gguf"]["quantization"] == "Q4_1"
+    assert peer.welcome["model"]["name"] == "smol-Q8_0.gguf"
+    assert peer.welcome["model"]["quantization"] == "Q4_1"
+    await peer.close()

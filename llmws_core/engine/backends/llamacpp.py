@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import errors
+from .. import gguf
 from ..grammar import grammar_for
 from .base import (
     Backend,
@@ -176,7 +177,7 @@ class LlamaCppBackend(Backend):
         self.info.max_context = self._engine.max_context
         self.info.name = self.info.name or meta.get("general.name", self.path.stem)
         self.info.dtype = meta.get("general.file_type")
-        self.info.quantization = _quant_from_name(self.path.name)
+        self.info.quantization = gguf.quantization(meta.get("general.file_type"), self.path.name)
         self.info.parameters = int(ll.llama_model_n_params(self._model)) or None
         self.info.extra = {"architecture": arch, "n_threads": self._n_threads, "parallel": n_slots}
         logger.info(
@@ -363,12 +364,3 @@ class LlamaCppBackend(Backend):
         """Prompt tokens prefilled vs reused from a session's cached prefix (`restored`:
         loaded from disk), prefixes stored on disk, decode steps."""
         return dict(self._engine.stats) if self._engine else {}
-
-
-def _quant_from_name(name: str) -> str | None:
-    upper = name.upper()
-    for tag in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0",
-                "Q5_1", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16", "F32", "IQ4_XS"):
-        if tag in upper:
-            return tag
-    return None

@@ -37,7 +37,7 @@ from .common import (
     start_or_gone,
 )
 
-logger = logging.getLogger("llmws.http.blocking")
+logger = logging.getLogger("llmws.http.hf_server")
 
 router = APIRouter(tags=["HF LLM Server"])
 END_MARK = "[[END]]"

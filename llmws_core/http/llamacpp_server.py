@@ -16,7 +16,7 @@ from .auth import admin_key, llmws, principal, user_key
 from .common import normalize_messages
 from .openai import ChatCompletionRequest, complete
 
-logger = logging.getLogger("llmws.http.legacy")
+logger = logging.getLogger("llmws.http.llamacpp_server")
 
 router = APIRouter(tags=["llama-cpp server (legacy)"])
 

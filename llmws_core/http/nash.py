@@ -51,7 +51,7 @@ from .common import (
     sse,
 )
 
-logger = logging.getLogger("llmws.http.stream")
+logger = logging.getLogger("llmws.http.nash")
 
 router = APIRouter(tags=["nash-llm-server (SSE)"], dependencies=[Depends(user_key)])
 
