@@ -249,6 +249,12 @@ def responses(request: Request) -> ResponseService:
     return llmws(request).responses
 
 
+def owner(request: Request) -> str:
+    """Whose responses a request may see: its key's, when keys are required; without
+    keys every client is the same local user (whatever dummy key its SDK sends)."""
+    return principal(request) if llmws(request).keys_required else "local"
+
+
 async def event_stream(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     """Responses stream events as SSE (`event: <type>`, then the event as data)."""
     async for event in events:
@@ -264,29 +270,29 @@ async def create_response(body: ResponseCreate, request: Request) -> Response:
     """Generate a response to `input`. Stored by default (sealed, retrievable until the
     sessions' TTL); `previous_response_id` continues a conversation; `background: true`
     returns at once while the generation runs on; `stream: true` streams its events."""
-    service, owner = responses(request), principal(request)
+    service, who = responses(request), owner(request)
     new = new_response(request, body)
     if new.background:
-        response = await service.create(new, owner)
+        response = await service.create(new, who)
         if body.stream:
-            return streaming(service.events(response["id"], owner))
+            return streaming(service.events(response["id"], who))
         return JSONResponse(response)
     try:
-        response = await service.create(new, owner, watch=lambda cancel: cancel_when_gone(request, cancel))
+        response = await service.create(new, who, watch=lambda cancel: cancel_when_gone(request, cancel))
     except errors.Cancelled:
         return Response(status_code=499)
     rid = response["id"]
     if body.stream:
-        return streaming(_foreground(request, service, rid, owner))
+        return streaming(_foreground(request, service, rid, who))
     async with cancel_when_gone(request, lambda: service.abandon(rid)):
-        final = await service.result(rid, owner)
+        final = await service.result(rid, who)
     return JSONResponse(final)
 
 
-async def _foreground(request: Request, service: ResponseService, rid: str, owner: str) -> AsyncIterator[dict[str, Any]]:
+async def _foreground(request: Request, service: ResponseService, rid: str, who: str) -> AsyncIterator[dict[str, Any]]:
     """A foreground response's events; its client going away stops the generation."""
     async with cancel_when_gone(request, lambda: service.abandon(rid)):
-        async for event in service.events(rid, owner):
+        async for event in service.events(rid, who):
             yield event
 
 
@@ -299,24 +305,24 @@ async def retrieve_response(
 ) -> Response:
     """The response object (its output so far while it runs), or with `stream=true` its
     events after `starting_after` and then live ones until it ends."""
-    service, owner = responses(request), principal(request)
+    service, who = responses(request), owner(request)
     if stream:
-        await service.get(response_id, owner)  # unknown ids answer 404 before the stream starts
-        return streaming(service.events(response_id, owner, starting_after))
-    return JSONResponse(await service.get(response_id, owner))
+        await service.get(response_id, who)  # unknown ids answer 404 before the stream starts
+        return streaming(service.events(response_id, who, starting_after))
+    return JSONResponse(await service.get(response_id, who))
 
 
 @router.post("/v1/responses/{response_id}/cancel", summary="Cancel a running response")
 async def cancel_response(response_id: str, request: Request) -> dict[str, Any]:
     """Stop a running response (its status becomes "cancelled", the output it had is
     kept); an ended response is returned unchanged."""
-    return await responses(request).cancel(response_id, principal(request))
+    return await responses(request).cancel(response_id, owner(request))
 
 
 @router.delete("/v1/responses/{response_id}", summary="Delete a stored response")
 async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
     """Delete a stored response (cancelled first if it runs)."""
-    await responses(request).delete(response_id, principal(request))
+    await responses(request).delete(response_id, owner(request))
     return {"id": response_id, "object": "response", "deleted": True}
 
 
@@ -330,7 +336,7 @@ async def list_input_items(
     before: str | None = Query(None, max_length=128, description="List the items before this item id."),
 ) -> dict[str, Any]:
     """The input items the response was created with (newest first unless order=asc)."""
-    items = await responses(request).input_items(response_id, principal(request))
+    items = await responses(request).input_items(response_id, owner(request))
     if order == "desc":
         items.reverse()
     ids = [i["id"] for i in items]
