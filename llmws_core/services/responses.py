@@ -493,6 +493,10 @@ class ResponseService:
             status, incomplete = "completed", None
             for out in job.builder.close_message(done.content):
                 emit(out)
+        if done.tool_calls and not any(item["type"] == "function_call" for item in job.builder.output):
+            # Calls found only in the whole reply (after prose that was already streamed).
+            for out in job.builder.calls(done.tool_calls):
+                emit(out)
         await self._finish(job, status, None, incomplete, usage(done.tokens_in, done.tokens_out))
 
     async def _finish(
