@@ -319,6 +319,9 @@ class ResponseService:
         after_seq = 0 if after is None else after + 1
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         backlog = self._chat.subscribe(session, after_seq, queue.put_nowait)
+        # Read with the backlog, before any await: the status changes just before the last
+        # event is emitted, so a response running now sends that event to the queue.
+        running = session.state[STATE_KEY].get("status") in RUNNING
         try:
             last = after_seq
             for event in backlog:
@@ -326,7 +329,7 @@ class ResponseService:
                 yield wire(event)
                 if event.get("type") in FINAL_EVENTS:
                     return
-            if response_id not in self._jobs:
+            if not running:
                 return  # it ended before `after`
             while True:
                 event = await queue.get()
@@ -414,7 +417,7 @@ class ResponseService:
     async def result(self, response_id: str, owner: str) -> dict[str, Any]:
         """The response object once its generation has ended (also for store=false)."""
         job = self._jobs.get(response_id)
-        if job is None:
+        if job is None or job.session.state.get("owner") != owner:
             return await self.get(response_id, owner)
         await job.ended.wait()
         return dict(job.session.state[STATE_KEY])
@@ -476,6 +479,12 @@ class ResponseService:
             ErrorEvent.of(exc)
             with contextlib.suppress(Exception):
                 await self._finish(job, "failed", {"code": "storage_error", "message": "The response could not be stored."}, None, None)
+            if session.state[STATE_KEY].get("status") in RUNNING:
+                session.state[STATE_KEY]["status"] = "failed"
+            # Live readers must hear the end even if the disk refused it (not stored).
+            self._chat.send_transient(session, {
+                "type": "response.failed", "response": dict(session.state[STATE_KEY]), "seq": session.last_seq + 1,
+            })
         finally:
             self._end(job)
 

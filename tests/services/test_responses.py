@@ -94,6 +94,15 @@ async def test_a_live_reader_misses_nothing_and_sees_nothing_twice(tmp_path: Pat
     assert events[0]["type"] == "response.queued" and events[-1]["type"] == "response.completed"
 
 
+async def test_a_reader_after_the_last_event_of_a_just_ended_response_returns(tmp_path: Path) -> None:
+    """Reading after the last sequence_number of a response that has just ended returns
+    at once (it never waits for an event that will not come)."""
+    service = await _service(tmp_path, ScriptedBackend(["ok"]))
+    created = await service.create(_new(), "me")
+    events = await _all(service, created["id"])  # read while it ran, to its end
+    assert await asyncio.wait_for(_all(service, created["id"], after=events[-1]["sequence_number"]), 5) == []
+
+
 async def test_text_then_a_call_are_two_output_items(tmp_path: Path) -> None:
     """Prose followed by a tool call gives a message item and a function_call item, and the
     stored events describe the same output (what a restart would rebuild)."""
