@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from tests.conftest import DaemonProcess, scaled
@@ -241,6 +242,20 @@ def test_a_prompt_beyond_the_context(client: openai.OpenAI, module_daemon: Daemo
     assert failed.status == "failed" and failed.error is not None and failed.error.code == "context_too_long"
     kinds = [e.type for e in client.responses.retrieve(r.id, stream=True)]
     assert kinds[-2:] == ["error", "response.failed"]
+
+
+def test_sdk_parse_with_a_pydantic_text_format(client: openai.OpenAI) -> None:
+    """client.responses.parse(text_format=<a pydantic model>) gets output_parsed as that model."""
+
+    class Person(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=40)
+        age: int
+
+    r = client.responses.parse(
+        model="x", input="Bob is 30 years old. Give his name and age.", text_format=Person,
+        max_output_tokens=128, temperature=0,
+    )
+    assert isinstance(r.output_parsed, Person) and isinstance(r.output_parsed.age, int)
 
 
 def test_cancel_stops_a_background_response(client: openai.OpenAI) -> None:
