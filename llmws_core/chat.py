@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -40,6 +42,11 @@ Subscriber = Callable[[dict[str, Any]], None]
 #: The state key of a session that holds a stored response (services/responses.py)
 #: rather than a conversation: never resumed as one, never sent broadcasts.
 RESPONSE_STATE = "response"
+
+#: Who the current request comes from, for the per-client limit: the door sets it
+#: ("<address>|<key digest or none>") when a connection or request starts; tasks it
+#: creates (session jobs) inherit it. None: no limit applies (internal work).
+CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmws_client", default=None)
 
 
 class Handoff:
@@ -117,32 +124,43 @@ class ChatService:
         self.closing = False
         self._pool = concurrent.futures.ThreadPoolExecutor(GENERATION_THREADS, thread_name_prefix="llmws-gen")
         self._handoff: Handoff | None = None
+        self._per_client: dict[str, int] = {}  # client -> generations waiting or running
+        #: Sessions deleted while connections to them stay open: they take no new jobs.
+        self.deleted: set[str] = set()
 
     # ------------------------------------------------------------------ sessions
 
     def open_session(
-        self, session_id: str | None, *, null_origin: bool = False
+        self, session_id: str | None, owner: str | None = None, *, null_origin: bool = False
     ) -> tuple[Session, bool, str | None]:
         """Return (session, resumed, notice). An unknown id is never silently swapped:
         a new session is made and the notice says why.
+
+        `owner` is who asks (`ws.key_owner`: a digest of a valid API key; None: no
+        key). A session created with a key can be resumed only with that key; asked
+        for by anyone else it reads as unknown, so its existence is not revealed.
 
         `null_origin`: the peer is a page opened from disk or a sandboxed frame
         (`Origin: null`, which any web site can produce); it may resume only sessions
         that such peers created, never a conversation started elsewhere."""
         if session_id is None:
-            return self._new_session(null_origin), False, None
+            return self._new_session(owner, null_origin), False, None
+        unknown = "No session with that id exists; a new one was started."
         try:
             session = self.store.get(session_id)
         except errors.SessionExpired:
-            return self._new_session(null_origin), False, "That session expired; a new one was started."
+            return self._new_session(owner, null_origin), False, "That session expired; a new one was started."
         except errors.SessionNotFound:
-            return self._new_session(null_origin), False, "No session with that id exists; a new one was started."
+            return self._new_session(owner, null_origin), False, unknown
         except errors.CorruptRecord:
-            return self._new_session(null_origin), False, "That session's stored data failed its integrity check; a new one was started."
+            return self._new_session(owner, null_origin), False, "That session's stored data failed its integrity check; a new one was started."
         if RESPONSE_STATE in session.state:  # a stored response, not a conversation
-            return self._new_session(null_origin), False, "No session with that id exists; a new one was started."
+            return self._new_session(owner, null_origin), False, unknown
+        if not self._owned_by(session, owner):
+            logger.warning("session %s: refused a resume by another key", session.id)
+            return self._new_session(owner, null_origin), False, unknown
         if null_origin and not session.state.get("null_origin"):
-            return self._new_session(null_origin), False, (
+            return self._new_session(owner, null_origin), False, (
                 "That session was not started from a page opened from disk, so such a page cannot "
                 "resume it; a new one was started."
             )
@@ -150,17 +168,31 @@ class ChatService:
         session.touch()
         return session, True, None
 
+    @staticmethod
+    def _owned_by(session: Session, owner: str | None) -> bool:
+        bound = session.state.get("owner")
+        return bound is None or bound == owner
+
+    def may_resume(self, session_id: str, owner: str | None) -> bool:
+        """Whether `open_session(session_id, owner)` would resume that session."""
+        try:
+            return self._owned_by(self.store.get(session_id), owner)
+        except errors.LLMWSError:
+            return False
+
     async def open_session_async(
-        self, session_id: str | None, *, null_origin: bool = False
+        self, session_id: str | None, owner: str | None = None, *, null_origin: bool = False
     ) -> tuple[Session, bool, str | None]:
         """`open_session` for the event loop: a new session is made in a worker thread
         (a folder, two files and four fsyncs), so other streams do not stall."""
         if session_id is None:
-            return await asyncio.to_thread(self._new_session, null_origin), False, None
-        return self.open_session(session_id, null_origin=null_origin)
+            return await asyncio.to_thread(self._new_session, owner, null_origin), False, None
+        return self.open_session(session_id, owner, null_origin=null_origin)
 
-    def _new_session(self, null_origin: bool = False) -> Session:
+    def _new_session(self, owner: str | None = None, null_origin: bool = False) -> Session:
         session = self.store.create()
+        if owner is not None:
+            session.state["owner"] = owner
         session.state.setdefault("history", [])
         session.state.setdefault("config", {})
         if null_origin:
@@ -170,35 +202,69 @@ class ChatService:
         session.save_state()
         return session
 
+    @staticmethod
+    def _inflight(session: Session) -> dict[str, dict[str, Any]]:
+        """The replies in flight, request id -> {"user": prompt text}. A state saved by
+        an earlier version holds one marker {"request_id", "user"}; it reads as one entry."""
+        marks = session.state.get("inflight")
+        if not isinstance(marks, dict):
+            return {}
+        if isinstance(marks.get("request_id"), str):
+            return {marks["request_id"]: {"user": marks.get("user", "")}}
+        return {rid: m for rid, m in marks.items() if isinstance(m, dict)}
+
+    def mark_inflight(self, session: Session, request_id: str, user_text: str) -> None:
+        """Record a reply as running (saved with the next state), beside any other."""
+        marks = self._inflight(session)
+        marks[request_id] = {"user": user_text}
+        session.state["inflight"] = marks
+
+    def clear_inflight(self, session: Session, request_id: str) -> None:
+        """The reply no longer needs closing out after a crash; the others keep theirs."""
+        marks = self._inflight(session)
+        marks.pop(request_id, None)
+        if marks:
+            session.state["inflight"] = marks
+        else:
+            session.state.pop("inflight", None)
+
     def _recover(self, session: Session) -> None:
-        """Close out a generation that a crash interrupted (once, at first load)."""
-        inflight = session.state.get("inflight")
-        if not inflight or session.id in self.jobs and inflight.get("request_id") in self.jobs[session.id]:
+        """Close out every generation that a crash interrupted (once, at first load).
+
+        Replies are mended in the order they started, so the history reads as the
+        client saw the `start` events."""
+        running = self.jobs.get(session.id, {})
+        marks = {rid: m for rid, m in self._inflight(session).items() if rid not in running}
+        if not marks:
             return
-        rid = inflight.get("request_id")
-        events = [e for e in session.replay(0) if e.get("request_id") == rid]
-        tokens = [
-            e for e in events
-            if e.get("type") == "token"
-            and e.get("stage") in (None, "final")  # improvement passes: only the final one
-        ]
-        text = "".join(e.get("data", "") for e in tokens)
+        backlog = session.replay(0)
+        starts = {e.get("request_id"): e["seq"] for e in backlog if e.get("type") == "start"}
         history = session.state.setdefault("history", [])
-        history.append({"role": "user", "content": inflight.get("user", "")})
-        history.append({"role": "assistant", "content": text})
-        session.state.pop("inflight", None)
-        # The reply may have ended (its `done` is in the buffer) with the daemon killed
-        # before the state saying so reached the disk: its clients have seen that
-        # `done`, so only the history is mended.
-        finished = any(e.get("type") in ("done", "error") for e in events)
-        if not finished:
-            self.emit(session, {
-                "type": "done", "request_id": rid, "total_tokens": sum(int(e.get("tokens", 1)) for e in tokens),
-                "finish_reason": "interrupted",
-            })
+        for rid in sorted(marks, key=lambda r: starts.get(r, session.last_seq + 1)):
+            events = [e for e in backlog if e.get("request_id") == rid]
+            tokens = [
+                e for e in events
+                if e.get("type") == "token"
+                and e.get("stage") in (None, "final")  # improvement passes: only the final one
+            ]
+            text = "".join(e.get("data", "") for e in tokens)
+            history.append({"role": "user", "content": marks[rid].get("user", "")})
+            history.append({"role": "assistant", "content": text})
+            self.clear_inflight(session, rid)
+            # The reply may have ended (its `done` is in the buffer) with the daemon killed
+            # before the state saying so reached the disk: its clients have seen that
+            # `done`, so only the history is mended.
+            finished = any(e.get("type") in ("done", "error") for e in events)
+            if not finished:
+                self.emit(session, {
+                    "type": "done", "request_id": rid,
+                    "total_tokens": sum(int(e.get("tokens", 1)) for e in tokens),
+                    "finish_reason": "interrupted",
+                })
+            logger.info("session %s: closed out request %s interrupted by a restart", session.id, rid)
+        self._cap_history(session)
         session.save_state()
         session.sync()
-        logger.info("session %s: closed out request %s interrupted by a restart", session.id, rid)
 
     @property
     def connected_sessions(self) -> int:
@@ -300,6 +366,61 @@ class ChatService:
                 limit = min(limit, job.start_seq - 1)
         return await session.ack_async(max(limit, session.acked_seq))
 
+    # ------------------------------------------------------------------ conversations
+
+    async def history(self, session: Session) -> dict[str, Any]:
+        """The session's conversation for a client rebuilding its view of it: the
+        completed turns, the session's own settings, and the reply still being
+        generated (its prompt and its text so far) if there is one."""
+        out: dict[str, Any] = {
+            "session_id": session.id,
+            "messages": [dict(m) for m in session.state.get("history", [])],
+            "config": self.session_config(session),
+        }
+        inflight = session.state.get("inflight")
+        job = self.jobs.get(session.id, {}).get(inflight.get("request_id")) if inflight else None
+        if inflight and job is not None and job.start_seq is not None:
+            # Decrypting the reply's events is proportional to its length: a worker thread.
+            events = await asyncio.to_thread(session.replay, job.start_seq - 1)
+            rid = inflight.get("request_id")
+            text = "".join(
+                e.get("data", "") for e in events
+                if e.get("request_id") == rid and e.get("type") == "token" and e.get("stage") in (None, "final")
+            )
+            out["inflight"] = {"request_id": rid, "user": inflight.get("user", ""), "text": text}
+        return out
+
+    async def rewind(self, session: Session, turns: int) -> int:
+        """Take back the last `turns` user turns: each user message and everything after
+        it leaves the history (a reply to regenerate, a message to edit and resend).
+
+        Returns the number of messages removed. Raises Busy while a reply of this
+        session is being generated, NotFound when the history has fewer user turns."""
+        if self.jobs.get(session.id):
+            raise errors.Busy("Wait for the running reply to finish (or stop it) before rewinding.")
+        history = session.state.setdefault("history", [])
+        users = [i for i, m in enumerate(history) if m.get("role") == "user"]
+        if len(users) < turns:
+            raise errors.NotFound(f"The conversation has {len(users)} user turns, fewer than {turns}.")
+        cut = users[-turns]
+        removed = len(history) - cut
+        del history[cut:]
+        await session.save_state_async()
+        return removed
+
+    async def delete_session(self, session: Session) -> None:
+        """Stop the session's replies, tell its tails, and delete it from memory and disk."""
+        jobs = list(self.jobs.get(session.id, {}).values())
+        for job in jobs:
+            job.cancel.set()
+        tasks = [j.task for j in jobs if j.task is not None and j.task is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        self.deleted.add(session.id)
+        self.send_transient(session, {"type": "session_deleted", "session_id": session.id})
+        self._subscribers.pop(session.id, None)
+        await asyncio.to_thread(self.store.delete, session.id)
+
     # ------------------------------------------------------------------ generation (shared)
 
     def params_from(self, cfg: dict[str, Any]) -> GenerationParams:
@@ -348,6 +469,7 @@ class ChatService:
         trim_history: bool = True,
         on_ready: Callable[[int, int], None] | None = None,
         model: str | None = None,
+        prompt: str | list[int] | None = None,
     ) -> AsyncIterator[Chunk]:
         """Stream a reply: waits its FIFO turn, fits the context, runs the backend in a
         worker thread, yields text chunks and finally a Chunk with the result.
@@ -355,9 +477,68 @@ class ChatService:
         `model` names the model for this request only (None: the loaded one; a
         remote model's name: its LiteLLM backend, see `ModelManager.backend_for`).
         If the consumer stops iterating, the generation is cancelled.
+        `prompt` (raw text or token ids) is continued as it is, without the chat
+        template (`messages` is then ignored): backends whose `supports_completion` is true.
 
         Text that arrived while the consumer was busy comes as one chunk (one event,
-        one write), so a loaded loop does less work per token, never less text."""
+        one write), so a loaded loop does less work per token, never less text.
+
+        Raises:
+            errors.BadRequest: a message's text is not valid Unicode (a lone surrogate,
+                which JSON can spell); no template or tokenizer could take it."""
+        if not all(protocol.is_unicode(m["content"]) for m in messages if isinstance(m.get("content"), str)):
+            raise errors.BadRequest(protocol.LONE_SURROGATE_MESSAGE)
+        with self._client_slot():
+            inner = self._generate(
+                messages, params, cancel=cancel, on_queued=on_queued,
+                trim_history=trim_history, on_ready=on_ready, model=model, prompt=prompt,
+            )
+            # Closed here, not left to the garbage collector, so a consumer that stops
+            # early cancels the generation before the slot is given back.
+            async with contextlib.aclosing(inner):
+                async for chunk in inner:
+                    yield chunk
+
+    @contextlib.contextmanager
+    def _client_slot(self) -> Any:
+        """Count a generation against its client (`CLIENT`) while it waits or runs.
+
+        Raises:
+            errors.Busy: that client already has `limits.max_requests_per_client`
+                generations waiting or running, so it cannot fill the shared queue.
+        """
+        client = CLIENT.get()
+        if client is None:
+            yield
+            return
+        limit = self.settings.limits.max_requests_per_client
+        if self._per_client.get(client, 0) >= limit:
+            raise errors.Busy(
+                f"This client already has {limit} requests waiting or running; "
+                "wait for one to finish."
+            )
+        self._per_client[client] = self._per_client.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._per_client[client] - 1
+            if left:
+                self._per_client[client] = left
+            else:
+                del self._per_client[client]
+
+    async def _generate(
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        *,
+        cancel: threading.Event,
+        on_queued: Callable[[int], None] | None,
+        trim_history: bool,
+        on_ready: Callable[[int, int], None] | None,
+        model: str | None,
+        prompt: str | list[int] | None,
+    ) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         if self._handoff is None or self._handoff._loop is not loop:
             self._handoff = Handoff(loop)
@@ -368,10 +549,20 @@ class ChatService:
             if cancel.is_set():
                 yield Chunk(result=GenerationResult("cancelled", 0, 0))
                 return
-            reserve = min(params.max_new_tokens, REPLY_RESERVE_TOKENS) if trim_history else 1
-            msgs, n_in, dropped = await asyncio.to_thread(
-                self.fit_history, backend, list(messages), reserve
-            )
+            if params.logprobs is not None and not backend.supports_logprobs:
+                raise errors.Unsupported(f"The {backend.name} backend cannot report logprobs.")
+            if prompt is not None:
+                if not backend.supports_completion:
+                    raise errors.Unsupported(f"The {backend.name} backend cannot continue raw text; use chat completions.")
+                msgs, dropped = [], 0
+                n_in = await asyncio.to_thread(backend.count_prompt, prompt)
+                if n_in + 1 > backend.info.max_context:
+                    raise errors.ContextTooLong(n_in, backend.info.max_context)
+            else:
+                reserve = min(params.max_new_tokens, REPLY_RESERVE_TOKENS) if trim_history else 1
+                msgs, n_in, dropped = await asyncio.to_thread(
+                    self.fit_history, backend, list(messages), reserve
+                )
             if on_ready:
                 on_ready(n_in, dropped)
             yield Chunk(tokens_in=n_in, dropped_messages=dropped, constrained=backend.supports_grammar)
@@ -384,7 +575,10 @@ class ChatService:
 
             def run() -> None:
                 try:
-                    result = backend.generate(msgs, params, on_token, cancel.is_set)
+                    if prompt is not None:
+                        result = backend.complete(prompt, params, on_token, cancel.is_set)
+                    else:
+                        result = backend.generate(msgs, params, on_token, cancel.is_set)
                 except BaseException as exc:  # handed to the loop, raised there
                     handoff.put(queue, exc)
                 else:
@@ -432,6 +626,8 @@ class ChatService:
         """Start an inference job in `session`; its events go to the session."""
         if self.closing:
             raise errors.Busy("The server is shutting down.")
+        if session.id in self.deleted:
+            raise errors.SessionNotFound("This session was deleted; start a new one.", request_id=msg.request_id)
         jobs = self.jobs.setdefault(session.id, {})
         if len(jobs) >= self.settings.limits.max_queued_per_session:
             raise errors.Busy("This session already has the maximum number of requests in flight.")
@@ -502,7 +698,7 @@ class ChatService:
                     history.extend(turn)
                     history.append({"role": "assistant", "content": "".join(text_parts)})
                     self._cap_history(session)
-                    session.state.pop("inflight", None)
+                    self.clear_inflight(session, rid)
                     self.emit(session, {
                         "type": "done", "request_id": rid, "total_tokens": res.tokens_out,
                         "tokens_in": res.tokens_in, "finish_reason": res.finish_reason,
@@ -527,7 +723,7 @@ class ChatService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            session.state.pop("inflight", None)
+            self.clear_inflight(session, rid)
             body = errors.to_wire(exc, rid)
             try:
                 self.emit(session, body)
@@ -566,7 +762,7 @@ class ChatService:
                 "message": f"The conversation no longer fits the model's context; the oldest {dropped} messages were dropped.",
                 "dropped_messages": dropped,
             })
-        session.state["inflight"] = {"request_id": rid, "user": user_text}
+        self.mark_inflight(session, rid, user_text)
         await session.save_state_async()
         started = self.emit(session, {
             "type": "start", "request_id": rid, "tokens_in": tokens_in,

@@ -142,6 +142,23 @@ async def ping(conn: Connection, session: Session, msg: protocol.Ping) -> None:
     conn.send({"type": "pong", **_rid(msg)})
 
 
+async def get_history(conn: Connection, session: Session, msg: protocol.GetHistory) -> None:
+    body = await conn.app.chat.history(session)
+    conn.send({"type": "history", **body, **_rid(msg)})
+
+
+async def rewind(conn: Connection, session: Session, msg: protocol.Rewind) -> None:
+    removed = await conn.app.chat.rewind(session, msg.turns)
+    conn.app.chat.emit(session, {"type": "rewound", "turns": msg.turns, "removed_messages": removed, **_rid(msg)})
+
+
+async def delete_session(conn: Connection, session: Session, msg: protocol.DeleteSession) -> None:
+    # Every tail of the session (this socket included) hears `session_deleted`; this
+    # socket is then closed, as it has no session left to speak in.
+    await conn.app.chat.delete_session(session)
+    await conn.close_soon(1000, "session deleted")
+
+
 HANDLERS = {
     "inference": inference,
     "ack": ack,
@@ -157,4 +174,7 @@ HANDLERS = {
     "reset": reset,
     "get_status": get_status,
     "ping": ping,
+    "get_history": get_history,
+    "rewind": rewind,
+    "delete_session": delete_session,
 }

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +25,7 @@ class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the WebSocket daemon and the HTTP adapter bind to.")
     port: int = Field(8765, ge=0, le=65535, description="WebSocket port (0 picks a free one).")
     http_port: int | None = Field(8001, ge=0, le=65535, description="HTTP/SSE adapter port (0 picks a free one; null disables the adapter).")
+    ollama_port: int | None = Field(None, ge=1, le=65535, description="Also serve the HTTP adapter on this port, e.g. 11434 (Ollama's), so apps with a hard-coded Ollama address work; null: off.")
     ready_file: str | None = Field(None, description="When set, a JSON file {ws_port, http_port, pid} is written here once both servers listen.")
     log_level: str = Field("INFO", description="Logging level (DEBUG, INFO, WARNING, ERROR).")
     drain_seconds: float = Field(10.0, ge=0, description="On SIGTERM, how long running generations may continue before they are cancelled.")
@@ -37,6 +38,7 @@ class PathSettings(_Section):
 
 class ModelSettings(_Section):
     path: str | None = Field(None, description="Model to load at start (a name from list_models, or a path inside the model folders). null: auto-select (one model found: it; several: prefer models/; none: the embedded SmolLM2).")
+    embedding_path: str | None = Field(None, description="Embedding model served when a request names none (or a name that is no local model): a name from list_models. null: the first embedding model in models/ (then var/models/), else the embedded all-MiniLM-L6-v2.")
     n_ctx: int | None = Field(None, ge=256, description="llama.cpp context size; null: the memory-aware estimate, capped by the model's trained context and `max_context_cap`.")
     max_context_cap: int = Field(8192, ge=256, description="Upper bound on the context the daemon allocates when `n_ctx` is null (KV memory grows with it).")
     n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp; null: the number of physical cores, lowered to half while other programs keep the cores busy (decode step times decide, see Benchmarks, \"On a busy machine\"). A number is used as given.")
@@ -66,6 +68,7 @@ class SessionSettings(_Section):
     fsync_interval: float = Field(0.25, gt=0, description="Seconds between batched fsyncs of session buffers (also fsynced at every `done`).")
     persist: bool = Field(True, description="Benchmark-only switch: false neither seals nor writes events (replay buffers live in memory; conversation state is still saved). Never turn it off for real use.")
     max_history_messages: int = Field(200, ge=2, description="Messages kept in a session's history before the oldest turns are dropped.")
+    max_open_buffers: int = Field(256, ge=1, description="Session buffer files kept open at once (least recently written closed first; also closed after 30 s without a write). Capped to an eighth of the process's open-file limit.")
 
 
 class LimitSettings(_Section):
@@ -74,11 +77,19 @@ class LimitSettings(_Section):
     max_connections_per_ip: int = Field(1000, ge=1, description="Concurrent WebSocket connections per client address.")
     max_queued_per_session: int = Field(4, ge=1, description="Inference requests a session may have waiting or running.")
     max_queue: int = Field(256, ge=1, description="Inference requests waiting for the model across all sessions.")
+    max_requests_per_client: int = Field(32, ge=1, description="Generations one client (its address and API key together) may have waiting or running, over all its sessions and both doors; beyond it: busy / HTTP 429.")
     messages_per_second: float = Field(200.0, gt=0, description="Sustained message rate per connection (burst of 2x).")
     handshake_timeout: float = Field(10.0, gt=0, description="Seconds a client has to send its first frame.")
+    max_http_connections: int = Field(1000, ge=1, description="Concurrent HTTP connections; one more is closed at once. With `max_connections`, capped to fit the process's open-file limit (see the threat model).")
+    http_header_timeout: float = Field(10.0, gt=0, description="Seconds an HTTP connection may take to send a request's headers (from connecting, or from the end of the previous response); then it is closed.")
+    http_keepalive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive HTTP connection stays open.")
     max_downloads: int = Field(2, ge=1, description="Concurrent model downloads.")
     min_free_disk_mb: int = Field(1024, ge=0, description="Downloads refuse to start with less free disk than this.")
     max_download_mb: int | None = Field(200_000, ge=1, description="A download larger than this fails (null: only free disk limits it).")
+
+
+#: Shortest API key accepted.
+MIN_KEY_LENGTH = 16
 
 
 class SecuritySettings(_Section):
@@ -88,6 +99,19 @@ class SecuritySettings(_Section):
     allowed_origins: list[str] = Field(default_factory=list, description="Extra browser Origins allowed to open the WebSocket (the HTTP adapter's own origin and non-browser clients are always allowed).")
     allow_file_origin: bool = Field(True, description="Allow pages opened from disk (Origin 'null', which sandboxed frames on any site send too) to connect: they chat in sessions such pages started and never manage models without a key that allows it. false refuses them.")
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins for the HTTP adapter; empty: CORS off.")
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: list[str]) -> list[str]:
+        # An empty key would "configure" keys while matching nothing (and let a
+        # 0.0.0.0 bind start); a short one is guessed in a few thousand tries.
+        for key in keys:
+            if len(key.strip()) < MIN_KEY_LENGTH or key != key.strip():
+                raise ValueError(
+                    f"each API key must be at least {MIN_KEY_LENGTH} characters, without leading or "
+                    "trailing spaces (generate one: python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+                )
+        return keys
 
 
 class MCPServer(BaseModel):

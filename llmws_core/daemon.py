@@ -22,23 +22,69 @@ from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
 
-from . import __version__, commands
+from . import __version__, commands, logs
 from .chat import ChatService
 from .config import Settings, describe_settings, load_settings
 from .engine.manager import ModelManager
 from .engine.prefixes import PrefixStore
 from .legacy import capabilities
-from .security import keys_required, origin_allowed
+from .security import is_loopback, keys_required, origin_allowed
 from .services import Services
+from .services.embeddings import EmbeddingService
 from .services.generation import GenerationService
 from .services.models import ModelService
 from .services.responses import ResponseService
 from .services.sessions import SessionService
-from .sessions.crypto import Sealer, load_or_create_master_key
+from .sessions.crypto import Sealer, load_or_create_master_key, private_dir
+from .sessions.journal import SeqJournal
 from .sessions.store import Session, SessionStore
 from .ws import Connection, make_origin_check
 
 logger = logging.getLogger("llmws.daemon")
+
+
+class FdBudget:
+    """How many descriptors each kind of user may hold, within RLIMIT_NOFILE.
+
+    Idle sockets and open buffers past the process's open-file limit make every
+    accept and every session write fail. The configured bounds are kept when they
+    fit; with a low limit (1,024 is a common desktop default) they are scaled down
+    so that WebSocket connections, HTTP connections and open buffers together
+    leave `RESERVE` descriptors for models, logs, state files and the loop."""
+
+    RESERVE = 128
+
+    def __init__(self, ws_connections: int, http_connections: int, buffers: int, limit: int | None) -> None:
+        self.ws_connections = ws_connections
+        self.http_connections = http_connections
+        self.buffers = buffers
+        self.limit = limit
+
+    @classmethod
+    def for_process(cls, settings: Settings) -> FdBudget:
+        lim, ses = settings.limits, settings.sessions
+        want_ws, want_http = lim.max_connections, lim.max_http_connections
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            unlimited = soft == resource.RLIM_INFINITY
+        except (ImportError, OSError, ValueError):  # no such limit here
+            soft, unlimited = -1, True
+        if unlimited or soft <= 0:
+            return cls(want_ws, want_http, ses.max_open_buffers, None)
+        buffers = max(8, min(ses.max_open_buffers, soft // 8))
+        room = max(16, soft - cls.RESERVE - buffers)
+        ws, http = want_ws, want_http
+        if ws + http > room:
+            ws = max(8, room * want_ws // (want_ws + want_http))
+            http = max(8, room - ws)
+            logger.warning(
+                "open-file limit %d: serving at most %d WebSocket and %d HTTP connections "
+                "and %d open session buffers (raise `ulimit -n` for more)",
+                soft, ws, http, buffers,
+            )
+        return cls(ws, http, buffers, soft)
 
 
 class App:
@@ -47,10 +93,18 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         var = settings.var_dir
-        for sub in ("sessions", "keys", "models", "logs"):
-            (var / sub).mkdir(parents=True, exist_ok=True)
+        # Every folder under var/ holds what only this user may read (session ids,
+        # the master key, downloaded models, logs): 0700, tightened if looser.
+        private_dir(var)
+        for sub in ("sessions", "keys", "models", "logs", "prefixes"):
+            private_dir(var / sub)
         sealer = Sealer(load_or_create_master_key(var / "keys"))
-        self.store = SessionStore(var / "sessions", sealer, ttl_seconds=settings.sessions.ttl_seconds)
+        self.fd_budget = FdBudget.for_process(settings)
+        self.store = SessionStore(
+            var / "sessions", sealer, ttl_seconds=settings.sessions.ttl_seconds,
+            max_open_buffers=self.fd_budget.buffers,
+            journal=SeqJournal(var / "journal.bin", sealer),
+        )
         if not settings.sessions.persist:
             logger.warning("sessions.persist is false: events are not written (benchmark mode)")
             Session.persist_events = False
@@ -68,6 +122,11 @@ class App:
         sec = settings.security
         self.keys_required = keys_required(settings)
         if self.keys_required and not (sec.api_keys or sec.admin_keys):
+            if sec.require_api_key and is_loopback(settings.server.host):
+                raise SystemExit(
+                    "LLMWS cannot require an API key without one: security.require_api_key is on but "
+                    "no key is set; set security.api_keys (or LLMWS_API_KEYS) or turn require_api_key off."
+                )
             raise SystemExit(
                 "LLMWS refuses to listen beyond loopback without an API key: set security.api_keys "
                 "(or LLMWS_API_KEYS) or bind 127.0.0.1."
@@ -79,6 +138,7 @@ class App:
             generation=generation,
             models=model_service,
             sessions=SessionService(self.chat),
+            embeddings=EmbeddingService(settings, self.models),
             keys_required=self.keys_required,
             responses=ResponseService(generation, self.chat),
         )
@@ -146,6 +206,9 @@ class App:
             "config": self.chat.effective_config(session),
             "history_messages": len(session.state.get("history", [])),
             "http_port": self.http_port,
+            # Records withheld at load (damaged, missing, duplicated, reordered, rolled
+            # back): the missing ones are replayed as corrupt_record; this counts them all.
+            **({"integrity_problems": session.integrity_problems} if session.integrity_problems else {}),
         }
 
     def origin_allowed(self, origin: str) -> bool:
@@ -268,6 +331,7 @@ class App:
         import uvicorn
 
         from .http.app import create_app
+        from .http.guard import Guard, guarded_protocol
 
         class _Server(uvicorn.Server):
             # The daemon owns signals; uvicorn must not install its own.
@@ -278,12 +342,20 @@ class App:
             def capture_signals(self):  # type: ignore[no-untyped-def]
                 yield
 
+        lim = self.settings.limits
+        guard = Guard(header_timeout=lim.http_header_timeout, max_connections=self.fd_budget.http_connections)
         config = uvicorn.Config(
             create_app(self.services), host=self.settings.server.host, port=port,
             log_level="warning", lifespan="on", access_log=False,
+            http=guarded_protocol(guard), timeout_keep_alive=lim.http_keepalive_timeout,  # type: ignore[arg-type]
         )
         server = _Server(config)
-        task = asyncio.create_task(server.serve())
+        sockets = None
+        if self.settings.server.ollama_port:
+            # One server, two listening sockets: the second is Ollama's address.
+            ollama = uvicorn.Config(config.app, host=self.settings.server.host, port=self.settings.server.ollama_port)
+            sockets = [config.bind_socket(), ollama.bind_socket()]
+        task = asyncio.create_task(server.serve(sockets=sockets))
         while not server.started:
             if task.done():
                 task.result()
@@ -315,6 +387,8 @@ class App:
         lines += ["", line, f"WebSocket:  ws://{host}:{self.ws_port}"]
         if self.http_port:
             lines.append(f"HTTP:       http://{host}:{self.http_port}   (web client: /ui)")
+        if self.http_port and self.settings.server.ollama_port:
+            lines.append(f"Ollama API: http://{host}:{self.settings.server.ollama_port}/api")
         lines += [f"Sessions:   {self.settings.var_dir / 'sessions'}", line]
         return "\n".join(lines)
 
@@ -382,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         level=getattr(logging, settings.server.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logs.install()
     try:
         asyncio.run(run(settings))
     except KeyboardInterrupt:

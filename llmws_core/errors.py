@@ -59,6 +59,19 @@ class ContextTooLong(LLMWSError):
         )
 
 
+class InputTooLarge(ContextTooLong):
+    """An input to embed is longer than the embedding model takes."""
+
+    def __init__(self, input_length: int, max_tokens: int) -> None:
+        LLMWSError.__init__(
+            self,
+            f"Input is too large to embed ({input_length} tokens); this model takes at most "
+            f"{max_tokens}. Shorten it, or split it into several inputs.",
+            input_length=input_length,
+            max_context=max_tokens,
+        )
+
+
 class ModelNotLoaded(LLMWSError):
     """No model is loaded (yet)."""
 

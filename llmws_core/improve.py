@@ -220,7 +220,7 @@ async def improve_job(
             history.extend(turn)
             history.append({"role": "assistant", "content": ev.text})
             chat._cap_history(session)
-            session.state.pop("inflight", None)
+            chat.clear_inflight(session, rid)
             chat.emit(session, {
                 "type": "done", "request_id": rid, "total_tokens": ev.tokens_out,
                 "tokens_in": ev.tokens_in, "finish_reason": ev.finish_reason, "mode": "improve",

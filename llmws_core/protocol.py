@@ -25,6 +25,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: Upper bounds every door applies: more tokens than any context holds, a top-k past
+#: any vocabulary.
+MAX_NEW_TOKENS = 1_000_000
+MAX_TOP_K = 100_000
+
+
+def not_a_boolean(value: Any) -> Any:
+    """A field validator's body for numbers: JSON `true`/`false` is not 1/0.
+
+    Raises:
+        ValueError: `value` is a boolean (pydantic reports it as a validation error).
+    """
+    if isinstance(value, bool):
+        raise ValueError("a number is required, not a boolean")
+    return value
+
+
 # --------------------------------------------------------------------------- handshake
 
 
@@ -48,8 +65,8 @@ class GenerationConfig(_Strict):
 
     temperature: Annotated[float, Field(ge=0.0, le=5.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=0, le=100_000)] | None = None
-    max_new_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K)] | None = None
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] | None = None
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         default=None, max_length=16
     )
@@ -62,6 +79,11 @@ class GenerationConfig(_Strict):
     def _stop_as_list(cls, value: Any) -> Any:
         # OpenAI accepts a single string as well as a list.
         return [value] if isinstance(value, str) else value
+
+    @field_validator("temperature", "top_p", "top_k", "max_new_tokens", "seed", "repeat_penalty", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any) -> Any:
+        return not_a_boolean(value)
 
 
 # --------------------------------------------------------------------------- client messages
@@ -179,6 +201,28 @@ class Ping(_Strict):
     request_id: RequestId | None = None
 
 
+class GetHistory(_Strict):
+    """Ask for this session's conversation (its turns), to rebuild a view of it."""
+
+    type: Literal["get_history"]
+    request_id: RequestId | None = None
+
+
+class Rewind(_Strict):
+    """Take back the last `turns` user turns (each user message and all after it)."""
+
+    type: Literal["rewind"]
+    turns: Annotated[int, Field(ge=1, le=10_000)] = 1
+    request_id: RequestId | None = None
+
+
+class DeleteSession(_Strict):
+    """Delete this session: its history, buffer and folder on disk."""
+
+    type: Literal["delete_session"]
+    request_id: RequestId | None = None
+
+
 ClientMessage = Annotated[
     Union[
         Inference,
@@ -195,6 +239,9 @@ ClientMessage = Annotated[
         Reset,
         GetStatus,
         Ping,
+        GetHistory,
+        Rewind,
+        DeleteSession,
     ],
     Field(discriminator="type"),
 ]
@@ -205,6 +252,7 @@ CLIENT_TYPES = frozenset(
     for m in (
         Inference, Ack, Cancel, Config, ListModels, SwitchModel, DownloadModel,
         CancelDownload, DeleteModel, EstimateModel, GetResources, Reset, GetStatus, Ping,
+        GetHistory, Rewind, DeleteSession,
     )
 )
 
@@ -231,7 +279,41 @@ def decode_json(text: str | bytes) -> dict[str, Any]:
         raise BadRequest("Invalid JSON.") from None
     if not isinstance(data, dict):
         raise BadRequest("A message must be a JSON object.")
+    # JSON may spell a lone surrogate (`"\ud800"`), which is no Unicode text: it could
+    # be neither echoed back nor sealed. Only frames that contain such an escape pay
+    # for the walk.
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        try:
+            lone = has_lone_surrogate(data)
+        except RecursionError:
+            raise BadRequest("Invalid JSON.") from None
+        if lone:
+            raise BadRequest(LONE_SURROGATE_MESSAGE)
     return data
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+LONE_SURROGATE_MESSAGE = "Text must be valid Unicode; a lone surrogate (such as \\ud800) was sent."
+
+
+def is_unicode(text: str) -> bool:
+    """Whether `text` is valid Unicode (no lone surrogate), so it can be UTF-8 encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether any string (or key) in a parsed JSON value holds a lone surrogate."""
+    if isinstance(value, str):
+        return not is_unicode(value)
+    if isinstance(value, dict):
+        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_lone_surrogate(v) for v in value)
+    return False
 
 
 def parse_handshake(data: dict[str, Any]) -> Handshake:
@@ -302,12 +384,15 @@ SERVER_EVENT_TYPES = frozenset(
         "ack_received", "config_ack", "models_list", "model_loading", "model_switched",
         "download_started", "download_progress", "log", "download_done", "model_deleted",
         "model_estimate", "resources", "reset_done", "status", "pong", "error", "cancelled",
+        "history", "rewound", "session_deleted",
     }
 )
 
 #: Events that are stored in the session's sealed buffer (and so replayed).
 #: Answers to pure queries (pong, status, resources...) are sent but not buffered.
-EPHEMERAL_EVENTS = frozenset({"welcome", "pong", "status", "ack_received", "queued"})
+EPHEMERAL_EVENTS = frozenset(
+    {"welcome", "pong", "status", "ack_received", "queued", "history", "session_deleted"}
+)
 
 
 class ServerEvent(BaseModel):

@@ -7,6 +7,7 @@ No I/O and no framework here: each door reads its own headers and hands the valu
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -43,6 +44,14 @@ def key_matches(given: str | None, keys: list[str]) -> bool:
     for key in keys:
         ok |= hmac.compare_digest(given.encode(), key.encode())
     return ok
+
+
+def key_owner(given: str | None, keys: list[str]) -> str | None:
+    """The owner a valid key makes of the sessions it creates: a digest of the key
+    (kept in the sealed session state, never the key itself); None without one."""
+    if not given or not key_matches(given, keys):
+        return None
+    return "key:" + hashlib.sha256(given.encode()).hexdigest()[:32]
 
 
 def key_from(

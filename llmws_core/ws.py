@@ -22,8 +22,9 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from . import errors, protocol
+from .chat import CLIENT
 from .legacy import Dialect, LegacyView, legacy_welcome, shape, split_missed
-from .security import access, install_key_redaction, key_from
+from .security import access, install_key_redaction, key_from, key_owner
 from .sessions.store import Session
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class Connection:
         self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # UTF-8 JSON frames
         self.closed = False
         self.is_admin = False
+        self.owner: str | None = None  # see `key_owner`
         self.limiter = RateLimiter(app.settings.limits.messages_per_second)
         # What the writer closes with when it reaches the end of the outbox.
         self.close_code: tuple[int, str] = (1013, "client too slow; reconnect to resume")
@@ -184,12 +186,15 @@ class Connection:
             if first is None:
                 return
             handshake, pending = first
+            # Session jobs started from this connection inherit it (per-client limit).
+            peer = self.ws.remote_address[0] if self.ws.remote_address else "?"
+            CLIENT.set(f"{peer}|{self.owner or 'none'}")
             if self.dialect is Dialect.RAW:
                 await self._serve_raw(pending["prompt"] if pending else "")
                 return
             try:
                 session, resumed, notice = await app.chat.open_session_async(
-                    handshake.session_id, null_origin=self.null_origin
+                    handshake.session_id, self.owner, null_origin=self.null_origin
                 )
             except errors.LLMWSError as exc:  # e.g. storage_error: the disk refused a new session
                 self.error(exc)
@@ -222,7 +227,9 @@ class Connection:
             if self.session is not None:
                 app.chat.unsubscribe(self.session, self.deliver, origin=self)
                 self.session.touch()
-            self.outbox.put_nowait(None) if not writer.done() else None
+            # The socket is closed or closing here (the peer left, or `_close_soon` ran, or
+            # the handler failed and `App.handle` closes with 1011): nothing is left for
+            # the writer to send.
             writer.cancel()
 
     async def _welcome_legacy(
@@ -251,7 +258,7 @@ class Connection:
         text frames, then a normal close."""
         app = self.app
         try:
-            session, _, _ = await app.chat.open_session_async(None, null_origin=self.null_origin)
+            session, _, _ = await app.chat.open_session_async(None, self.owner, null_origin=self.null_origin)
         except errors.LLMWSError as exc:
             self._send_text(f"[error: {exc.message}]")
             await self._close_soon(1011, "could not open a session")
@@ -352,6 +359,10 @@ class Connection:
         self.dialect = dialect
         self.legacy = LegacyView() if dialect is Dialect.LEGACY else None
 
+    async def close_soon(self, code: int, reason: str) -> None:
+        """Close after the queued events (the error saying why) have been written."""
+        await self._close_soon(code, reason)
+
     async def _close_soon(self, code: int, reason: str) -> None:
         """Close after the queued events (the error saying why) have been written."""
         self.close_code = (code, reason)
@@ -376,6 +387,8 @@ class Connection:
             given = key_from(
                 lambda name: single_header(headers, name), lambda name: (query.get(name) or [None])[0]
             )
+        sec = self.app.settings.security
+        self.owner = key_owner(given, [*sec.api_keys, *sec.admin_keys])
         roles = access(given, self.app.settings, keys_required=self.app.keys_required, null_origin=self.null_origin)
         self.is_admin = roles.admin
         return roles.allowed
@@ -449,7 +462,7 @@ def make_origin_check(app: App) -> Callable[[ServerConnection, Request], Respons
             logger.warning("refused WebSocket from origin %r", origin[:200])
             return connection.respond(HTTPStatus.FORBIDDEN, "Origin not allowed\n")
         peer = connection.remote_address[0] if connection.remote_address else "?"
-        if app.connection_count >= app.settings.limits.max_connections:
+        if app.connection_count >= app.fd_budget.ws_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections\n")
         if app.per_ip.get(peer, 0) >= app.settings.limits.max_connections_per_ip:
             return connection.respond(

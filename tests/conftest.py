@@ -41,6 +41,8 @@ class DaemonProcess:
         self.ws_port = 0
         self.http_port: int | None = 0
         self.log_path = root / "daemon.log"
+        #: When set, the daemon runs with this RLIMIT_NOFILE (soft and hard).
+        self.nofile: int | None = None
 
     @property
     def ws_url(self) -> str:
@@ -65,7 +67,10 @@ class DaemonProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("LLMWS_MASTER_KEY", None) if "LLMWS_MASTER_KEY" not in self.env else None
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            args, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=self._limit_files if self.nofile is not None else None,
+        )
         log.close()
         deadline = time.monotonic() + scaled(timeout)
         while time.monotonic() < deadline:
@@ -78,6 +83,12 @@ class DaemonProcess:
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"daemon did not become ready:\n{self.log()}")
+
+    def _limit_files(self) -> None:
+        """In the child, before exec: lower the open-file limit."""
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""

@@ -27,16 +27,18 @@ from llmws_core.engine.scan import ModelEntry
 
 class ScriptedBackend(Backend):
     """Replies with `pieces`; a prompt costs one token per word. `gate`, when given, must
-    be set before each piece goes out; `fail_after` raises after that many pieces."""
+    be set before each piece from index `gate_from` on goes out; `fail_after` raises
+    after that many pieces."""
 
     name = "scripted"
 
     def __init__(
         self, pieces: Sequence[str], *, max_context: int = 4096, grammar: bool = False,
-        gate: threading.Event | None = None, fail_after: int | None = None,
+        gate: threading.Event | None = None, gate_from: int = 0, fail_after: int | None = None,
     ) -> None:
         self.pieces = list(pieces)
         self.gate = gate
+        self.gate_from = gate_from
         self.fail_after = fail_after
         self.supports_grammar = grammar
         self.info = ModelInfo(name="scripted", path="scripted", format="gguf", backend="scripted", max_context=max_context)
@@ -57,8 +59,8 @@ class ScriptedBackend(Backend):
         self.seen.append(params)
         n_in = self.count_tokens(messages)
         out = 0
-        for piece in self.pieces[: params.max_new_tokens]:
-            while self.gate is not None and not self.gate.wait(0.01):
+        for i, piece in enumerate(self.pieces[: params.max_new_tokens]):
+            while self.gate is not None and i >= self.gate_from and not self.gate.wait(0.01):
                 if cancelled():
                     return GenerationResult("cancelled", n_in, out)
             if cancelled():

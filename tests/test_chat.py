@@ -108,6 +108,54 @@ def test_restart_mid_reply_closes_it_out_once(tmp_path: Path) -> None:
     assert resumed.state["history"][-1] == {"role": "assistant", "content": "Hel"}
 
 
+def test_restart_with_two_replies_running_closes_out_both(tmp_path: Path) -> None:
+    """Killed while two replies of one session ran: each gets its one `interrupted` done, and both turns are in the history in the order they started."""
+    chat, store = _chat(tmp_path)
+    session = chat._new_session()
+    chat.mark_inflight(session, "a", "first")
+    chat.mark_inflight(session, "b", "second")
+    session.save_state()
+    session.append({"type": "start", "request_id": "a", "prompt": "first"})
+    session.append({"type": "start", "request_id": "b", "prompt": "second"})
+    session.append({"type": "token", "request_id": "b", "data": "B1"})
+    session.append({"type": "token", "request_id": "a", "data": "A1"})
+    chat2 = ChatService(Settings(), SessionStore(tmp_path / "sessions", Sealer(b"k" * 32)), None)  # type: ignore[arg-type]
+    resumed, _, _ = chat2.open_session(session.id)
+    done = {e["request_id"]: e["finish_reason"] for e in resumed.replay(0) if e["type"] == "done"}
+    assert done == {"a": "interrupted", "b": "interrupted"}
+    assert resumed.state["history"] == [
+        {"role": "user", "content": "first"}, {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "second"}, {"role": "assistant", "content": "B1"},
+    ]
+    assert "inflight" not in resumed.state
+
+
+def test_a_finished_reply_leaves_the_other_running_reply_marked(tmp_path: Path) -> None:
+    """When one of two replies ends, the other is still marked as running, so a crash after that still closes it out."""
+    chat, _ = _chat(tmp_path)
+    session = chat._new_session()
+    chat.mark_inflight(session, "a", "first")
+    chat.mark_inflight(session, "b", "second")
+    chat.clear_inflight(session, "a")
+    session.save_state()
+    session.append({"type": "start", "request_id": "b", "prompt": "second"})
+    chat2 = ChatService(Settings(), SessionStore(tmp_path / "sessions", Sealer(b"k" * 32)), None)  # type: ignore[arg-type]
+    resumed, _, _ = chat2.open_session(session.id)
+    assert [e["request_id"] for e in resumed.replay(0) if e["type"] == "done"] == ["b"]
+
+
+def test_a_marker_saved_by_an_earlier_version_is_still_closed_out(tmp_path: Path) -> None:
+    """A state from before several replies could be marked (one {request_id, user} marker) is recovered too."""
+    chat, _ = _chat(tmp_path)
+    session = chat._new_session()
+    session.state["inflight"] = {"request_id": "r1", "user": "hi"}
+    session.save_state()
+    session.append({"type": "start", "request_id": "r1", "prompt": "hi"})
+    chat2 = ChatService(Settings(), SessionStore(tmp_path / "sessions", Sealer(b"k" * 32)), None)  # type: ignore[arg-type]
+    resumed, _, _ = chat2.open_session(session.id)
+    assert [e["finish_reason"] for e in resumed.replay(0) if e["type"] == "done"] == ["interrupted"]
+
+
 def test_broadcasts_skip_a_stored_response_being_read(tmp_path: Path) -> None:
     """A broadcast (a model switch) reaches a conversation's readers but never lands in a
     stored response's stream, whose events are the response's own."""

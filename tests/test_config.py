@@ -22,10 +22,10 @@ def test_partial_file_env_and_flags_override_in_order(tmp_path) -> None:
     """A partial file merges over defaults; env beats the file; flags beat env."""
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"server": {"port": 9000}, "generation_defaults": {"temperature": 0.1}}))
-    s = load_settings(cfg, env={"LLMWS_PORT": "9100", "LLMWS_SESSIONS__TTL_SECONDS": "60", "LLMWS_API_KEYS": "a,b"})
+    s = load_settings(cfg, env={"LLMWS_PORT": "9100", "LLMWS_SESSIONS__TTL_SECONDS": "60", "LLMWS_API_KEYS": "key-a-0123456789ab,key-b-0123456789ab"})
     assert s.server.port == 9100 and s.generation_defaults.temperature == 0.1
     assert s.server.http_port == 8001 and s.sessions.ttl_seconds == 60
-    assert s.security.api_keys == ["a", "b"]
+    assert s.security.api_keys == ["key-a-0123456789ab", "key-b-0123456789ab"]
     args = build_parser().parse_args(["--port", "9200", "--http-port", "-1", "--model", "x.gguf"])
     s = load_settings(cfg, env={"LLMWS_PORT": "9100"}, overrides=overrides_from_args(args))
     assert s.server.port == 9200 and s.server.http_port is None and s.model.path == "x.gguf"
@@ -58,3 +58,12 @@ def test_http_port_minus_one_disables_http() -> None:
     args = build_parser().parse_args(["--http-port", "-1"])
     settings = load_settings(None, env={}, overrides=overrides_from_args(args))
     assert settings.server.http_port is None
+
+
+@pytest.mark.parametrize("keys", [[""], ["k"], ["short-key"], [" padded-key-0123456789 "]])
+def test_empty_short_or_padded_api_keys_are_refused(keys: list[str]) -> None:
+    """An empty key (which would let a 0.0.0.0 bind start), a key under 16 characters or one with spaces around it is a configuration error."""
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        load_settings(None, env={"LLMWS_PORT": "9100"}, overrides={"security": {"api_keys": keys}})
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        load_settings(None, env={}, overrides={"security": {"admin_keys": keys}})

@@ -25,21 +25,21 @@ def test_key_sources_in_order_of_precedence() -> None:
 def test_roles_with_and_without_required_keys() -> None:
     """Keys required: only valid keys get in, admin keys alone manage models; on loopback
     without required keys everyone chats, and manages models unless admin keys exist."""
-    both = _settings(api_keys=["u"], admin_keys=["a"])
+    both = _settings(api_keys=["user-key-u-0123456789"], admin_keys=["admin-key-a-0123456789"])
     assert access(None, both, keys_required=True) == access("x", both, keys_required=True)
     assert not access(None, both, keys_required=True).allowed
     assert (
-        access("u", both, keys_required=True).allowed
-        and not access("u", both, keys_required=True).admin
+        access("user-key-u-0123456789", both, keys_required=True).allowed
+        and not access("user-key-u-0123456789", both, keys_required=True).admin
     )
-    assert access("a", both, keys_required=True).admin
+    assert access("admin-key-a-0123456789", both, keys_required=True).admin
     assert (
         access(None, both, keys_required=False).allowed
         and not access(None, both, keys_required=False).admin
     )
-    users = _settings(api_keys=["u"])
+    users = _settings(api_keys=["user-key-u-0123456789"])
     assert access(
-        "u", users, keys_required=True
+        "user-key-u-0123456789", users, keys_required=True
     ).admin  # without admin keys every valid key manages
     assert access(None, _settings(), keys_required=False).admin
 
@@ -49,8 +49,8 @@ def test_null_origin_never_manages_models_without_a_key() -> None:
     none = _settings()
     assert access(None, none, keys_required=False, null_origin=True).allowed
     assert not access(None, none, keys_required=False, null_origin=True).admin
-    users = _settings(api_keys=["u"])
-    assert access("u", users, keys_required=False, null_origin=True).admin
+    users = _settings(api_keys=["user-key-u-0123456789"])
+    assert access("user-key-u-0123456789", users, keys_required=False, null_origin=True).admin
 
 
 def test_loopback_and_host_rules() -> None:

@@ -53,6 +53,8 @@ HF_FOLDER_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".tiktoken", ".
 GIT_PROTOCOLS = "file:git:http:https:ssh"
 
 _HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+#: A GGUF quantization tag as file names carry it: Q4_K_M, Q8_0, IQ4_XS, F16, BF16, ...
+_QUANT_RE = re.compile(r"^(I?Q[1-8](_[A-Z0-9]{1,2}){0,2}|B?F(16|32)|TQ[12]_0)$", re.I)
 _HF_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
 _SCP_GIT_RE = re.compile(r"^[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+:[^\s]+$")
 _GIT_PROGRESS_RE = re.compile(
@@ -72,6 +74,8 @@ class HfSource:
     repo_id: str
     revision: str = "main"
     filename: str | None = None
+    #: A quantization tag (Q4_K_M, Q8_0, ...): the GGUF file of that quantization.
+    quant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,12 +90,16 @@ def _hf_endpoint_host() -> str | None:
     return urlparse(endpoint).netloc.lower() if endpoint else None
 
 
-def parse_source(repo: str, filename: str | None = None) -> HfSource | GitSource:
+def parse_source(repo: str, filename: str | None = None, quant: str | None = None) -> HfSource | GitSource:
     """Decide how `repo` is downloaded: a Hub repo id or URL, or a git URL.
 
+    `quant` (a Hub repo only) picks the GGUF file of that quantization.
+
     Raises:
-        BadRequest: `repo` is neither.
+        BadRequest: `repo` is neither, or `quant` is not a quantization tag.
     """
+    if quant is not None and not _QUANT_RE.match(quant):
+        raise BadRequest("The quantization tag must look like Q4_K_M, Q8_0, IQ4_XS, F16 or BF16.")
     text = (repo or "").strip()
     if not text or text.startswith("-") or any(c.isspace() or ord(c) < 32 for c in text):
         raise BadRequest("repo must be a Hugging Face repo id (org/name) or a git URL.")
@@ -103,7 +111,7 @@ def parse_source(repo: str, filename: str | None = None) -> HfSource | GitSource
     ):
         raise Forbidden("filename must be a plain file name inside the repository.")
     if _HF_REPO_RE.match(text) and ".." not in text:
-        return HfSource(text, filename=filename)
+        return HfSource(text, filename=filename, quant=quant)
     parsed = urlparse(text)
     host = parsed.netloc.lower()
     if parsed.scheme in ("http", "https") and (host in _HF_HOSTS or host == _hf_endpoint_host()):
@@ -120,7 +128,7 @@ def parse_source(repo: str, filename: str | None = None) -> HfSource | GitSource
             revision = parts[3]
             if parts[2] in ("resolve", "blob") and len(parts) >= 5 and filename is None:
                 filename = "/".join(parts[4:])
-        return HfSource(repo_id, revision, filename)
+        return HfSource(repo_id, revision, filename, quant)
     if parsed.scheme in ("http", "https", "ssh", "git", "file") and (parsed.netloc or parsed.path):
         return GitSource(text)
     if _SCP_GIT_RE.match(text):
@@ -128,15 +136,17 @@ def parse_source(repo: str, filename: str | None = None) -> HfSource | GitSource
     raise BadRequest("repo must be a Hugging Face repo id (org/name) or a git URL.")
 
 
-def choose_hf_files(sizes: dict[str, int], filename: str | None) -> list[str]:
+def choose_hf_files(sizes: dict[str, int], filename: str | None, quant: str | None = None) -> list[str]:
     """The files of a Hub repo to fetch.
 
-    A named file (with its split parts); else one GGUF -- Q4_K_M, else the first Q4,
-    else the first -- when the repo has any; else the top-level safetensors, configs
-    and tokenizer files of a Hugging Face model folder.
+    A named file (with its split parts); else one GGUF -- the one of quantization
+    `quant` when given, else Q4_K_M, else the first Q4, else the first -- when the repo
+    has any; else the top-level safetensors, configs and tokenizer files of a Hugging
+    Face model folder.
 
     Raises:
-        DownloadError: the named file is missing, or the repo holds no usable weights.
+        DownloadError: the named file is missing, no GGUF has quantization `quant`, or
+            the repo holds no usable weights.
     """
     if filename:
         matches = [p for p in sizes if p == filename] or [
@@ -152,6 +162,11 @@ def choose_hf_files(sizes: dict[str, int], filename: str | None) -> list[str]:
         and not p.rsplit("/", 1)[-1].lower().startswith("mmproj")  # vision projectors
         and not gguf.is_later_part(p.rsplit("/", 1)[-1])
     ]
+    if ggufs and quant:
+        tagged = [p for p in ggufs if re.search(rf"(?<![a-z0-9]){re.escape(quant)}(?![a-z0-9_])", p.rsplit("/", 1)[-1], re.I)]
+        if not tagged:
+            raise DownloadError(f"The repository has no GGUF file of quantization {quant}.")
+        return _with_split_parts(tagged[0], sizes)
     if ggufs:
         q4 = [p for p in ggufs if re.search(r"(?<![a-z])i?q4", p.rsplit("/", 1)[-1], re.I)]
         preferred = [p for p in q4 if "q4_k_m" in p.lower()]
@@ -372,6 +387,7 @@ class DownloadManager:
         target_dir: str,
         on_event: Callable[[dict[str, Any]], None],
         filename: str | None = None,
+        quant: str | None = None,
     ) -> str:
         """Check the request and start a download job; returns its job id.
 
@@ -382,7 +398,7 @@ class DownloadManager:
             Busy: too many downloads are running, or this target is being downloaded.
         """
         final = self.dirs.target_dir(target_dir)
-        source = parse_source(repo, filename)
+        source = parse_source(repo, filename, quant)
         if isinstance(source, GitSource) and not self.allow_file_urls:
             if urlparse(source.url).scheme == "file":
                 raise Forbidden("file:// URLs are disabled on this server.")
@@ -636,6 +652,8 @@ class DownloadManager:
         ]
         if src.filename:
             argv += ["--filename", src.filename]
+        if src.quant:
+            argv += ["--quant", src.quant]
         proc = await self._spawn(job, argv, env, stdin=True)
         assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
         stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -860,7 +878,7 @@ def _finer_chunks() -> None:
         file_download.DOWNLOAD_CHUNK_SIZE = WORKER_CHUNK_SIZE
 
 
-def _hf_worker(repo_id: str, dest: str, revision: str, filename: str | None) -> int:
+def _hf_worker(repo_id: str, dest: str, revision: str, filename: str | None, quant: str | None = None) -> int:
     """Plan, wait for the parent's go, download with `snapshot_download`, verify sizes."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
@@ -888,7 +906,7 @@ def _hf_worker(repo_id: str, dest: str, revision: str, filename: str | None) -> 
             for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
             if isinstance(f, RepoFile)
         }
-        chosen = choose_hf_files(sizes, filename)
+        chosen = choose_hf_files(sizes, filename, quant)
         plan = [{"path": p, "size": sizes[p]} for p in chosen]
         _say(event="plan", files=plan, total=sum(sizes[p] for p in chosen), commit=commit)
         if sys.stdin.readline().strip() != "go":
@@ -939,8 +957,9 @@ def _main(argv: list[str]) -> int:
     hf.add_argument("dest")
     hf.add_argument("--revision", default="main")
     hf.add_argument("--filename")
+    hf.add_argument("--quant")
     args = parser.parse_args(argv)
-    return _hf_worker(args.repo_id, args.dest, args.revision, args.filename)
+    return _hf_worker(args.repo_id, args.dest, args.revision, args.filename, args.quant)
 
 
 if __name__ == "__main__":

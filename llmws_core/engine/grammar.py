@@ -27,7 +27,8 @@ STRICT_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-
 
 def parse_format(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
     """The OpenAI `response_format` object, checked and normalized: None for text,
-    {"type": "json_object"} or {"type": "json_schema", "schema": {...}}.
+    {"type": "json_object"} or {"type": "json_schema", "schema": {...}} (also for a
+    json_object that carries a `schema`, as llama.cpp's server accepts).
 
     Raises:
         BadRequest: an unknown type or a json_schema without a schema object.
@@ -38,7 +39,13 @@ def parse_format(response_format: dict[str, Any] | None) -> dict[str, Any] | Non
     if kind in (None, "text"):
         return None
     if kind == "json_object":
-        return {"type": "json_object"}
+        # llama.cpp's server takes a schema here too ({"type": "json_object", "schema": {...}}).
+        schema = response_format.get("schema")
+        if schema is None:
+            return {"type": "json_object"}
+        if not isinstance(schema, dict):
+            raise errors.BadRequest("response_format.schema must be a JSON Schema object.")
+        return {"type": "json_schema", "schema": schema}
     if kind != "json_schema":
         raise errors.BadRequest("response_format.type must be text, json_object or json_schema.")
     spec = response_format.get("json_schema")

@@ -19,9 +19,11 @@ from typing import Any
 from .. import errors
 from ..config import Settings
 from .backends.base import Backend
+from .embedding import EmbeddingModels
+from .embedding import embedded_entry as embedded_embedder
 from .prefixes import PrefixStore
 from .remote import RemoteEntry, RemoteModels
-from .scan import ModelDirs, ModelEntry, auto_select
+from .scan import ModelDirs, ModelEntry, auto_select, embedded_entry
 
 logger = logging.getLogger("llmws.engine.manager")
 
@@ -173,6 +175,10 @@ class ModelManager:
         # is current: each has its own backend and its own FairQueue.
         self._remote_backends: dict[str, tuple[Backend, FairQueue]] = {}
         self._remote_lock = asyncio.Lock()
+        # Embedding models, resident beside the chat model (see engine/embedding.py).
+        self.embedders = EmbeddingModels(
+            n_threads=settings.model.n_threads, n_gpu_layers=settings.model.n_gpu_layers
+        )
 
     # ------------------------------------------------------------------ info
 
@@ -197,11 +203,17 @@ class ModelManager:
         out = []
         seen = set()
         for e in entries:
+            if e.kind == "embedding":
+                out.append(e.public(self.embedders.is_loaded(e.path)))
+                continue
             loaded = loaded_path is not None and Path(e.path) == Path(loaded_path)
             out.append(e.public(loaded, self.max_context if loaded else None))
             seen.add(Path(e.path))
         if self.entry is not None and current_remote is None and Path(self.entry.path) not in seen:
             out.append(self.entry.public(True, self.max_context))
+        embedder = embedded_embedder(self.settings.var_dir)
+        if embedder is not None:
+            out.append(embedder.public(self.embedders.is_loaded(embedder.path)))
         for r in self.remote.entries():
             loaded = r.name == current_remote
             if loaded:
@@ -223,16 +235,37 @@ class ModelManager:
         remote = self.remote.find(name_or_path)
         if remote is not None:
             return remote
-        if self.entry is not None and name_or_path in (self.entry.name, self.entry.rel_path) and self.entry.source == "embedded":
-            return self.entry
-        return self.dirs.resolve(name_or_path)
+        embedder = embedded_embedder(self.settings.var_dir)
+        if embedder is not None and name_or_path in (embedder.name, embedder.rel_path):
+            return embedder
+        embedded = self._embedded(name_or_path)
+        if embedded is not None and name_or_path == embedded.rel_path:
+            return embedded  # "embedded/<file>": never a file of the folders
+        try:
+            return self.dirs.resolve(name_or_path)
+        except errors.ModelNotFound:
+            if embedded is None:  # the embedded model by its bare name, once another is loaded
+                raise
+            return embedded
+
+    @staticmethod
+    def _embedded(name_or_path: str | None) -> ModelEntry | None:
+        """The embedded default if `name_or_path` names it (its name or `embedded/<name>`)."""
+        entry = embedded_entry()
+        if entry is None or name_or_path not in (entry.name, entry.rel_path):
+            return None
+        return entry
 
     def initial_entry(self) -> ModelEntry | None:
-        """The config's `model.path` (a local or remote model), else the auto-selected local one."""
-        remote = self.remote.find(self.settings.model.path)
+        """The config's `model.path` (a local or remote model, or the embedded default
+        by name), else the auto-selected local one."""
+        configured = self.settings.model.path
+        remote = self.remote.find(configured)
         if remote is not None:
             return remote
-        return auto_select(self.settings.model.path, self.dirs)
+        if self._embedded(configured) is not None:
+            return self.resolve(configured)  # type: ignore[arg-type]
+        return auto_select(configured, self.dirs)
 
     def _build(self, entry: ModelEntry) -> Backend:
         factory = self.factories.get(entry.backend)
@@ -244,6 +277,10 @@ class ModelManager:
 
     async def load(self, entry: ModelEntry, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Backend:
         """Load `entry` and make it current. The old model serves until the swap."""
+        if entry.kind == "embedding":
+            raise errors.Unsupported(
+                f"'{entry.name}' is an embedding model: it serves /v1/embeddings and cannot chat."
+            )
         async with self._switch_lock:
             self.loading = entry.name
             try:
@@ -359,6 +396,7 @@ class ModelManager:
             self.queue.release()
 
     async def close(self) -> None:
+        await self.embedders.close()
         for backend, _ in self._remote_backends.values():
             await asyncio.to_thread(backend.unload)
         self._remote_backends.clear()

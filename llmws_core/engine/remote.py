@@ -96,6 +96,7 @@ class RemoteEntry(ModelEntry):
             "size_mb": None,
             "source": "remote",
             "loaded": loaded,
+            "kind": "chat",
             "remote_model": self.remote.model,
         }
         ctx = max_context or self.remote.max_context

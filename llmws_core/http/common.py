@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import Request
 
-from .. import errors
+from .. import errors, protocol
 from ..services.generation import (
     ChatMessage,
     Generation,
@@ -67,7 +67,7 @@ def normalize_messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
     function's) result has role `tool`, an assistant's calls are {name, arguments}.
     Roles are checked by the service."""
     out: list[ChatMessage] = []
-    for m in raw:
+    for i, m in enumerate(raw):
         if not isinstance(m, dict) or "role" not in m:
             raise errors.BadRequest("Each message needs a role.")
         role = m["role"]
@@ -77,11 +77,29 @@ def normalize_messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
         elif role == "function":
             msg["role"] = "tool"
         elif role == "assistant" and m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function") or {}, dict) for c in m["tool_calls"]
+            ):
+                raise errors.BadRequest(
+                    "An assistant message's tool_calls must be a list of {type, function} objects.",
+                    param=f"messages.[{i}].tool_calls",
+                )
             calls = []
-            for call in m["tool_calls"]:
-                fn = (call or {}).get("function") or {}
-                calls.append({"name": fn.get("name"), "arguments": fn.get("arguments") or "{}"})
+            for j, call in enumerate(m["tool_calls"]):
+                fn = call.get("function") or {}
+                args = fn.get("arguments") or "{}"
+                if isinstance(args, str):
+                    try:
+                        json.loads(args)
+                    except ValueError:
+                        raise errors.BadRequest(
+                            "A tool call's arguments must be a JSON object in a string.",
+                            param=f"messages.[{i}].tool_calls.[{j}].function.arguments",
+                        ) from None
+                calls.append({"name": fn.get("name"), "arguments": args})
             msg["tool_calls"] = calls
+        if not protocol.is_unicode(msg["content"]):  # refused before a stream starts, not inside it
+            raise errors.BadRequest(protocol.LONE_SURROGATE_MESSAGE)
         out.append(msg)
     if not out:
         raise errors.BadRequest("messages must not be empty.")

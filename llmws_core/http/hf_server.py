@@ -18,8 +18,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..protocol import MAX_NEW_TOKENS, not_a_boolean
 from ..services.generation import (
     ChatMessage,
     ErrorEvent,
@@ -49,17 +50,19 @@ class ChatRequest(BaseModel):
     history: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
     improvement: bool = False
     intermediate_steps: bool = False
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
+
+    _numbers = field_validator("max_tokens", "temperature", "top_p", "seed", mode="before")(not_a_boolean)
 
 
 def _query_request(
     prompt: str = Query(..., min_length=1, max_length=100_000),
     improvement: bool = Query(False),
     intermediate_steps: bool = Query(False),
-    max_tokens: int | None = Query(None, ge=1),
+    max_tokens: int | None = Query(None, ge=1, le=MAX_NEW_TOKENS),
     temperature: float | None = Query(None, ge=0, le=5),
 ) -> ChatRequest:
     return ChatRequest(

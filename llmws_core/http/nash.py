@@ -28,9 +28,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import errors, protocol
+from ..security import key_owner
 from ..services.generation import (
     MAX_MESSAGES_WARN,
     ErrorEvent,
@@ -41,7 +42,7 @@ from ..services.generation import (
     render_messages,
 )
 from ..sessions.store import Session
-from .auth import is_admin, llmws, principal, user_key
+from .auth import given_key, is_admin, llmws, principal, user_key
 from .common import (
     SSE_HEADERS,
     cancel_when_gone,
@@ -62,9 +63,11 @@ class StreamRequest(BaseModel):
     session_id: str | None = Field(None, max_length=128)
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=protocol.MAX_NEW_TOKENS)
     stop: list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
+
+    _numbers = field_validator("temperature", "top_p", "max_tokens", "seed", mode="before")(protocol.not_a_boolean)
 
 
 class SummarizeRequest(BaseModel):
@@ -102,7 +105,10 @@ def session_backed(request: Request, session_id: str | None) -> Session | None:
     """The LLMWS session a request names, if it exists (else the stream is stateless)."""
     if not session_id:
         return None
-    return llmws(request).sessions.find(session_id)
+    app = llmws(request)
+    sec = app.settings.security
+    owner = key_owner(given_key(request), [*sec.api_keys, *sec.admin_keys])
+    return app.sessions.find(session_id, owner)
 
 
 @router.post("/v1/chat/completions/stream", summary="Streaming chat (nash-llm-server SSE protocol)")

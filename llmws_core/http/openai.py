@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import errors
+from ..protocol import MAX_NEW_TOKENS, MAX_TOP_K, not_a_boolean
 from ..services.generation import (
     DoneEvent,
     ErrorEvent,
@@ -28,15 +29,13 @@ from ..services.generation import (
     parse_response_format,
 )
 from ..services.tools import Tool, ToolCall, ToolChoice
+from . import choices
 from .auth import llmws, user_key
 from .common import (
     SSE_HEADERS,
-    cancel_when_gone,
-    generation,
     normalize_messages,
     sampling_request,
     sse,
-    start_or_gone,
 )
 
 logger = logging.getLogger("llmws.http.openai")
@@ -60,17 +59,24 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     repeat_penalty: float | None = Field(None, gt=0, le=5)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=choices.MAX_N, description="Choices to generate (decoded together as one batch where the backend batches).")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=choices.MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
+
+    _numbers = field_validator(
+        "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed",
+        "repeat_penalty", "n", mode="before",
+    )(not_a_boolean)
 
 
 def openai_tools(body: ChatCompletionRequest) -> list[Tool] | None:
@@ -109,7 +115,15 @@ def generation_request(request: Request, body: ChatCompletionRequest) -> Generat
         tools=openai_tools(body),
         tool_choice=openai_tool_choice(body.tool_choice),
         response_format=parse_response_format(body.response_format),
+        logprobs=chat_logprobs(body),
     )
+
+
+def chat_logprobs(body: ChatCompletionRequest) -> int | None:
+    """The alternatives per token the request asks for (None: no logprobs)."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise errors.BadRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
 
 
 #: OpenAI error `type` by HTTP status.
@@ -140,12 +154,12 @@ def openai_error(exc: BaseException | ErrorEvent) -> dict[str, Any]:
 
 
 #: Routes whose errors are OpenAI error objects.
-OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/chat/completions"})
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings", "/chat/completions"})
 
 
 def owns_path(path: str) -> bool:
     """Whether errors of `path` take OpenAI's shape."""
-    return path in OPENAI_PATHS
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
 
 
 def error_body(event: ErrorEvent, param: str | None = None) -> dict[str, Any]:
@@ -169,24 +183,46 @@ def finish_reason(reason: str) -> str:
     return "stop"
 
 
+def capabilities(model: dict[str, Any]) -> list[str]:
+    """What a listed model serves: "embeddings", or "chat", "tools" and (local models) "completion"."""
+    if model.get("kind") == "embedding":
+        return ["embeddings"]
+    if model.get("format") == "remote":
+        return ["chat", "tools"]  # raw-text completion is served by local backends only
+    return ["chat", "completion", "tools"]
+
+
+def model_object(model: dict[str, Any]) -> dict[str, Any]:
+    """One `models_list` entry as an OpenAI model object (plus what LLMWS knows of it)."""
+    return {
+        "id": model["name"],
+        "object": "model",
+        "created": 0,
+        "owned_by": model.get("source", "local"),
+        "loaded": model.get("loaded", False),
+        "kind": model.get("kind", "chat"),
+        "capabilities": capabilities(model),
+        **({"max_context": model["max_context"]} if model.get("max_context") else {}),
+    }
+
+
 @router.get("/v1/models", summary="List the local models (OpenAI shape)")
 async def list_models(request: Request) -> dict[str, Any]:
-    """Every model in models/, var/models/ and the embedded one, as OpenAI model objects."""
+    """Every model in models/, var/models/, the embedded ones and the remote ones, as
+    OpenAI model objects."""
     models = await llmws(request).models.list()
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": m["name"],
-                "object": "model",
-                "created": 0,
-                "owned_by": m.get("source", "local"),
-                "loaded": m.get("loaded", False),
-                **({"max_context": m["max_context"]} if m.get("max_context") else {}),
-            }
-            for m in models
-        ],
-    }
+    return {"object": "list", "data": [model_object(m) for m in models]}
+
+
+@router.get("/v1/models/{model_id:path}", summary="One model (OpenAI shape)")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """The model listed under `model_id` (its name or its path), or an OpenAI 404."""
+    models = await llmws(request).models.list()
+    for m in models:
+        if model_id in (m["name"], m.get("path")):
+            return model_object(m)
+    exc = errors.ModelNotFound(f"The model '{model_id[:120]}' does not exist.", param="model")
+    raise exc
 
 
 @router.post("/v1/chat/completions", summary="Chat completion (OpenAI-compatible; stream or not)")
@@ -199,63 +235,76 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 async def complete(body: ChatCompletionRequest, request: Request) -> Response:
     """The shared handler of /v1/chat/completions and the legacy /chat/completions."""
-    gen = generation(request).prepare(generation_request(request, body))
-    if not await start_or_gone(request, gen):
+    gens = choices.prepare(request, generation_request(request, body), body.n)
+    if not await choices.start_all(request, gens):
         return Response(status_code=499)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            stream_events(request, gen, created, include_usage), media_type="text/event-stream", headers=SSE_HEADERS
+            stream_events(request, gens, created, include_usage, body.logprobs),
+            media_type="text/event-stream", headers=SSE_HEADERS,
         )
-    async with gen, cancel_when_gone(request, gen.cancel):
-        done = await gen.collect()
-    message: dict[str, Any] = {"role": "assistant", "content": done.content}
-    if done.tool_calls:
-        message["tool_calls"] = [tool_call_json(c) for c in done.tool_calls]
-    assert gen.started is not None
+    dones = await choices.collect_all(request, gens)
+    started = gens[0].started
+    assert started is not None
+    out = []
+    for i, done in enumerate(dones):
+        message: dict[str, Any] = {"role": "assistant", "content": done.content}
+        if done.tool_calls:
+            message["tool_calls"] = [tool_call_json(c) for c in done.tool_calls]
+        out.append({
+            "index": i,
+            "message": message,
+            "logprobs": {"content": choices.logprob_entries(done.logprobs or ())} if body.logprobs else None,
+            "finish_reason": finish_reason(done.finish_reason),
+        })
     return JSONResponse({
-        "id": "chatcmpl-" + gen.id,
+        "id": "chatcmpl-" + gens[0].id,
         "object": "chat.completion",
         "created": created,
-        "model": gen.started.model,
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": None,
-            "finish_reason": finish_reason(done.finish_reason),
-        }],
-        "usage": usage(done.tokens_in, done.tokens_out),
-        "system_fingerprint": None,
+        "model": started.model,
+        "choices": out,
+        "usage": usage(dones[0].tokens_in, sum(d.tokens_out for d in dones)),
+        "system_fingerprint": choices.fingerprint(started.model),
     })
 
 
-async def stream_events(request: Request, gen: Generation, created: int, include_usage: bool) -> AsyncIterator[str]:
-    """chat.completion.chunk events for one generation, then `[DONE]`."""
-    assert gen.started is not None
+async def stream_events(
+    request: Request, gens: list[Generation], created: int, include_usage: bool, logprobs: bool,
+) -> AsyncIterator[str]:
+    """chat.completion.chunk events for the generations (one choice each), then `[DONE]`."""
+    started = gens[0].started
+    assert started is not None
     n = 0
-    head = {"id": "chatcmpl-" + gen.id, "object": "chat.completion.chunk", "created": created, "model": gen.started.model}
+    head = {
+        "id": "chatcmpl-" + gens[0].id, "object": "chat.completion.chunk", "created": created,
+        "model": started.model, "system_fingerprint": choices.fingerprint(started.model),
+    }
 
-    def event(delta: dict[str, Any], finish: str | None = None) -> str:
+    def event(index: int, delta: dict[str, Any], finish: str | None = None, lps: Any = None) -> str:
         nonlocal n
         n += 1
-        return sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}, event_id=n)
+        lp = {"content": choices.logprob_entries(lps)} if logprobs and lps is not None else None
+        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}, event_id=n)
 
-    yield event({"role": "assistant", "content": ""})
-    async with gen, cancel_when_gone(request, gen.cancel):
-        async for ev in gen:
-            if isinstance(ev, TokenEvent):
-                yield event({"content": ev.text})
-            elif isinstance(ev, ToolCallEvent):
-                yield event({"tool_calls": [{"index": i, **tool_call_json(c)} for i, c in enumerate(ev.calls)]})
-            elif isinstance(ev, ErrorEvent):
-                n += 1
-                yield sse(openai_error(ev), event_id=n)
-                yield sse("[DONE]")
-                return
-            elif isinstance(ev, DoneEvent):
-                yield event({}, finish_reason(ev.finish_reason))
-                if include_usage:
-                    n += 1
-                    yield sse({**head, "choices": [], "usage": usage(ev.tokens_in, ev.tokens_out)}, event_id=n)
+    for i in range(len(gens)):
+        yield event(i, {"role": "assistant", "content": ""})
+    tokens_in, tokens_out = 0, 0
+    async for i, ev in choices.merged(request, gens):
+        if isinstance(ev, TokenEvent):
+            yield event(i, {"content": ev.text}, lps=ev.logprobs)
+        elif isinstance(ev, ToolCallEvent):
+            yield event(i, {"tool_calls": [{"index": k, **tool_call_json(c)} for k, c in enumerate(ev.calls)]})
+        elif isinstance(ev, ErrorEvent):
+            n += 1
+            yield sse(openai_error(ev), event_id=n)
+            yield sse("[DONE]")
+            return
+        elif isinstance(ev, DoneEvent):
+            yield event(i, {}, finish_reason(ev.finish_reason))
+            tokens_in, tokens_out = ev.tokens_in, tokens_out + ev.tokens_out
+    if include_usage:
+        n += 1
+        yield sse({**head, "choices": [], "usage": usage(tokens_in, tokens_out)}, event_id=n)
     yield sse("[DONE]")

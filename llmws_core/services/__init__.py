@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .embeddings import EmbeddingService
 from .generation import GenerationService
 from .models import ModelService
 from .responses import ResponseService
@@ -47,6 +48,7 @@ class Services:
     settings: Settings
     generation: GenerationService
     models: ModelService
+    embeddings: EmbeddingService
     sessions: SessionService
     #: Whether every request needs an API key (beyond loopback, or configured so).
     keys_required: bool

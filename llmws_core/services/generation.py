@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .. import errors
 from ..engine import grammar
-from ..engine.backends.base import GenerationParams, GenerationResult, Message
+from ..engine.backends.base import GenerationParams, GenerationResult, Message, TokenLogprob
 from ..improve import ImproveEvent, improve_stream
 from . import tools as toolcalls
 from .tools import Tool, ToolCall, ToolChoice
@@ -144,6 +144,13 @@ class GenerationRequest:
     on_disconnect: Literal["cancel", "continue"] = "cancel"
     #: Who asks (a digest of the API key): prompt-prefix caches are shared only within one.
     principal: str = "local"
+    #: Raw text (or token ids) to continue without the chat template (`/v1/completions`);
+    #: `messages` is then ignored. None: a chat reply to `messages`.
+    prompt: str | list[int] | None = None
+    #: Report each token's log-probability with this many likeliest alternatives (0: the
+    #: chosen token's only); None: off. A backend that cannot is a BadRequest-class error
+    #: (`unsupported`) from `start`, never a silent omission.
+    logprobs: int | None = None
 
 
 # ---------------------------------------------------------------------- events
@@ -169,6 +176,8 @@ class TokenEvent:
 
     text: str
     count: int = 1
+    #: The log-probabilities of the tokens this text came from (when the request asked).
+    logprobs: tuple[TokenLogprob, ...] = ()
     kind: Literal["token"] = "token"
 
 
@@ -207,6 +216,11 @@ class DoneEvent:
     tokens_out: int
     content: str | None
     tool_calls: tuple[ToolCall, ...] = ()
+    #: Every generated token's log-probability, when the request asked for them.
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    #: The stop string that ended the reply (one the request gave, or the chat
+    #: template's end marker); None when it ended otherwise.
+    stop_sequence: str | None = None
     kind: Literal["done"] = "done"
 
 
@@ -340,6 +354,8 @@ class _Plan:
     json: ResponseFormat | None
     request: GenerationRequest
     remote: str | None = None
+    #: The reply is forced to be a call (tool_choice "required" or a tool's name).
+    forced: bool = False
 
 
 _END = object()
@@ -460,10 +476,23 @@ class Generation:
         hold = False
         held: list[str] = []
         parts: list[str] = []
+        # Filled by the backend's thread just before each token's text is handed over,
+        # so the entries of a text chunk are here when the chunk is.
+        pending: list[TokenLogprob] = []
+        if plan.params.logprobs is not None:
+            plan.params.on_logprob = pending.append
+
+        def take() -> tuple[TokenLogprob, ...]:
+            n = len(pending)
+            out = tuple(pending[:n])
+            del pending[:n]
+            return out
+
         try:
             async for chunk in chat.generate(
                 plan.messages, plan.params, cancel=self._cancel,
                 trim_history=plan.request.keep_reply_room, model=plan.remote,
+                prompt=plan.request.prompt,
             ):
                 self._running = True
                 if chunk.result is not None:
@@ -472,16 +501,20 @@ class Generation:
                         put(self._start_event(0, 0, False))
                         started = True
                     text = "".join(parts)
-                    content, calls = self._finish(text, constrained)
+                    cut = result.finish_reason == "length"
+                    content, calls = self._finish(text, constrained, cut)
                     if held:
-                        held_content, held_calls = self._finish("".join(held), constrained)
+                        held_content, held_calls = self._finish("".join(held), constrained, cut)
                         if held_calls:
                             put(ToolCallEvent(tuple(held_calls)))
                         elif held_content:
                             put(TokenEvent(held_content, len(held)))
+                    partial = any(c.partial_arguments is not None for c in calls)
                     put(DoneEvent(
-                        "tool_calls" if calls else result.finish_reason,
+                        "length" if partial else "tool_calls" if calls else result.finish_reason,
                         result.tokens_in, result.tokens_out, content, tuple(calls),
+                        tuple(result.logprobs) if result.logprobs is not None else None,
+                        result.stop_sequence,
                     ))
                 elif chunk.text:
                     parts.append(chunk.text)
@@ -492,7 +525,7 @@ class Generation:
                             put(TokenEvent(joined, len(held)))
                             hold, held = False, []
                     else:
-                        put(TokenEvent(chunk.text, chunk.count))
+                        put(TokenEvent(chunk.text, chunk.count, take()))
                 else:  # the first chunk: the prompt fits
                     constrained = chunk.constrained
                     # Held back while the reply may still become a tool call or must be JSON-extracted.
@@ -514,11 +547,19 @@ class Generation:
         name = plan.remote or self._service.models.name or plan.request.model or "llmws"
         return StartEvent(tokens_in, plan.params.max_new_tokens, name, dropped, constrained)
 
-    def _finish(self, text: str, constrained: bool) -> tuple[str | None, list[ToolCall]]:
-        """Final (content, tool calls) of a complete reply."""
+    def _finish(self, text: str, constrained: bool, cut: bool = False) -> tuple[str | None, list[ToolCall]]:
+        """Final (content, tool calls) of a complete reply (`cut`: by the token limit).
+
+        A forced call cut short is returned as that call with its arguments as far as
+        they got (OpenAI's partial `tool_calls` with finish_reason "length"), never as
+        the call's JSON text in the content."""
         calls: list[ToolCall] = []
         if self._plan.tools:
             text, calls = toolcalls.parse_tool_calls(text, self._plan.tools)
+            if not calls and cut and self._plan.forced:
+                partial = toolcalls.partial_call(text, self._plan.tools)
+                if partial is not None:
+                    return None, [partial]
         if self._plan.json is not None and not constrained and not calls:
             text = extract_json(text)
         return (text if text or not calls else None), calls
@@ -539,6 +580,8 @@ class GenerationService:
         Raises:
             BadRequest: bad messages, tools, tool_choice or response_format.
         """
+        if request.prompt is not None:
+            return self._prepare_completion(request)
         messages = render_messages(request.messages)
         tools = request.tools if request.tools and request.tool_choice != "none" else None
         messages = toolcalls.with_tools(messages, tools, request.tool_choice)
@@ -549,10 +592,23 @@ class GenerationService:
         if fmt is not None:
             messages = with_json_instruction(messages, fmt)
         params.response_format = forced or (fmt.as_openai() if fmt is not None else None)
+        params.logprobs = request.logprobs
         # A schema no grammar can be made of is the client's error on every backend, and
         # must be refused before a stream starts (the grammar is cached for the backend).
         grammar.grammar_for(params.response_format)
-        return Generation(self, _Plan(messages, params, tools, fmt, request))
+        return Generation(self, _Plan(messages, params, tools, fmt, request, forced=forced is not None))
+
+    def _prepare_completion(self, request: GenerationRequest) -> Generation:
+        """A raw-text continuation: no chat template, no tools; a response format is only
+        a grammar (there is no system message to instruct)."""
+        if request.tools:
+            raise errors.BadRequest("Tools need a chat request; a raw prompt cannot offer them.")
+        params = self.params(request.sampling, request.principal)
+        params.logprobs = request.logprobs
+        fmt = request.response_format
+        params.response_format = fmt.as_openai() if fmt is not None else None
+        grammar.grammar_for(params.response_format)
+        return Generation(self, _Plan([], params, None, fmt, request))
 
     def params(self, sampling: Sampling, principal: str) -> GenerationParams:
         """Generation parameters: the server's defaults under `sampling`, cached for `principal`."""
@@ -572,12 +628,32 @@ class GenerationService:
         async with gen:
             return await gen.collect()
 
-    async def count_tokens(self, messages: list[ChatMessage]) -> int:
-        """Real prompt tokens of `messages` under the loaded model's chat template."""
+    async def count_tokens(
+        self, messages: list[ChatMessage], *, tools: list[Tool] | None = None, tool_choice: ToolChoice = "auto"
+    ) -> int:
+        """Real prompt tokens of `messages` under the loaded model's chat template, with
+        the description of `tools` a generation would add (none for tool_choice "none")."""
         backend = self.chat.models.backend
         if backend is None:
             raise errors.ModelNotLoaded("No model is loaded yet.")
-        return await asyncio.to_thread(backend.count_tokens, render_messages(messages))
+        rendered = render_messages(messages)
+        if tools and tool_choice != "none":
+            rendered = toolcalls.with_tools(rendered, tools, tool_choice)
+        return await asyncio.to_thread(backend.count_tokens, rendered)
+
+    async def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        """Token ids of plain text under the loaded model (no chat template)."""
+        backend = self.chat.models.backend
+        if backend is None:
+            raise errors.ModelNotLoaded("No model is loaded yet.")
+        return await asyncio.to_thread(backend.tokenize, text, add_special=add_special)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids under the loaded model."""
+        backend = self.chat.models.backend
+        if backend is None:
+            raise errors.ModelNotLoaded("No model is loaded yet.")
+        return await asyncio.to_thread(backend.detokenize, tokens)
 
     async def summarize(self, messages: list[ChatMessage], *, max_tokens: int | None = None, principal: str = "local") -> Summary:
         """Summarize a conversation into a shorter replacement history that keeps the

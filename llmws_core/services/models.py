@@ -167,7 +167,8 @@ class ModelService:
         except Exception:
             logger.exception("scanning the model folders failed")
             found = []
-        candidates += sorted(found, key=lambda e: (e.source != "models", e.name.lower()))
+        chat_models = [e for e in found if e.kind == "chat"]
+        candidates += sorted(chat_models, key=lambda e: (e.source != "models", e.name.lower()))
         embedded = embedded_entry()
         if embedded is not None:
             candidates.append(embedded)

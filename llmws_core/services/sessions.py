@@ -28,12 +28,17 @@ class SessionService:
         self._chat = chat
         self._store = chat.store
 
-    def find(self, session_id: str | None) -> Session | None:
-        """The existing session `session_id` names, or None (never a new one)."""
+    def find(self, session_id: str | None, owner: str | None = None) -> Session | None:
+        """The existing session `session_id` names, or None (never a new one).
+
+        `owner` is who asks (`security.key_owner`): a session created with a key is
+        found only with that key."""
         if not session_id or not self._store.exists(session_id):
             return None
+        if not self._chat.may_resume(session_id, owner):
+            return None
         try:
-            session, resumed, _ = self._chat.open_session(session_id)
+            session, resumed, _ = self._chat.open_session(session_id, owner)
         except errors.LLMWSError:
             return None
         return session if resumed else None
@@ -62,6 +67,14 @@ class SessionService:
         """Make `messages` (without system messages) the session's history, saved."""
         session.state["history"] = [m for m in messages if m["role"] != "system"]
         await session.save_state_async()
+
+    async def history(self, session: Session) -> dict[str, Any]:
+        """The session's turns, settings and reply in flight (the WebSocket `history` body)."""
+        return await self._chat.history(session)
+
+    async def delete(self, session: Session) -> None:
+        """Stop the session's replies and delete it from memory and disk."""
+        await self._chat.delete_session(session)
 
     # ------------------------------------------------------------------ numbers
 

@@ -42,9 +42,14 @@ class ToolCall:
     id: str
     name: str
     arguments: dict[str, Any]
+    #: The arguments text as the model wrote it, when it is not a whole JSON object (a
+    #: call cut by max_tokens); None: `arguments` is the whole object.
+    partial_arguments: str | None = None
 
     @property
     def arguments_json(self) -> str:
+        if self.partial_arguments is not None:
+            return self.partial_arguments
         return json.dumps(self.arguments, ensure_ascii=False)
 
 
@@ -207,6 +212,19 @@ def parse_tool_calls(text: str, tools: list[Tool]) -> tuple[str, list[ToolCall]]
             return text, []
         calls.append(call)
     return ("", calls) if calls else (text, [])
+
+
+_PARTIAL_CALL = re.compile(r'^\s*\{\s*"name"\s*:\s*"(?P<name>[^"\\]+)"\s*(?:,\s*"arguments"\s*:\s*(?P<args>.*))?$', re.DOTALL)
+
+
+def partial_call(text: str, tools: list[Tool]) -> ToolCall | None:
+    """The call a forced-call reply cut short was making (`{"name": ..., "arguments": {...`),
+    with its arguments text as far as it got; None if not even the tool's name is there."""
+    match = _PARTIAL_CALL.match(text)
+    if match is None or match["name"] not in set(tool_names(tools)):
+        return None
+    args = (match["args"] or "").rstrip()
+    return ToolCall(id="call_" + uuid.uuid4().hex[:24], name=match["name"], arguments={}, partial_arguments=args)
 
 
 def may_be_tool_call(text: str) -> bool:

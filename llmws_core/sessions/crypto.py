@@ -42,7 +42,7 @@ logger = logging.getLogger("llmws.sessions.crypto")
 KEY_BYTES = 32
 NONCE_BYTES = 12
 KEY_FILE_NAME = "master.key"
-KINDS = frozenset({"event", "state", "prefix"})
+KINDS = frozenset({"event", "state", "prefix", "journal"})
 _AAD_VERSION = "llmws/1"
 # Derived keys are cached so that sealing a token costs one AES-GCM call, not an
 # HKDF; bounded so that a long-running daemon does not keep every id it ever saw.
@@ -94,6 +94,33 @@ def _tighten(path: Path, mode: int) -> None:
         os.chmod(path, mode)
 
 
+def private_dir(path: Path) -> None:
+    """Create `path` (and its parents) as a folder only this user can enter (0700).
+
+    An existing folder with looser permissions is tightened, with a warning: other
+    local users could otherwise list session ids, keys or models in it.
+
+    Raises:
+        SystemExit: the folder belongs to another user or cannot be made private,
+            with a message that says what to fix.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner = path.stat().st_uid
+        if hasattr(os, "getuid") and owner != os.getuid():
+            raise SystemExit(
+                f"LLMWS refuses to use {path}: it belongs to another user (uid {owner}). "
+                "Use a --var-dir of your own."
+            )
+        _tighten(path, 0o700)
+    except OSError as exc:
+        raise SystemExit(
+            f"LLMWS cannot make {path} private to this user (mode 0700): {exc.strerror}. "
+            "Fix its permissions (chmod 700) or use another --var-dir."
+        ) from None
+
+
 def _create_key_file(path: Path) -> bytes:
     """Write a new random key to `path` atomically, without clobbering a concurrent one.
 
@@ -138,8 +165,7 @@ def load_or_create_master_key(keys_dir: Path, env_var: str = "LLMWS_MASTER_KEY")
     if value is not None and value.strip():
         return _decode_key(value, f"environment variable {env_var}")
     keys_dir = Path(keys_dir)
-    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _tighten(keys_dir, 0o700)
+    private_dir(keys_dir)
     path = keys_dir / KEY_FILE_NAME
     try:
         text = path.read_text("ascii")

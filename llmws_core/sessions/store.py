@@ -52,8 +52,10 @@ Recovery (``SessionStore.get`` of a session not in memory)
 - ``last_seq`` = max(state's ``last_seq``, the highest seq accounted for in the
   buffer), so a seq is never reused.
 
-Known limit: a whole older ``state.bin`` (or buffer) of the same session put back
-in place is authentic and not detected; that needs a counter kept off this disk.
+Rollback: an older ``state.bin`` or buffer of the same session put back whole is
+authentic; the seq journal (``journal.py``, kept outside the session folders)
+detects it: seqs continue after the highest one handed out, missing events are
+replayed as ``corrupt_record`` and an older state is refused as corrupt.
 One daemon owns a sessions folder at a time.
 """
 
@@ -72,13 +74,15 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmws_core import errors
 from llmws_core.sessions.crypto import Sealer
+from llmws_core.sessions.journal import SeqJournal
 
 logger = logging.getLogger("llmws.sessions")
 
@@ -257,6 +261,9 @@ class Session:
         self._broken = False
         # How many lines or gaps failed the integrity checks at load (0 when clean).
         self.integrity_problems = 0
+        # Told after each append (outside `_lock`), so the store can keep the number
+        # of open buffer descriptors bounded (`SessionStore.max_open_buffers`).
+        self.on_append: Callable[[Session], None] | None = None
 
     # -- writing ---------------------------------------------------------------
 
@@ -326,6 +333,8 @@ class Session:
             self._entries.append(_Entry(seq, seq, stored, line))
             self._his.append(seq)
         self.last_active = time.time()
+        if self.on_append is not None:
+            self.on_append(self)
         return StoredEvent(stored, plaintext)
 
     def sync(self) -> None:
@@ -340,10 +349,12 @@ class Session:
         """
         with self._sync_lock:
             with self._lock:
-                if not self._dirty or self._fd is None:
+                if not self._dirty:
                     return
                 try:
-                    fd = os.dup(self._fd)
+                    # A buffer closed to free its descriptor is synced through a new one
+                    # (fsync flushes the file, whichever descriptor asks).
+                    fd = os.dup(self._fd) if self._fd is not None else os.open(self._dir / BUFFER_NAME, os.O_RDONLY)
                 except OSError as exc:
                     logger.error("session %s: cannot sync: %s", self.id, exc)
                     raise errors.StorageError(_STORAGE_MESSAGE) from None
@@ -546,6 +557,20 @@ class Session:
         """Mark the session active now (saved with the next `save_state`)."""
         self.last_active = time.time()
 
+    def release_fd(self) -> None:
+        """Close the append descriptor without waiting for a fsync (any thread): what
+        was written is with the OS, `sync` still flushes it, and the next append
+        reopens the file."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    @property
+    def has_fd(self) -> bool:
+        """Whether the buffer's append descriptor is open."""
+        return self._fd is not None
+
     def close(self) -> None:
         """fsync and close the buffer; a later append reopens it."""
         try:
@@ -701,8 +726,12 @@ class SessionStore:
     `sync_dirty` (worker thread) and `expire_idle` can run beside the event loop.
     """
 
+    #: Seconds after its last append that a session's buffer descriptor is closed.
+    IDLE_CLOSE_SECONDS = 30.0
+
     def __init__(
-        self, root: Path, sealer: Sealer, *, ttl_seconds: float | None = 7 * 24 * 3600
+        self, root: Path, sealer: Sealer, *, ttl_seconds: float | None = 7 * 24 * 3600,
+        max_open_buffers: int = 256, journal: SeqJournal | None = None,
     ) -> None:
         """Open (creating if needed) the sessions folder.
 
@@ -710,12 +739,24 @@ class SessionStore:
             root: the sessions folder, normally `<var>/sessions`.
             sealer: seals every record and state.
             ttl_seconds: idle time after which a session expires; None: never.
+            max_open_buffers: buffer files kept open at once; beyond it the least
+                recently appended one is closed (reopened by its next append), so
+                many short-lived sessions cannot use up the process's descriptors.
+            journal: where each session's highest seq and state generation are kept
+                outside its folder, so a rollback of its files is detected; None: not
+                detected.
         """
         self._root = Path(root)
         self._sealer = sealer
         self._ttl = ttl_seconds
         self._lock = threading.RLock()
         self._cache: dict[str, Session] = {}
+        self.max_open_buffers = max(1, max_open_buffers)
+        # Sessions whose buffer descriptor may be open, least recently appended first.
+        self._open: OrderedDict[str, Session] = OrderedDict()
+        self._open_lock = threading.Lock()
+        self._journal = journal
+        self._journaled: dict[str, tuple[int, int]] = {}
         self._root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
         self._sweep_leftovers()
 
@@ -754,6 +795,7 @@ class SessionStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise errors.StorageError(_STORAGE_MESSAGE) from None
         session._dir = final
+        session.on_append = self._appended
         with self._lock:
             self._cache[session_id] = session
         logger.info("session %s created", session_id)
@@ -780,6 +822,20 @@ class SessionStore:
                 if self._expired(float(doc["last_active"]), now):
                     self._delete(sid)
                     raise errors.SessionExpired("This session expired after being idle too long.")
+                mark = self._journal.get(sid) if self._journal is not None else None
+                if mark is not None and generation < mark[1]:
+                    logger.error(
+                        "session %s: state.bin is older than the journal says (generation %d < %d): "
+                        "an older copy was put back", sid, generation, mark[1],
+                    )
+                    raise errors.CorruptRecord(
+                        "This session's stored state is older than the server wrote (rolled back); "
+                        "it cannot be resumed."
+                    )
+                if mark is not None and mark[0] > doc["last_seq"]:
+                    # Seqs up to the journal's were handed out: never again. Those the
+                    # buffer lacks are replayed as corrupt_record (see _scan).
+                    doc["last_seq"] = mark[0]
                 session = Session(
                     sid,
                     directory,
@@ -792,6 +848,7 @@ class SessionStore:
                     generation=generation,
                 )
                 session._load_buffer()
+                session.on_append = self._appended
                 self._cache[sid] = session
                 logger.info(
                     "session %s recovered from disk (last_seq %d, acked_seq %d)",
@@ -820,6 +877,39 @@ class SessionStore:
                     found.add(child.name)
         return sorted(found)
 
+    def _appended(self, session: Session) -> None:
+        """Keep at most `max_open_buffers` buffer descriptors open (LRU)."""
+        victims: list[Session] = []
+        with self._open_lock:
+            self._open[session.id] = session
+            self._open.move_to_end(session.id)
+            while len(self._open) > self.max_open_buffers:
+                _, victim = self._open.popitem(last=False)
+                victims.append(victim)
+        for victim in victims:
+            victim.release_fd()
+
+    def _forget_open(self, session_id: str) -> None:
+        with self._open_lock:
+            self._open.pop(session_id, None)
+
+    def open_buffers(self) -> int:
+        """How many sessions may hold an open buffer descriptor now."""
+        with self._open_lock:
+            return len(self._open)
+
+    def close_idle_buffers(self, now: float | None = None) -> int:
+        """Close the buffer descriptors of sessions with no append for
+        `IDLE_CLOSE_SECONDS`; returns how many were closed (any thread)."""
+        now = time.time() if now is None else now
+        with self._open_lock:
+            idle = [s for s in self._open.values() if now - s.last_active > self.IDLE_CLOSE_SECONDS]
+            for session in idle:
+                del self._open[session.id]
+        for session in idle:
+            session.release_fd()
+        return len(idle)
+
     def sync_dirty(self) -> None:
         """fsync every session with unsynced writes; safe from a worker thread.
 
@@ -828,12 +918,35 @@ class SessionStore:
         """
         with self._lock:
             sessions = list(self._cache.values())
+        marks = {s.id: (s.last_seq, s._committed) for s in sessions}  # before the fsyncs
         for session in sessions:
             if session.dirty:
                 try:
                     session.sync()
                 except errors.StorageError:
-                    pass  # logged by Session.sync
+                    marks.pop(session.id, None)  # logged by Session.sync; not durable yet
+        self._journal_marks(marks)
+        self.close_idle_buffers()
+
+    def _journal_marks(self, marks: dict[str, tuple[int, int]], *, live_only: bool = True) -> None:
+        """Record durable (last_seq, generation) marks that changed (any thread);
+        `live_only`: skip sessions deleted meanwhile."""
+        if self._journal is None:
+            return
+        with self._lock:
+            changed = {
+                sid: m for sid, m in marks.items()
+                if self._journaled.get(sid) != m and (sid in self._cache or not live_only)
+            }
+        if not changed:
+            return
+        try:
+            self._journal.record(changed)
+        except OSError as exc:
+            logger.error("cannot write the seq journal: %s", exc)
+            return
+        with self._lock:
+            self._journaled.update(changed)
 
     def expire_idle(self, busy: Iterable[str] = frozenset(), now: float | None = None) -> list[str]:
         """Delete sessions idle past the TTL, except `busy` ones; returns their ids.
@@ -867,16 +980,22 @@ class SessionStore:
             logger.info("expired %d idle session(s)", len(expired))
         return expired
 
-    def delete(self, session_id: str) -> None:
-        """Remove a session from memory and disk (unknown ids: nothing happens)."""
+    def delete(self, session_id: str) -> bool:
+        """Delete a session from memory and disk; False if there was none."""
         sid = _canonical_id(session_id)
-        if sid is not None:
-            self._delete(sid)
+        if sid is None or not self.exists(sid):
+            return False
+        self._delete(sid)
+        return True
 
     def _delete(self, sid: str) -> None:
         """Remove a session from memory and disk (rename first: a crash leaves no half)."""
         with self._lock:
             session = self._cache.pop(sid, None)
+            self._forget_open(sid)
+            self._journaled.pop(sid, None)
+            if self._journal is not None:
+                self._journal.forget(sid)
             if session is not None:
                 session.close()
             directory = self._root / sid
@@ -897,9 +1016,12 @@ class SessionStore:
         with self._lock:
             sessions = list(self._cache.values())
             self._cache.clear()
+        with self._open_lock:
+            self._open.clear()
         for session in sessions:
             try:
                 session.save_state()
             except Exception:  # shutdown must close every session whatever one of them does
                 logger.exception("session %s: state not saved at shutdown", session.id)
             session.close()
+        self._journal_marks({s.id: (s.last_seq, s._committed) for s in sessions}, live_only=False)

@@ -150,6 +150,22 @@ def test_choose_hf_files_takes_one_q4_gguf_or_the_model_folder() -> None:
         choose_hf_files(ggufs, "nope.gguf")
 
 
+
+def test_choose_hf_files_by_quantization_tag() -> None:
+    """A quantization tag (Ollama's hf.co/org/repo:Q8_0) picks that GGUF, whole words only, any case."""
+    ggufs = {"m.Q8_0.gguf": 9, "m.Q4_K_M.gguf": 5, "m.Q4_K_S.gguf": 5, "m-IQ4_XS.gguf": 4}
+    assert choose_hf_files(ggufs, None, "Q8_0") == ["m.Q8_0.gguf"]
+    assert choose_hf_files(ggufs, None, "q4_k_m") == ["m.Q4_K_M.gguf"]
+    with pytest.raises(DownloadError):
+        choose_hf_files(ggufs, None, "Q4_K")  # a prefix of Q4_K_M / Q4_K_S is no match
+    assert choose_hf_files(ggufs, None, "IQ4_XS") == ["m-IQ4_XS.gguf"]
+    with pytest.raises(DownloadError):
+        choose_hf_files(ggufs, None, "Q5_K_M")
+    assert parse_source("acme/m-GGUF", quant="Q8_0").quant == "Q8_0"  # type: ignore[union-attr]
+    with pytest.raises(BadRequest):
+        parse_source("acme/m-GGUF", quant="latest; rm -rf")
+
+
 # -- refusals before anything starts -----------------------------------------------------------
 
 

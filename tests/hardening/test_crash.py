@@ -20,7 +20,7 @@ from ..conftest import DaemonProcess
 from ..wire import Peer
 
 SESSIONS = 4
-ROUNDS = 5  # SESSIONS * ROUNDS = 20 generations, each cut at a random moment
+ROUNDS = 5  # SESSIONS * ROUNDS * 2 = 40 generations (two per session at once), cut at random moments
 PROMPTS = [
     "Count to ten.",
     "Name three fruits.",
@@ -85,7 +85,7 @@ def _check_buffer(
 
 @pytest.mark.slow
 async def test_sigkill_at_random_moments_loses_and_repeats_nothing(daemon_factory) -> None:
-    """20 generations in 4 sessions, SIGKILLed at random moments: every session resumes with every seen event, once."""
+    """40 generations in 4 sessions (two at once in each), SIGKILLed at random moments: every session resumes with every seen event, once, and every reply closed."""
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
     daemon = daemon_factory(config={"model": {"max_context_cap": 2048}})
@@ -95,18 +95,21 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(daemon_factor
     kills_mid_reply = 0
     for rnd in range(ROUNDS):
         for i, peer in enumerate(peers):
-            await peer.send(
-                {
-                    "type": "inference",
-                    "prompt": PROMPTS[(rnd + i) % len(PROMPTS)],
-                    "request_id": f"g{rnd}-{i}",
-                    "config": {
-                        "temperature": 0.8,
-                        "max_new_tokens": rng.randint(4, 10),
-                        "seed": rng.randint(0, 9999),
-                    },
-                }
-            )
+            # Two replies per session at once: every one running at the kill must be
+            # closed out after the restart.
+            for second in ("", "b"):
+                await peer.send(
+                    {
+                        "type": "inference",
+                        "prompt": PROMPTS[(rnd + i + len(second)) % len(PROMPTS)],
+                        "request_id": f"g{rnd}-{i}{second}",
+                        "config": {
+                            "temperature": 0.8,
+                            "max_new_tokens": rng.randint(4, 10),
+                            "seed": rng.randint(0, 9999),
+                        },
+                    }
+                )
         # Even rounds: a random moment up to 2.5 s on (before, inside or after the
         # replies). Odd rounds: right after a random number of tokens has streamed,
         # so that kills surely land inside replies too (they take under a second).
@@ -197,3 +200,95 @@ async def test_sigterm_drains_generations_and_flushes_every_buffer(daemon_factor
         assert done and done[0]["finish_reason"] in ("stop", "length"), done
         assert any(e["type"] == "token" for e in backlog)
         await again.close()
+
+
+async def _two_replies_then_kill(daemon: DaemonProcess, first_tokens: int) -> tuple[str, list[dict[str, Any]]]:
+    """Start replies `a` (`first_tokens` greedy tokens) and `b` (250) on one socket, SIGKILL
+    the daemon once both started (and `a` is done when it is short), restart; return the
+    session id and what the client saw."""
+    peer = await Peer.open(daemon.ws_url)
+    sid = peer.welcome["session_id"]
+    for rid, tokens in (("a", first_tokens), ("b", 250)):
+        await peer.send(
+            {
+                "type": "inference",
+                "prompt": "Tell me a long story about a lighthouse keeper.",
+                "request_id": rid,
+                "config": {"temperature": 0, "max_new_tokens": tokens},
+            }
+        )
+    await peer.until("start", 120, request_id="a")
+    if first_tokens < 250:
+        await peer.until("done", 120, request_id="a")
+        await asyncio.sleep(0.5)  # the state saying `a` is complete reaches the disk
+    else:
+        await peer.until("start", 120, request_id="b")
+    await peer.until("token", 120, request_id="b")
+    daemon.kill()
+    seen = [e for e in peer.events if "seq" in e]
+    peer.ws.transport.abort()
+    daemon.start()
+    return sid, seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first_tokens", [250, 3], ids=["both-running", "first-finished"])
+async def test_sigkill_with_two_replies_in_one_session_closes_out_both(daemon_factory, first_tokens: int) -> None:
+    """Two replies of one session cut by SIGKILL (both running, or the first already done): after the restart each has one `done` and both turns are in the history."""
+    daemon = daemon_factory(config={"model": {"max_context_cap": 2048}})
+    sid, seen = await _two_replies_then_kill(daemon, first_tokens)
+    peer, backlog = await _backlog(daemon, sid)
+    _check_buffer(sid, backlog, {e["seq"]: e for e in seen}, peer.welcome["last_seq"])
+    dones = {e["request_id"]: e["finish_reason"] for e in backlog if e["type"] == "done"}
+    assert set(dones) == {"a", "b"}, dones
+    assert dones["b"] == "interrupted"
+    if first_tokens < 250:
+        assert dones["a"] == "length"
+    await peer.send({"type": "get_status", "request_id": "st"})
+    status = (await peer.until("status", 30, request_id="st"))[-1]
+    assert status["history_messages"] == 4, status
+    assert status["requests"] == []
+    # The conversation goes on, with both earlier replies as context.
+    _, events = await peer.infer("Say yes.", "after", temperature=0, max_new_tokens=3)
+    assert events[-1]["finish_reason"] in ("stop", "length")
+    await peer.close()
+
+
+@pytest.mark.slow
+async def test_a_session_folder_put_back_from_earlier_is_detected_after_sigkill(daemon_factory) -> None:
+    """An older copy of a session's folder restored while the daemon was down (killed): the session is not resumed with old seqs but reported; a duplicated buffer line is counted in the welcome."""
+    import shutil
+
+    daemon = daemon_factory()
+    peer = await Peer.open(daemon.ws_url)
+    sid = peer.welcome["session_id"]
+    folder = daemon.var_dir / "sessions" / sid
+    await peer.infer("Say one.", "one", temperature=0, max_new_tokens=3)
+    await asyncio.sleep(1.0)  # batched fsync and journal
+    backup = daemon.root / "backup"
+    shutil.copytree(folder, backup)
+    await peer.infer("Say two.", "two", temperature=0, max_new_tokens=3)
+    await asyncio.sleep(1.0)
+    daemon.kill()
+    peer.ws.transport.abort()
+    shutil.rmtree(folder)
+    shutil.copytree(backup, folder)
+    daemon.start()
+    again = await Peer.open(daemon.ws_url, {"session_id": sid, "last_seq": 0})
+    assert again.welcome["resumed"] is False and again.welcome["session_id"] != sid
+    notice = await again.recv()
+    assert notice["code"] == "session_not_resumed" and "integrity" in notice["message"], notice
+    # A duplicated line in another session's buffer is withheld and reported.
+    other = again.welcome["session_id"]
+    await again.infer("Say three.", "three", temperature=0, max_new_tokens=3)
+    await asyncio.sleep(1.0)
+    daemon.kill()
+    again.ws.transport.abort()
+    buffer = daemon.var_dir / "sessions" / other / "buffer.jsonl"
+    lines = buffer.read_bytes().splitlines(keepends=True)
+    buffer.write_bytes(b"".join(lines[:2] + [lines[1]] + lines[2:]))
+    daemon.start()
+    peer, backlog = await _backlog(daemon, other)
+    assert peer.welcome["integrity_problems"] == 1, peer.welcome
+    assert [e["seq"] for e in backlog] == list(range(1, len(lines) + 1))
+    await peer.close()

@@ -23,6 +23,7 @@ from ..wire import Peer
 
 USER_KEY = "user-key-7f3a9c1e5b2d4680"
 ADMIN_KEY = "admin-key-0e8d6b4a2c1f3957"
+OTHER_KEY = "other-user-key-3c5e7a9b1d2f"
 WRONG_KEY = "wrong-key-55aa55aa55aa55aa"
 ALLOWED = "https://allowed.example"
 
@@ -33,7 +34,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     config = {
         "security": {
             "require_api_key": True,
-            "api_keys": [USER_KEY],
+            "api_keys": [USER_KEY, OTHER_KEY],
             "admin_keys": [ADMIN_KEY],
             "allowed_origins": [ALLOWED],
             "allow_file_origin": False,
@@ -277,3 +278,189 @@ async def test_http_cors_is_off_by_default(open_daemon: DaemonProcess) -> None:
         assert got.status_code == 200 and "access-control-allow-origin" not in {
             k.lower() for k in got.headers
         }
+
+
+# ------------------------------------------------------------------ local users
+
+
+def _modes_under(var: Path) -> dict[str, str]:
+    """Every folder under `var` (itself included) with its permission bits, in octal."""
+    folders = [var, *(p for p in var.rglob("*") if p.is_dir())]
+    return {str(p.relative_to(var.parent)): oct(p.stat().st_mode & 0o777) for p in folders}
+
+
+def test_var_folders_are_private_even_when_they_existed_looser(daemon_factory) -> None:
+    """Folders under var/ that a previous run left 0755 are 0700 once the daemon runs, so another local user cannot list session ids."""
+    d = daemon_factory(start=False)
+    for sub in ("", "sessions", "keys", "models", "logs"):
+        (d.var_dir / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(d.var_dir / sub, 0o755)
+    d.start()
+    modes = _modes_under(d.var_dir)
+    assert modes and all(mode == "0o700" for mode in modes.values()), modes
+    assert "tightening permissions" in d.log()
+
+
+def test_var_folder_of_another_user_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    """A var/sessions folder owned by another user stops the start with a message naming it, instead of serving from it."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to give a folder to another user")
+    var = tmp_path / "var"
+    (var / "sessions").mkdir(parents=True)
+    os.chown(var / "sessions", 4242, 4242)
+    proc = subprocess.run(
+        [
+            sys.executable, str(REPO / "llmws.py"), "--port", "0", "--http-port", "0",
+            "--var-dir", str(var), "--models-dir", str(tmp_path / "models"),
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=scaled(120),
+    )
+    assert proc.returncode != 0
+    assert "belongs to another user" in proc.stderr and "sessions" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_folder_that_cannot_be_made_private_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When chmod fails the daemon does not run with a world-readable folder: it stops and says what to fix."""
+    from llmws_core.sessions import crypto
+
+    folder = tmp_path / "sessions"
+    folder.mkdir(mode=0o755)
+    os.chmod(folder, 0o755)
+
+    def refuse(path: Any, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(crypto.os, "chmod", refuse)
+    with pytest.raises(SystemExit) as stopped:
+        crypto.private_dir(folder)
+    assert str(folder) in str(stopped.value) and "chmod 700" in str(stopped.value)
+
+
+async def test_a_session_resumes_only_with_the_key_that_created_it(keyed: DaemonProcess) -> None:
+    """A session made with one user key is unknown to another user key, to the admin key and to a request without key; its own key resumes it."""
+    owner = await Peer.open(keyed.ws_url, {"api_key": USER_KEY})
+    sid = owner.welcome["session_id"]
+    await owner.infer("Say hi.", "mine", temperature=0, max_new_tokens=3)
+    await owner.close()
+    for key in (OTHER_KEY, ADMIN_KEY):
+        other = await Peer.open(keyed.ws_url, {"session_id": sid, "last_seq": 0, "api_key": key})
+        assert other.welcome["resumed"] is False and other.welcome["session_id"] != sid
+        assert other.welcome["history_messages"] == 0
+        notice = await other.recv()
+        assert notice["code"] == "session_not_resumed" and "No session" in notice["message"]
+        await other.close()
+    again = await Peer.open(keyed.ws_url, {"session_id": sid, "last_seq": 0, "api_key": USER_KEY})
+    assert again.welcome["resumed"] is True and again.welcome["history_messages"] == 2
+    await again.close()
+    # The HTTP door's session-backed stream follows the same rule: another key gets a
+    # stateless reply (nash's protocol echoes the id it was given), never that
+    # session's events.
+    async with httpx.AsyncClient(base_url=keyed.http_url, timeout=scaled(120)) as http:
+        got = await http.post(
+            "/v1/chat/completions/stream",
+            headers={"X-API-Key": OTHER_KEY, "Last-Event-ID": "0"},
+            json={"messages": [{"role": "user", "content": "Say hi."}], "session_id": sid, "max_tokens": 3},
+        )
+        assert got.status_code == 200
+        assert '"content"' in got.text and "mine" not in got.text  # a new reply, not the replay
+
+
+# ------------------------------------------------------------------ web pages
+
+
+EVIL = "https://evil.example"
+CROSS_SITE = [
+    {"Origin": EVIL},
+    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},  # an <img> or <script> tag
+    {"Sec-Fetch-Site": "same-site"},  # another port of localhost
+    {"Origin": "null"},  # a sandboxed frame: any site can make one
+]
+
+
+async def test_cross_site_requests_that_generate_or_change_state_are_refused(open_daemon: DaemonProcess) -> None:
+    """A page of another site cannot make the daemon generate (GET included) or switch models; each refusal is a 403 in the route's own error shape."""
+    async with httpx.AsyncClient(base_url=open_daemon.http_url, timeout=scaled(60)) as http:
+        for headers in CROSS_SITE:
+            got = await http.get("/chat/blocking", params={"prompt": "hi", "max_tokens": 2}, headers=headers)
+            assert got.status_code == 403 and got.json()["code"] == "forbidden", (headers, got.text)
+            got = await http.get("/chat/stream", params={"prompt": "hi", "max_tokens": 2}, headers=headers)
+            assert got.status_code == 403, headers
+            got = await http.post(
+                "/v1/chat/completions", headers=headers,
+                json={"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            )
+            assert got.status_code == 403 and got.json()["error"]["type"], (headers, got.text)
+            got = await http.post("/setModel", headers=headers, json={"model": "nope.gguf"})
+            assert got.status_code == 403, headers
+        # Pages a link may open stay reachable.
+        assert (await http.get("/ui", headers=CROSS_SITE[1])).status_code == 200
+        assert (await http.get("/health", headers={"Origin": EVIL})).status_code == 200
+
+
+async def test_own_origin_and_non_browser_clients_are_served(open_daemon: DaemonProcess) -> None:
+    """The daemon's own pages (its Origin, same-origin fetches) and curl-like clients (no browser headers) still generate."""
+    own = {"Origin": open_daemon.http_url, "Sec-Fetch-Site": "same-origin"}
+    async with httpx.AsyncClient(base_url=open_daemon.http_url, timeout=scaled(120)) as http:
+        for headers in (own, {}, {"Sec-Fetch-Site": "none"}):
+            got = await http.get("/chat/blocking", params={"prompt": "hi", "max_tokens": 2}, headers=headers)
+            assert got.status_code == 200, (headers, got.text)
+
+
+async def test_ui_cannot_be_framed_and_runs_only_its_own_scripts(open_daemon: DaemonProcess) -> None:
+    """/ui forbids framing (X-Frame-Options and frame-ancestors) and its CSP allows only the daemon's own scripts, the page's inline ones by hash."""
+    async with httpx.AsyncClient(base_url=open_daemon.http_url, timeout=scaled(30)) as http:
+        got = await http.get("/ui")
+    assert got.status_code == 200 and "<script" in got.text
+    assert got.headers["x-frame-options"] == "DENY"
+    csp = {d.split()[0]: d.split()[1:] for d in got.headers["content-security-policy"].split("; ")}
+    assert csp["frame-ancestors"] == ["'none'"] and csp["default-src"] == ["'none'"]
+    scripts = csp["script-src"]
+    assert "'unsafe-inline'" not in scripts and "'unsafe-eval'" not in scripts
+    assert "'self'" in scripts and any(s.startswith("'sha256-") for s in scripts)
+
+
+async def test_no_conversation_text_in_the_log_at_debug(keyed: DaemonProcess) -> None:
+    """At --log-level DEBUG the log holds no system prompt, prompt or reply text (the transport's frame dumps are off)."""
+    secret_system, secret_user = "zebra-system-8841", "quokka-prompt-5519"
+    peer = await Peer.open(keyed.ws_url, {"api_key": USER_KEY})
+    # Short frames: a transport that dumps frames would show them whole.
+    await peer.send({"type": "config", "data": {"system": secret_system}})
+    await peer.until("config_ack", 30)
+    reply, events = await peer.infer(secret_user, "z", temperature=0, max_new_tokens=12)
+    await peer.close()
+    await asyncio.sleep(0.5)
+    log = keyed.log_path.read_text(errors="replace")
+    assert "DEBUG" in log, "the daemon did not log at DEBUG: nothing was checked"
+    for text in (secret_system, secret_user):
+        assert text not in log, f"{text!r} is in the log"
+    tokens = [e["data"] for e in events if e["type"] == "token"]
+    assert tokens and not any(f'"data":{json.dumps(t)}' in log for t in tokens), "reply text is in the log"
+    assert "TEXT '" not in log, "frames are dumped into the log"
+
+
+def _start_fails(tmp_path: Path, config: dict[str, Any], *args: str) -> str:
+    """Start a daemon that must refuse to start; return its stderr."""
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("LLMWS_API_KEYS", "LLMWS_ADMIN_KEYS")}
+    proc = subprocess.run(
+        [
+            sys.executable, str(REPO / "llmws.py"), "--config", str(tmp_path / "c.json"), "--port", "0",
+            "--http-port", "0", "--var-dir", str(tmp_path / "var"), "--models-dir", str(tmp_path / "models"), *args,
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=scaled(120),
+    )
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    return proc.stderr
+
+
+def test_an_empty_or_short_key_does_not_count_as_a_key(tmp_path: Path) -> None:
+    """`api_keys: [""]` with a 0.0.0.0 bind, or a one-character key, stops the start with a message about the key length."""
+    for keys in ([""], ["x"]):
+        err = _start_fails(tmp_path, {"security": {"api_keys": keys}}, "--host", "0.0.0.0")
+        assert "at least 16 characters" in err, err[-2000:]
+
+
+def test_require_api_key_on_loopback_without_keys_says_so(tmp_path: Path) -> None:
+    """require_api_key without any key on loopback is refused with a message about require_api_key, not about binding beyond loopback."""
+    err = _start_fails(tmp_path, {"security": {"require_api_key": True}})
+    assert "require_api_key" in err and "beyond loopback" not in err, err[-2000:]

@@ -1,7 +1,7 @@
 """A bounded soak: 200 concurrent WebSocket clients for 2 minutes on loopback.
 
-Each client sends short greedy inferences (max_new_tokens 8), drops its connection
-at random moments (abruptly or politely, often in the middle of a reply), reconnects
+Each client sends short greedy inferences (max_new_tokens 8; often two at once in
+its session), drops its connection at random moments (abruptly or politely, often in the middle of a reply), reconnects
 with `last_seq` and carries on. Checked: every buffered event arrives exactly once
 (each client sees seq = previous + 1, across reconnects), every request ends with
 one `done`, the daemon stays up, and its RSS stays roughly flat. The figures are
@@ -58,11 +58,12 @@ class Stats:
     aborts: int = 0
     mid_reply_drops: int = 0
     connect_failures: int = 0
+    pairs: int = 0  # times a client had two requests running in its session at once
     bad_requests: list[str] = field(default_factory=list)
 
 
 class SoakClient:
-    """One simulated user: one session, one request at a time, random disconnects."""
+    """One simulated user: one session, two requests at a time (often), random disconnects."""
 
     def __init__(
         self, index: int, url: str, stats: Stats, in_flight: list[int], deadline: float
@@ -76,8 +77,8 @@ class SoakClient:
         self.sid: str | None = None
         self.last_seq = 0
         self.ws: ClientConnection | None = None
-        self.outstanding: str | None = None
-        self.started = False
+        self.outstanding: set[str] = set()
+        self.started: set[str] = set()
         self.requests: dict[str, list[str]] = {}
         self.count = 0
 
@@ -108,7 +109,7 @@ class SoakClient:
         ws, self.ws = self.ws, None
         if ws is None:
             return
-        if self.outstanding is not None and self.started:
+        if self.outstanding & self.started:
             self.stats.mid_reply_drops += 1
         if self.rng.random() < 0.5:
             ws.transport.abort()  # a dropped network
@@ -134,11 +135,11 @@ class SoakClient:
             return
         kind = event["type"] if event["type"] != "error" else f"error:{event.get('code')}"
         self.requests[rid].append(kind)
-        if rid == self.outstanding:
+        if rid in self.outstanding:
             if kind == "start":
-                self.started = True
+                self.started.add(rid)
             if kind == "done" or kind.startswith("error"):
-                self.outstanding = None
+                self.outstanding.discard(rid)
                 self.in_flight[0] -= 1
 
     async def read_for(self, seconds: float) -> None:
@@ -173,24 +174,29 @@ class SoakClient:
                 await asyncio.sleep(self.rng.uniform(0, 0.5))
                 await self.connect()
             roll = self.rng.random()
-            if self.outstanding is None and self.in_flight[0] < MAX_IN_FLIGHT and roll < 0.6:
-                self.count += 1
-                rid = f"c{self.index}-{self.count}"
-                self.requests[rid] = []
-                self.outstanding, self.started = rid, False
-                self.in_flight[0] += 1
-                self.stats.requests += 1
-                await self.ws.send(
-                    json.dumps(
-                        {  # type: ignore[union-attr]
-                            "type": "inference",
-                            "prompt": self.rng.choice(PROMPTS),
-                            "request_id": rid,
-                            "config": {"temperature": 0, "max_new_tokens": 8},
-                        }
+            if not self.outstanding and self.in_flight[0] < MAX_IN_FLIGHT and roll < 0.6:
+                # Half the time two replies at once in the session: each must end once,
+                # whatever the drops do.
+                pair = roll < 0.3 and self.in_flight[0] + 2 <= MAX_IN_FLIGHT
+                self.stats.pairs += pair
+                for _ in range(2 if pair else 1):
+                    self.count += 1
+                    rid = f"c{self.index}-{self.count}"
+                    self.requests[rid] = []
+                    self.outstanding.add(rid)
+                    self.in_flight[0] += 1
+                    self.stats.requests += 1
+                    await self.ws.send(  # type: ignore[union-attr]
+                        json.dumps(
+                            {
+                                "type": "inference",
+                                "prompt": self.rng.choice(PROMPTS),
+                                "request_id": rid,
+                                "config": {"temperature": 0, "max_new_tokens": 8},
+                            }
+                        )
                     )
-                )
-            elif roll > 0.97 and (self.outstanding is None or self.started):
+            elif roll > 0.97 and self.outstanding <= self.started:
                 await self.disconnect()
                 continue
             elif roll > 0.9:
@@ -199,7 +205,7 @@ class SoakClient:
             await self.read_for(self.rng.uniform(0.2, 1.5))
         # Time is up: finish the request in flight (reconnecting if needed).
         tail_end = self.deadline + TAIL_SECONDS
-        while self.outstanding is not None and time.monotonic() < tail_end:
+        while self.outstanding and time.monotonic() < tail_end:
             if self.ws is None:
                 await self.connect()
             await self.read_for(1.0)
@@ -269,6 +275,7 @@ async def test_soak_200_clients_reconnecting_lose_and_repeat_nothing(daemon_fact
         "seconds": SECONDS,
         "elapsed_s": round(elapsed, 1),
         "requests": stats.requests,
+        "two_at_once": stats.pairs,
         "completed": stats.completed,
         "refused": stats.refused,
         "events": stats.events,
@@ -297,6 +304,7 @@ async def test_soak_200_clients_reconnecting_lose_and_repeat_nothing(daemon_fact
     assert not stats.bad_requests, stats.bad_requests[:10]
     # Throughput depends on the machine; these floors only make sure resuming was exercised.
     assert stats.completed >= 10, f"too few requests completed: {figures}"
+    assert stats.pairs >= 3, f"too few sessions ran two replies at once: {figures}"
     assert stats.reconnects >= CLIENTS // 4 and stats.mid_reply_drops >= 3, (
         f"too few reconnects to test resuming: {figures}"
     )

@@ -148,6 +148,9 @@ BASES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "reset": st.just({}),
     "get_status": st.just({}),
     "ping": st.just({}),
+    "get_history": st.just({}),
+    "rewind": st.fixed_dictionaries({}, optional={"turns": st.integers(-2, 20)}),
+    "delete_session": st.just({}),
 }
 assert set(BASES) == set(protocol.CLIENT_TYPES), "a new message type needs a fuzz strategy"
 MODELS = {
@@ -194,7 +197,10 @@ def oracle(frame: str | bytes) -> Any | None:
 
 
 def costly(msg: Any) -> bool:
-    """Valid messages the fuzzer must not let through (a long or unbounded job)."""
+    """Valid messages the fuzzer must not let through (a long or unbounded job, or the
+    end of its session and connection)."""
+    if isinstance(msg, protocol.DeleteSession):
+        return True
     if isinstance(msg, protocol.Inference):
         cfg = msg.config
         return cfg is None or cfg.max_new_tokens is None or cfg.max_new_tokens > 2

@@ -67,3 +67,13 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
         text = "\n".join(data)
         event["data"] = text if text == "[DONE]" else json.loads(text)
         yield event
+
+
+def pick_stop(text: str) -> str:
+    """Two characters from the middle of `text`, without whitespace: a stop sequence a
+    greedy rerun of the same request is sure to produce (first seen at `text.index`)."""
+    for i in range(len(text) // 3, len(text) - 1):
+        candidate = text[i : i + 2]
+        if not any(c.isspace() for c in candidate):
+            return candidate
+    raise AssertionError(f"no stop sequence to pick in {text!r}")

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import DaemonProcess, scaled
 
-DAEMON_CONFIG = {"security": {"api_keys": ["k1"], "admin_keys": ["a1"], "require_api_key": True}}
+DAEMON_CONFIG = {"security": {"api_keys": ["user-key-k1-0123456789"], "admin_keys": ["admin-key-a1-0123456789"], "require_api_key": True}}
 
 
 def test_ping_and_health_need_no_key(http: httpx.Client) -> None:
@@ -35,15 +35,15 @@ def test_wrong_key_is_401_with_an_openai_error_object(http: httpx.Client) -> Non
 
 def test_every_way_of_sending_a_key_works(http: httpx.Client) -> None:
     """X-API-Key, Authorization: Bearer and ?x_api_key= are all accepted."""
-    assert http.get("/v1/models", headers={"X-API-Key": "k1"}).status_code == 200
-    assert http.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
-    assert http.get("/models", params={"x_api_key": "k1"}).status_code == 200
-    assert http.get("/v1/models", headers={"X-API-Key": "a1"}).status_code == 200
+    assert http.get("/v1/models", headers={"X-API-Key": "user-key-k1-0123456789"}).status_code == 200
+    assert http.get("/v1/models", headers={"Authorization": "Bearer user-key-k1-0123456789"}).status_code == 200
+    assert http.get("/models", params={"x_api_key": "user-key-k1-0123456789"}).status_code == 200
+    assert http.get("/v1/models", headers={"X-API-Key": "admin-key-a1-0123456789"}).status_code == 200
 
 
 def test_the_openai_sdk_sends_its_key_as_bearer(module_daemon: DaemonProcess) -> None:
     """The official SDK works with the configured key and fails cleanly without it."""
-    with openai.OpenAI(base_url=module_daemon.http_url + "/v1", api_key="k1", timeout=scaled(60), max_retries=0) as ok:
+    with openai.OpenAI(base_url=module_daemon.http_url + "/v1", api_key="user-key-k1-0123456789", timeout=scaled(60), max_retries=0) as ok:
         r = ok.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
         assert r.choices[0].message.content is not None
     with openai.OpenAI(base_url=module_daemon.http_url + "/v1", api_key="wrong", timeout=scaled(60), max_retries=0) as bad:
@@ -53,17 +53,17 @@ def test_the_openai_sdk_sends_its_key_as_bearer(module_daemon: DaemonProcess) ->
 
 def test_set_model_needs_the_admin_key(http: httpx.Client) -> None:
     """/setModel refuses a user key (403) and accepts the admin key."""
-    name = http.get("/models", headers={"X-API-Key": "k1"}).json()["current"]
-    r = http.post("/setModel", json={"modelName": name}, headers={"X-API-Key": "k1"})
+    name = http.get("/models", headers={"X-API-Key": "user-key-k1-0123456789"}).json()["current"]
+    r = http.post("/setModel", json={"modelName": name}, headers={"X-API-Key": "user-key-k1-0123456789"})
     assert r.status_code == 403 and "admin" in r.json()["detail"]
-    r = http.post("/setModel", json={"modelName": name}, headers={"X-API-Key": "a1"})
+    r = http.post("/setModel", json={"modelName": name}, headers={"X-API-Key": "admin-key-a1-0123456789"})
     assert r.status_code == 200, r.text
 
 
 def test_a_user_key_cannot_switch_models_through_the_model_field(http: httpx.Client, module_daemon: DaemonProcess) -> None:
     """Naming another local model in a completion needs the admin key too."""
     (module_daemon.models_dir / "other.gguf").write_bytes(b"GGUF" + b"\0" * 64)
-    r = http.post("/v1/chat/completions", headers={"X-API-Key": "k1"},
+    r = http.post("/v1/chat/completions", headers={"X-API-Key": "user-key-k1-0123456789"},
                   json={"model": "other.gguf", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
     assert r.status_code == 403
     assert r.json()["error"]["type"] == "permission_error"

@@ -71,7 +71,7 @@ def test_sdk_lists_the_loaded_model(client: openai.OpenAI) -> None:
 def test_sdk_raises_openai_error_objects(client: openai.OpenAI) -> None:
     """Bad requests come back as OpenAI error objects the SDK turns into exceptions."""
     with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model="x", messages=HELLO, n=2)
+        client.chat.completions.create(model="x", messages=HELLO, n=17)
     assert bad.value.status_code == 400
     body = bad.value.body
     assert isinstance(body, dict) and body.get("type") == "invalid_request_error"

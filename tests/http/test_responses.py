@@ -361,10 +361,10 @@ def test_langchain_chat_openai_with_the_responses_api(module_daemon: DaemonProce
 
 def test_another_key_cannot_read_a_response(tmp_path: Path) -> None:
     """With API keys configured, a response is visible only to the key that created it."""
-    d = DaemonProcess(tmp_path, [], None, {"security": {"api_keys": ["k1", "k2"], "require_api_key": True}})
+    d = DaemonProcess(tmp_path, [], None, {"security": {"api_keys": ["key-one-0123456789", "key-two-0123456789"], "require_api_key": True}})
     d.start()
     try:
-        with sdk(d, "k1") as one, sdk(d, "k2") as two:
+        with sdk(d, "key-one-0123456789") as one, sdk(d, "key-two-0123456789") as two:
             r = one.responses.create(model="x", input="Say hi.", max_output_tokens=8, temperature=0)
             assert one.responses.retrieve(r.id).id == r.id
             for call in (

@@ -3,6 +3,7 @@ download and estimate, against real daemons."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 from llmws_core.engine.scan import embedded_model_path
@@ -78,6 +79,25 @@ async def test_delete_and_path_confinement(daemon) -> None:
     await peer.close()
 
 
+async def test_delete_through_a_symlink_chain_is_refused(daemon, tmp_path) -> None:
+    """delete_model of "evil/chain.gguf" (models/evil -> a folder outside, whose chain.gguf links back into var/models) is forbidden; nothing is removed; a 1,000-character name is model_not_found."""
+    victim = daemon.var_dir / "models" / "victim.gguf"
+    victim.write_bytes(tiny_gguf())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "chain.gguf").symlink_to(victim)
+    (daemon.models_dir / "evil").symlink_to(outside)
+    peer = await Peer.open(daemon.ws_url)
+    await peer.send({"type": "delete_model", "model_name": "evil/chain.gguf", "request_id": "chain"})
+    err = (await peer.until("error", request_id="chain"))[-1]
+    assert err["code"] == "forbidden", err
+    assert (outside / "chain.gguf").is_symlink() and victim.exists()
+    await peer.send({"type": "delete_model", "model_name": "n" * 1000, "request_id": "long"})
+    err = (await peer.until("error", request_id="long"))[-1]
+    assert err["code"] == "model_not_found", err
+    await peer.close()
+
+
 async def test_download_through_huggingface_hub_then_listed(daemon_factory, tmp_path) -> None:
     """download_model streams started/progress/done events and the model is then listed."""
     repo = FakeRepo("acme/tiny-GGUF", {"tiny.Q4_K_M.gguf": tiny_gguf(padding=3_000_000), "README.md": b"hi"})
@@ -144,4 +164,29 @@ async def test_quantization_is_the_header_s_on_every_path(daemon_factory) -> Non
     assert listed["smol-Q8_0.gguf"]["quantization"] == "Q4_1"
     assert peer.welcome["model"]["name"] == "smol-Q8_0.gguf"
     assert peer.welcome["model"]["quantization"] == "Q4_1"
+    await peer.close()
+
+
+async def test_the_embedded_model_can_be_switched_back_to_and_named_in_the_config(daemon_factory) -> None:
+    """With another model loaded, switch_model to the embedded model's name or `embedded/<name>` loads it; `model.path: "embedded/<name>"` picks it at start."""
+    embedded = embedded_model_path()
+    assert embedded is not None
+    d = daemon_factory(start=False)
+    shutil.copyfile(embedded, d.models_dir / "other.gguf")
+    d.start()
+    peer = await Peer.open(d.ws_url)
+    assert peer.welcome["model"]["name"] == "other.gguf"
+    for i, name in enumerate((embedded.name, f"embedded/{embedded.name}")):
+        await peer.send({"type": "switch_model", "model_path": "other.gguf", "request_id": f"o{i}"})
+        await peer.until("model_switched", 180, request_id=f"o{i}")
+        await peer.send({"type": "switch_model", "model_path": name, "request_id": f"e{i}"})
+        switched = (await peer.until("model_switched", 180, request_id=f"e{i}"))[-1]
+        assert switched["model"]["source"] == "embedded", switched
+    await peer.close()
+    d.kill()
+    d.config_path = d.root / "config.json"
+    d.config_path.write_text(json.dumps({"model": {"path": f"embedded/{embedded.name}"}}))
+    d.start()
+    peer = await Peer.open(d.ws_url)
+    assert peer.welcome["model"]["source"] == "embedded", peer.welcome["model"]
     await peer.close()

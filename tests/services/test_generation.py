@@ -77,12 +77,19 @@ async def test_a_tool_call_is_held_back_and_parsed(tmp_path: Path) -> None:
 
 
 async def test_prose_with_tools_offered_is_released_once_it_cannot_be_a_call(tmp_path: Path) -> None:
-    """Text that turns out to be prose is streamed as soon as it cannot become a call."""
-    service = await _service(tmp_path, ScriptedBackend(["Hello", " there", "!"]))
-    events = await _events(service, GenerationRequest(HI, tools=[ADD]))
-    texts = [e.text for e in events if isinstance(e, TokenEvent)]
-    assert texts == ["Hello", " there", "!"]
-    assert isinstance(events[-1], DoneEvent) and events[-1].content == "Hello there!"
+    """Text that turns out to be prose is streamed as soon as it cannot become a call,
+    not held to the end of the reply."""
+    gate = threading.Event()
+    service = await _service(tmp_path, ScriptedBackend(["Hello", " there", "!"], gate=gate, gate_from=1))
+    gen = await service.start(GenerationRequest(HI, tools=[ADD]))
+    async with gen:
+        events = aiter(gen)
+        first = await asyncio.wait_for(anext(events), 5)  # the model is still held at the gate
+        assert isinstance(first, TokenEvent) and first.text == "Hello"
+        gate.set()
+        rest = [ev async for ev in events]
+    assert "".join(e.text for e in rest if isinstance(e, TokenEvent)) == " there!"
+    assert isinstance(rest[-1], DoneEvent) and rest[-1].content == "Hello there!"
 
 
 async def test_a_forced_tool_call_asks_the_backend_for_its_schema(tmp_path: Path) -> None:
@@ -106,11 +113,20 @@ async def test_json_mode_without_a_grammar_extracts_the_json(tmp_path: Path) -> 
 
 
 async def test_json_mode_with_a_grammar_streams(tmp_path: Path) -> None:
-    """On a backend that follows grammars, JSON mode streams the pieces as they come."""
-    service = await _service(tmp_path, ScriptedBackend(['{"a": ', "1}"], grammar=True))
-    events = await _events(service, GenerationRequest(HI, response_format=ResponseFormat(schema={"type": "object"})))
-    assert [e.text for e in events if isinstance(e, TokenEvent)] == ['{"a": ', "1}"]
-    assert isinstance(events[0], StartEvent) and events[0].constrained
+    """On a backend that follows grammars, JSON mode streams the text as it comes (nothing held back)."""
+    gate = threading.Event()
+    backend = ScriptedBackend(['{"a": ', "1}"], grammar=True, gate=gate, gate_from=1)
+    service = await _service(tmp_path, backend)
+    gen = await service.start(GenerationRequest(HI, response_format=ResponseFormat(schema={"type": "object"})))
+    assert gen.started is not None and gen.started.constrained
+    async with gen:
+        events = aiter(gen)
+        first = await asyncio.wait_for(anext(events), 5)  # the model is still held at the gate
+        assert isinstance(first, TokenEvent) and first.text == '{"a": '
+        gate.set()
+        rest = [ev async for ev in events]
+    assert isinstance(rest[-1], DoneEvent) and rest[-1].content == '{"a": 1}'
+    assert backend.seen[-1].response_format == {"type": "json_schema", "json_schema": {"name": "response", "schema": {"type": "object"}}}
 
 
 async def test_a_request_cancelled_while_queued_leaves_the_queue(tmp_path: Path) -> None:

@@ -771,3 +771,111 @@ def test_a_sync_returns_only_once_earlier_writes_are_on_disk(root, sealer, store
     second.join(10)
     assert second_done.is_set()
     assert not session.dirty
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count descriptors")
+def test_open_buffer_files_are_bounded_and_closed_ones_reopen(root, sealer):
+    """300 sessions that each wrote an event hold at most `max_open_buffers` descriptors; a closed buffer reopens on its next append and its events survive a reload."""
+    store = SessionStore(root, sealer, max_open_buffers=16)
+    before = _open_fds()
+    sessions = [store.create() for _ in range(300)]
+    for s in sessions:
+        s.append({"type": "reset_done"})
+    assert store.open_buffers() <= 16
+    assert _open_fds() - before <= 16 + 2
+    first = sessions[0]
+    assert not first.has_fd
+    first.append({"type": "pong"})  # reopens
+    first.sync()
+    store.sync_dirty()  # syncs the ones whose descriptor was closed, through a new one
+    assert not any(s.dirty for s in sessions)
+    store.close_all()
+    again = SessionStore(root, sealer)
+    assert [e["type"] for e in again.get(first.id).replay(0)] == ["reset_done", "pong"]
+
+
+def test_idle_buffers_are_closed(root, sealer):
+    """A buffer with no write for a while gives its descriptor back."""
+    store = SessionStore(root, sealer)
+    s = store.create()
+    s.append({"type": "reset_done"})
+    assert s.has_fd
+    assert store.close_idle_buffers(now=time.time() + SessionStore.IDLE_CLOSE_SECONDS + 1) == 1
+    assert not s.has_fd and store.open_buffers() == 0
+
+
+def _journaled_store(root: Path, sealer: Sealer) -> SessionStore:
+    from llmws_core.sessions.journal import SeqJournal
+
+    return SessionStore(root, sealer, journal=SeqJournal(root.parent / "journal.bin", sealer))
+
+
+def test_a_buffer_put_back_from_earlier_never_reuses_a_seq(root, sealer):
+    """An older buffer.jsonl restored after seqs 6..10 were handed out: the reload continues at 11 and replays 6..10 as corrupt_record."""
+    store = _journaled_store(root, sealer)
+    s = store.create()
+    _fill(s, 5)
+    s.save_state()
+    store.sync_dirty()
+    old_buffer = (root / s.id / BUFFER_NAME).read_bytes()
+    _fill(s, 5, start=6)
+    store.sync_dirty()  # the journal now says seq 10
+    s.close()  # killed: no state save after seq 5
+    (root / s.id / BUFFER_NAME).write_bytes(old_buffer)
+    again = _journaled_store(root, sealer).get(s.id)
+    assert again.last_seq == 10 and again.integrity_problems >= 1
+    replay = again.replay(5)
+    assert replay == [corrupt_event(6)]
+    assert again.append({"type": "pong"})["seq"] == 11
+
+
+def test_a_whole_session_put_back_from_earlier_is_refused(root, sealer, tmp_path):
+    """An older copy of a session's folder (state and buffer) restored over a newer one is refused as corrupt, not resumed with seqs the client saw."""
+    import shutil
+
+    store = _journaled_store(root, sealer)
+    s = store.create()
+    _fill(s, 3)
+    s.save_state()
+    store.sync_dirty()
+    shutil.copytree(root / s.id, tmp_path / "backup")
+    _fill(s, 3, start=4)
+    s.save_state()
+    store.close_all()
+    shutil.rmtree(root / s.id)
+    shutil.copytree(tmp_path / "backup", root / s.id)
+    with pytest.raises(errors.CorruptRecord):
+        _journaled_store(root, sealer).get(s.id)
+
+
+def test_the_journal_survives_restarts_and_forgets_deleted_sessions(root, sealer):
+    """Marks are kept across reopenings (compacted), and a deleted session's mark goes with it."""
+    from llmws_core.sessions.journal import SeqJournal
+
+    store = _journaled_store(root, sealer)
+    keep, drop = store.create(), store.create()
+    _fill(keep, 4)
+    _fill(drop, 2)
+    store.sync_dirty()
+    store._delete(drop.id)
+    store.close_all()
+    journal = SeqJournal(root.parent / "journal.bin", sealer)
+    assert journal.get(keep.id)[0] == 4 and journal.get(drop.id) is None
+    assert len((root.parent / "journal.bin").read_bytes().splitlines()) == 1
+
+
+def test_the_journal_is_compacted_as_it_grows(root, sealer, monkeypatch):
+    """Past COMPACT_AFTER appended lines the journal is rewritten as one, keeping every mark."""
+    from llmws_core.sessions import journal as journal_mod
+
+    monkeypatch.setattr(journal_mod, "COMPACT_AFTER", 5)
+    j = journal_mod.SeqJournal(root.parent / "journal.bin", sealer)
+    for i in range(1, 9):
+        j.record({"a": (i, 1), "b": (i * 2, 1)})
+    assert len((root.parent / "journal.bin").read_bytes().splitlines()) <= 5
+    again = journal_mod.SeqJournal(root.parent / "journal.bin", sealer)
+    assert again.get("a") == (8, 1) and again.get("b") == (16, 1)

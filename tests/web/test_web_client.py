@@ -119,9 +119,10 @@ def test_chat_streams_and_a_reload_mid_reply_completes_it(browser: Any, daemon: 
         timeout=60 * MS,
     )
     assert page.is_enabled("#stop")
+    # The reply's text as the model wrote it (the bubble shows it rendered as Markdown).
     before = page.evaluate(
         "() => { const a = document.querySelector('.msg.assistant');"
-        " return {text: a.querySelector('.bubble').textContent, state: a.dataset.state}; }"
+        " return {text: window.llmws.text(0), state: a.dataset.state}; }"
     )
     seq_before = _state(page)["lastSeq"]
     assert before["state"] == "streaming", "the reload must land mid-reply"
@@ -135,7 +136,8 @@ def test_chat_streams_and_a_reload_mid_reply_completes_it(browser: Any, daemon: 
     assert replies.count() == 1, "replayed events must not create a second reply"
     assert page.locator(".msg.user").count() == 1
     assert page.locator(".msg.user .bubble").inner_text() == LONG_PROMPT
-    final = replies.first.locator(".bubble").text_content() or ""
+    assert (replies.first.locator(".bubble").text_content() or "").strip(), "the reply shows"
+    final = page.evaluate("() => window.llmws.text(0)") or ""
     assert final.strip(), "the reply after reload is not empty"
     assert final.startswith(before["text"]), (
         "what was shown before the reload is kept, not repeated"
@@ -243,7 +245,7 @@ def _set_max_tokens_mobile(page: Any, value: int) -> None:
 
 def test_a_required_api_key_is_asked_for_then_used(browser: Any, daemon_factory: Any) -> None:
     """Without the key the page says so and stops retrying; with it, the page connects."""
-    daemon = daemon_factory(config={"security": {"api_keys": ["k-123"], "require_api_key": True}})
+    daemon = daemon_factory(config={"security": {"api_keys": ["web-key-123-0123456789"], "require_api_key": True}})
     page = _new_page(browser)
     page.goto(daemon.http_url + "/ui")
     page.wait_for_function(
@@ -252,7 +254,7 @@ def test_a_required_api_key_is_asked_for_then_used(browser: Any, daemon_factory:
     )
     assert _state(page)["connected"] is False
     assert page.evaluate("() => document.activeElement.id") == "apiKey"
-    page.fill("#apiKey", "k-123")
+    page.fill("#apiKey", "web-key-123-0123456789")
     page.press("#apiKey", "Enter")
     _wait_connected(page)
     assert page.get_attribute("#status", "data-state") == "connected"

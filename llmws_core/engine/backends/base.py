@@ -48,6 +48,25 @@ class GenerationParams:
     #: tool call makes): remote backends pass it on to their provider, backends whose
     #: `supports_grammar` is true follow it as a grammar when `grammar` is empty.
     response_format: dict[str, Any] | None = None
+    #: Report each generated token's log-probability with this many most likely
+    #: alternatives (0: the chosen token's alone); None: off. Honoured by backends whose
+    #: `supports_logprobs` is true (others must refuse the request, never ignore it).
+    logprobs: int | None = None
+    #: Called with each generated token's `TokenLogprob` (in the backend's thread, just
+    #: before that token's text goes to `on_token`) when `logprobs` is set; None: the
+    #: entries are only collected into `GenerationResult.logprobs`.
+    on_logprob: Callable[[TokenLogprob], None] | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token, its log-probability under the model and the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    #: (token, logprob, bytes) of the most likely tokens at this step, likeliest first.
+    top: list[tuple[str, float, list[int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -57,6 +76,11 @@ class GenerationResult:
     finish_reason: FinishReason
     tokens_in: int
     tokens_out: int
+    #: Every generated token's log-probability when `GenerationParams.logprobs` was set.
+    logprobs: list[TokenLogprob] | None = None
+    #: The stop string that ended the reply (a request's `stop` or the template's), None
+    #: when it ended otherwise or the backend cannot tell (remote models).
+    stop_sequence: str | None = None
 
 
 @dataclass
@@ -139,6 +163,12 @@ class Backend(abc.ABC):
     #: Whether `GenerationParams.grammar` constrains sampling (llama.cpp's grammar sampler).
     supports_grammar: bool = False
 
+    #: Whether `GenerationParams.logprobs` is honoured (log-probabilities from the logits).
+    supports_logprobs: bool = False
+
+    #: Whether `complete` continues raw text (no chat template): `/v1/completions`.
+    supports_completion: bool = False
+
     #: Where a backend with a prefix cache seals evicted KV prefixes (set by the model
     #: manager before `load`); None: RAM only. See engine/prefixes.py.
     prefixes: PrefixStore | None = None
@@ -171,6 +201,38 @@ class Backend(abc.ABC):
         returns finish_reason "cancelled". Raises `ContextTooLong` when the prompt
         does not fit `info.max_context`.
         """
+
+    def complete(
+        self,
+        prompt: str | list[int],
+        params: GenerationParams,
+        on_token: TokenCallback,
+        cancelled: CancelCheck,
+    ) -> GenerationResult:
+        """Continue `prompt` (raw text or token ids, no chat template) as `generate` does.
+
+        Only backends whose `supports_completion` is true implement it."""
+        from ... import errors
+
+        raise errors.Unsupported(f"The {self.name} backend cannot continue raw text.")
+
+    def count_prompt(self, prompt: str | list[int]) -> int:
+        """Tokens of a raw prompt as `complete` would feed it (backends with `supports_completion`)."""
+        from ... import errors
+
+        raise errors.Unsupported(f"The {self.name} backend cannot continue raw text.")
+
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        """Token ids of plain text (`add_special`: with the BOS/special tokens the model adds)."""
+        from ... import errors
+
+        raise errors.Unsupported(f"The {self.name} backend cannot tokenize.")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids."""
+        from ... import errors
+
+        raise errors.Unsupported(f"The {self.name} backend cannot detokenize.")
 
     def tokenize_text(self, text: str) -> int:
         """Token count of plain text (for limits and summaries); default: chat-render it."""

@@ -37,7 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ... import errors
-from .base import CancelCheck, GenerationParams, GenerationResult, TokenCallback, token_burst
+from .base import (
+    CancelCheck,
+    GenerationParams,
+    GenerationResult,
+    TokenCallback,
+    TokenLogprob,
+    token_burst,
+)
 from .stops import StopMatcher  # noqa: F401  (re-exported for callers)
 
 logger = logging.getLogger("llmws.engine.batching")
@@ -103,6 +110,10 @@ class Sequence:
     result: GenerationResult | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    #: Log-probabilities of the tokens so far (when `params.logprobs` is set), and the
+    #: entry of the token just sampled, taken by `_accept`.
+    logprobs: list[TokenLogprob] | None = None
+    sampled_logprob: TokenLogprob | None = None
 
 
 ErrorMap = Callable[[BaseException], errors.LLMWSError]
@@ -387,7 +398,27 @@ class BatchScheduler:
                 out.append(int(greedy[i]))
             else:
                 out.append(self._sample_row(logits[i].float(), seq))
+            if p.logprobs is not None:
+                seq.sampled_logprob = self._logprob(logits[i], out[-1], p.logprobs)
         return out
+
+    def _logprob(self, row: Any, token: int, top: int) -> TokenLogprob:
+        """The token's log-probability (log-softmax of the raw logits) and the `top` likeliest."""
+        torch = self._torch
+        logp = torch.log_softmax(row.float(), dim=-1)
+
+        def piece(t: int) -> tuple[str, list[int]]:
+            text = self._decode([t])
+            return text, list(text.encode("utf-8"))
+
+        alternatives = []
+        if top > 0:
+            values, ids = torch.topk(logp, top)
+            for v, t in zip(values.tolist(), ids.tolist(), strict=True):
+                text, raw = piece(int(t))
+                alternatives.append((text, float(v), raw))
+        text, raw = piece(token)
+        return TokenLogprob(text, float(logp[token]), raw, alternatives)
 
     def _sample_row(self, row: Any, seq: Sequence) -> int:
         torch = self._torch
@@ -424,6 +455,16 @@ class BatchScheduler:
         seq.n_out += 1
         seq.last_token = token
         seq.seen.add(token)
+        if seq.sampled_logprob is not None:
+            entry, seq.sampled_logprob = seq.sampled_logprob, None
+            if seq.logprobs is None:
+                seq.logprobs = []
+            seq.logprobs.append(entry)
+            if seq.params.on_logprob is not None:
+                try:
+                    seq.params.on_logprob(entry)
+                except Exception:
+                    logger.exception("logprob callback failed")
         text, hit = seq.matcher.feed(seq.detok.push(token))
         if text and not self._emit(seq, text):
             return True
@@ -451,7 +492,9 @@ class BatchScheduler:
                 text += seq.matcher.flush()
             if text and not self._emit(seq, text):
                 return
-        seq.result = GenerationResult(reason, len(seq.prompt_ids), seq.n_out)  # type: ignore[arg-type]
+        matched = seq.matcher.matched if seq.matcher is not None else None
+        logprobs = (seq.logprobs or []) if seq.params.logprobs is not None else None
+        seq.result = GenerationResult(reason, len(seq.prompt_ids), seq.n_out, logprobs, stop_sequence=matched)  # type: ignore[arg-type]
         seq.done.set()
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:

@@ -172,6 +172,8 @@ class LlamaCppBackend(Backend):
         )
         self.max_concurrency = n_slots
         self.supports_grammar = True
+        self.supports_logprobs = True
+        self.supports_completion = True
         arch = meta.get("general.architecture", "")
         self.info.n_ctx_train = trained
         self.info.max_context = self._engine.max_context
@@ -328,6 +330,48 @@ class LlamaCppBackend(Backend):
             # JSON mode, forced tool calls: the grammar sampler keeps the reply to the format.
             params = dataclasses.replace(params, grammar=grammar_for(params.response_format))
         tokens, template_stops = self.tokenize_prompt(messages)
+        stops = list(params.stop) + [s for s in template_stops if s]
+        return self._submit(engine, tokens, stops, params, on_token, cancelled, persist=persist)
+
+    def complete(
+        self,
+        prompt: str | list[int],
+        params: GenerationParams,
+        on_token: TokenCallback,
+        cancelled: CancelCheck,
+    ) -> GenerationResult:
+        """Continue raw text or token ids (no chat template; `/v1/completions`)."""
+        engine = self._require()
+        if params.response_format and not params.grammar:
+            params = dataclasses.replace(params, grammar=grammar_for(params.response_format))
+        tokens = self.prompt_tokens(prompt)
+        return self._submit(engine, tokens, list(params.stop), params, on_token, cancelled)
+
+    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+        """The tokens a raw prompt is (BOS first where the model wants one); ids are checked."""
+        self._require()
+        if isinstance(prompt, str):
+            add_bos = bool(self._ll.llama_vocab_get_add_bos(self._vocab)) and not (
+                self._bos_text and prompt.startswith(self._bos_text)
+            )
+            tokens = self._tokenize(prompt, add_bos=add_bos, special=True)
+        else:
+            n_vocab = int(self._ll.llama_vocab_n_tokens(self._vocab))
+            if any(not 0 <= t < n_vocab for t in prompt):
+                raise errors.BadRequest(f"Token ids must lie in 0..{n_vocab - 1} for this model.")
+            tokens = list(prompt)
+        if not tokens:
+            raise errors.BadRequest("The prompt is empty.")
+        return tokens
+
+    def count_prompt(self, prompt: str | list[int]) -> int:
+        """Tokens of a raw prompt (see `prompt_tokens`)."""
+        return len(self.prompt_tokens(prompt))
+
+    def _submit(
+        self, engine: BatchEngine, tokens: list[int], stops: list[str], params: GenerationParams,
+        on_token: TokenCallback, cancelled: CancelCheck, *, persist: bool = False,
+    ) -> GenerationResult:
         n_in = len(tokens)
         n_ctx = engine.max_context
         if n_in + 1 > n_ctx:
@@ -337,7 +381,7 @@ class LlamaCppBackend(Backend):
         req = Request(
             tokens=tokens,
             params=params,
-            stops=list(params.stop) + [s for s in template_stops if s],
+            stops=stops,
             on_token=on_token,
             cancelled=cancelled,
             budget=max(1, min(params.max_new_tokens, n_ctx - n_in)),
@@ -346,6 +390,19 @@ class LlamaCppBackend(Backend):
         if params.cache_key is not None:
             req.restored = engine.load_prefix(params.cache_key, tokens)
         return engine.submit(req)
+
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        self._require()
+        add_bos = add_special and bool(self._ll.llama_vocab_get_add_bos(self._vocab))
+        return self._tokenize(text, add_bos=add_bos, special=True)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids (what `/detokenize` shows)."""
+        engine = self._require()
+        n_vocab = int(self._ll.llama_vocab_n_tokens(self._vocab))
+        if any(not 0 <= t < n_vocab for t in tokens):
+            raise errors.BadRequest(f"Token ids must lie in 0..{n_vocab - 1} for this model.")
+        return b"".join(engine._piece_of(t) for t in tokens).decode("utf-8", errors="replace")
 
     def warm_prefix(self, messages: Sequence[Message], cache_key: str | None) -> tuple[int, bool]:
         """Evaluate `messages` into `cache_key`'s slot and store the KV on disk.

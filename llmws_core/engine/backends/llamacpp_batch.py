@@ -54,7 +54,14 @@ import numpy as np
 
 from ... import errors
 from ..prefixes import PrefixStore
-from .base import CancelCheck, GenerationParams, GenerationResult, TokenCallback, token_burst
+from .base import (
+    CancelCheck,
+    GenerationParams,
+    GenerationResult,
+    TokenCallback,
+    TokenLogprob,
+    token_burst,
+)
 from .stops import StopMatcher
 from .threads import ThreadGovernor
 
@@ -108,6 +115,7 @@ class Slot:
     greedy: bool = False  # plain argmax: no native sampler chain
     matcher: StopMatcher | None = None
     out_row: int = -1  # this step's logits row in the batch, -1: none
+    logprobs: list[TokenLogprob] | None = None  # collected when the request asks for them
 
 
 class BatchEngine:
@@ -378,6 +386,7 @@ class BatchEngine:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.matcher = StopMatcher(req.stops)
         p = req.params
+        slot.logprobs = [] if p.logprobs is not None else None
         slot.greedy = self.fast_greedy and p.temperature <= 0 and not p.grammar and (not p.repeat_penalty or p.repeat_penalty == 1.0)
         slot.sampler = None if slot.greedy else self._sampler(p, req.tokens)
         logger.debug("slot %d: %d prompt tokens, %d reused", slot.seq_id, len(req.tokens), n_keep)
@@ -500,6 +509,14 @@ class BatchEngine:
             slot.n_out += 1
             k = to_piece(self.vocab, t, buf, 256, 0, False)
             piece = buf.raw[:k] if k >= 0 else _long_piece(ll, self.vocab, t, -k)
+            if slot.logprobs is not None:
+                entry = self._logprob(slot.out_row, t, piece, req.params.logprobs or 0)
+                slot.logprobs.append(entry)
+                if req.params.on_logprob is not None:
+                    try:
+                        req.params.on_logprob(entry)
+                    except Exception:
+                        logger.exception("logprob callback failed")
             text, hit = slot.matcher.feed(slot.decoder.decode(piece))  # type: ignore[union-attr]
             if text:
                 try:
@@ -516,6 +533,26 @@ class BatchEngine:
             else:
                 slot.next_token = t
 
+    def _logprob(self, row: int, token: int, piece: bytes, top: int) -> TokenLogprob:
+        """The chosen token's log-probability (log-softmax of the raw logits, before any
+        sampling transform) and the `top` likeliest tokens of this step."""
+        ptr = self.ll.llama_get_logits_ith(self.ctx, row)
+        logits = np.frombuffer(self._logits_row.from_address(ctypes.addressof(ptr.contents)), np.float32)
+        peak = float(logits.max())
+        lse = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+        alternatives: list[tuple[str, float, list[int]]] = []
+        if top > 0:
+            ids = np.argpartition(-logits, top)[:top]
+            for i in ids[np.argsort(-logits[ids], kind="stable")]:
+                raw = self._piece_of(int(i))
+                alternatives.append((raw.decode("utf-8", errors="replace"), float(logits[i]) - lse, list(raw)))
+        return TokenLogprob(piece.decode("utf-8", errors="replace"), float(logits[token]) - lse, list(piece), alternatives)
+
+    def _piece_of(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        k = self.ll.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        return buf.raw[:k] if k >= 0 else _long_piece(self.ll, self.vocab, token, -k)
+
     def _finish(self, slot: Slot, reason: str, *, flush: bool = True) -> None:
         req = slot.req
         assert req is not None
@@ -527,7 +564,8 @@ class BatchEngine:
                     req.on_token(tail)
                 except Exception:
                     logger.exception("token callback failed")
-        req.result = GenerationResult(reason, len(req.tokens), slot.n_out)  # type: ignore[arg-type]
+        matched = slot.matcher.matched if slot.matcher is not None else None
+        req.result = GenerationResult(reason, len(req.tokens), slot.n_out, slot.logprobs, stop_sequence=matched)  # type: ignore[arg-type]
         if req.persist:
             self._store(slot)
         self._release(slot, wipe=False)

@@ -11,6 +11,8 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
         self.pending = ""
+        #: The stop string that matched (the earliest in the text), None until one does.
+        self.matched: str | None = None
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; return (text safe to emit now, whether a stop string matched)."""
@@ -21,7 +23,7 @@ class StopMatcher:
         for stop in self.stops:
             idx = self.pending.find(stop)
             if idx != -1 and (first == -1 or idx < first):
-                first = idx
+                first, self.matched = idx, stop
         if first != -1:
             out = self.pending[:first]
             self.pending = ""

@@ -345,6 +345,8 @@ class TransformersBackend(Backend):
             cache_keyword=cache_kw,
         )
         self._scheduler.start()
+        self.supports_logprobs = True
+        self.supports_completion = True
         if self._compile:
             self._warm_up()
 
@@ -436,6 +438,15 @@ class TransformersBackend(Backend):
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self.prompt_ids(messages))
 
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def detokenize(self, tokens: list[int]) -> str:
+        vocab = len(self._tokenizer)
+        if any(not 0 <= t < vocab for t in tokens):
+            raise errors.BadRequest(f"Token ids must lie in 0..{vocab - 1} for this model.")
+        return str(self._tokenizer.decode(tokens, skip_special_tokens=False))
+
     def tokenize_text(self, text: str) -> int:
         self._require()
         with self._tok_lock:
@@ -450,10 +461,38 @@ class TransformersBackend(Backend):
         on_token: TokenCallback,
         cancelled: CancelCheck,
     ) -> GenerationResult:
+        return self._run(self.prompt_ids(messages), list(params.stop) + self._template_stops, params, on_token, cancelled)
+
+    def complete(
+        self,
+        prompt: str | list[int],
+        params: GenerationParams,
+        on_token: TokenCallback,
+        cancelled: CancelCheck,
+    ) -> GenerationResult:
+        """Continue raw text or token ids (no chat template; `/v1/completions`)."""
+        return self._run(self.raw_prompt_ids(prompt), list(params.stop), params, on_token, cancelled)
+
+    def raw_prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """The ids of a raw prompt (the tokenizer's special tokens added); ids are checked."""
+        self._require()
+        ids = self.tokenize(prompt, add_special=True) if isinstance(prompt, str) else list(prompt)
+        vocab = len(self._tokenizer)
+        if any(not 0 <= t < vocab for t in ids):
+            raise errors.BadRequest(f"Token ids must lie in 0..{vocab - 1} for this model.")
+        if not ids:
+            raise errors.BadRequest("The prompt is empty.")
+        return ids
+
+    def count_prompt(self, prompt: str | list[int]) -> int:
+        return len(self.raw_prompt_ids(prompt))
+
+    def _run(
+        self, ids: list[int], stops: list[str], params: GenerationParams, on_token: TokenCallback, cancelled: CancelCheck,
+    ) -> GenerationResult:
         from .batching import Sequence as Request
 
         scheduler = self._require()
-        ids = self.prompt_ids(messages)
         n_in = len(ids)
         limit = self.info.max_context
         if n_in + 1 > limit:
@@ -465,7 +504,7 @@ class TransformersBackend(Backend):
             on_token=on_token,
             cancelled=cancelled,
             budget=budget,
-            stops=list(params.stop) + self._template_stops,
+            stops=stops,
         )
         return scheduler.run(request)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -338,3 +339,55 @@ def test_template_start_is_shared_but_no_session_text(backend: LlamaCppBackend) 
     finally:
         b.unload()
     assert shared_text == cold
+
+
+def test_logprobs_are_real_log_probabilities(backend: LlamaCppBackend) -> None:
+    """Each greedy token comes with its log-probability, the likeliest alternatives first, and
+    the chosen token is the top alternative; the token texts spell the reply."""
+    seen = []
+    params = greedy(12, logprobs=3, on_logprob=seen.append)
+    text, _, res = run(backend, PROMPTS[2], params)
+    assert res.logprobs is not None and len(res.logprobs) == res.tokens_out == len(seen)
+    assert "".join(e.token for e in res.logprobs).startswith(text[:1]) and text.startswith("".join(e.token for e in res.logprobs)[:len(text)])
+    for entry in res.logprobs:
+        assert entry.logprob <= 0 and len(entry.top) == 3
+        values = [lp for _, lp, _ in entry.top]
+        assert values == sorted(values, reverse=True)
+        assert entry.top[0][0] == entry.token and abs(entry.top[0][1] - entry.logprob) < 1e-6
+        assert sum(math.exp(v) for v in values) <= 1 + 1e-5
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    no_lp = run(backend, PROMPTS[2], greedy(12))[2]
+    assert no_lp.logprobs is None
+
+
+def test_logprobs_match_llama_cpp_python(backend: LlamaCppBackend) -> None:
+    """The first token's log-probability and alternatives agree with llama-cpp-python's own for the
+    same raw prompt (up to the rounding a different context layout gives, a few hundredths)."""
+    import llama_cpp
+
+    prompt = "The capital of France is"
+    res = backend.complete(prompt, greedy(1, logprobs=2), lambda _t: None, lambda: False)
+    ref = llama_cpp.Llama(str(MODEL), n_ctx=256, logits_all=True, verbose=False)
+    try:
+        out = ref.create_completion(prompt, max_tokens=1, temperature=0.0, logprobs=2)
+    finally:
+        ref.close()
+    expected = out["choices"][0]["logprobs"]
+    assert res.logprobs is not None
+    assert res.logprobs[0].token == expected["tokens"][0]
+    assert abs(res.logprobs[0].logprob - expected["token_logprobs"][0]) < 5e-2
+    ref_top = sorted(expected["top_logprobs"][0].items(), key=lambda kv: -kv[1])
+    assert [t for t, _, _ in res.logprobs[0].top] == [t for t, _ in ref_top]
+
+
+def test_complete_continues_raw_text_and_token_ids(backend: LlamaCppBackend) -> None:
+    """complete() continues a raw prompt without the chat template; token ids give the same text."""
+    pieces: list[str] = []
+    res = backend.complete("1, 2, 3, 4,", greedy(8), pieces.append, lambda: False)
+    assert res.tokens_out > 0 and "5" in "".join(pieces)
+    tokens = backend._tokenize("1, 2, 3, 4,", add_bos=False, special=True)
+    again: list[str] = []
+    res2 = backend.complete(tokens, greedy(8), again.append, lambda: False)
+    assert "".join(again) == "".join(pieces) and res2.tokens_in == res.tokens_in
+    with pytest.raises(errors.BadRequest):
+        backend.complete([10**9], greedy(2), lambda _t: None, lambda: False)

@@ -571,3 +571,34 @@ def test_compiled_decode_step_gives_the_same_replies(tiny_dir: Path, backend: Tr
         assert run_concurrently(b, [(p, greedy(20)) for p in prompts]) == expected
     finally:
         b.unload()
+
+
+def test_logprobs_match_a_direct_forward_pass(backend: TransformersBackend, tiny_dir: Path) -> None:
+    """Each token's logprob is the model's own log-softmax at that step; the greedy token is the top alternative."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+    text, res = run(backend, chat("hello"), greedy(5, logprobs=2, on_logprob=seen.append))
+    assert res.logprobs is not None and len(res.logprobs) == res.tokens_out == len(seen)
+    for e in res.logprobs:
+        assert e.top[0][1] == pytest.approx(e.logprob, abs=1e-6) and len(e.top) == 2
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
+    ids = backend.prompt_ids(chat("hello"))
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    first = torch.log_softmax(logits.float(), dim=-1)
+    assert res.logprobs[0].logprob == pytest.approx(float(first.max()), abs=1e-3)
+
+
+def test_complete_continues_raw_text_or_ids(backend: TransformersBackend) -> None:
+    """complete() continues a raw prompt without the chat template; its ids give the same text."""
+    pieces: list[str] = []
+    res = backend.complete("hello there", greedy(6), pieces.append, lambda: False)
+    ids = backend.raw_prompt_ids("hello there")
+    again: list[str] = []
+    res2 = backend.complete(ids, greedy(6), again.append, lambda: False)
+    assert res.tokens_in == res2.tokens_in == len(ids) < len(backend.prompt_ids(chat("hello there")))
+    assert "".join(pieces) == "".join(again)
+    with pytest.raises(errors.BadRequest):
+        backend.complete([10**9], greedy(2), lambda _t: None, lambda: False)
