@@ -39,6 +39,10 @@ GENERATION_THREADS = 256
 
 Subscriber = Callable[[dict[str, Any]], None]
 
+#: The state key of a session that holds a stored response (services/responses.py)
+#: rather than a conversation: never resumed as one, never sent broadcasts.
+RESPONSE_STATE = "response"
+
 #: Who the current request comes from, for the per-client limit: the door sets it
 #: ("<address>|<key digest or none>") when a connection or request starts; tasks it
 #: creates (session jobs) inherit it. None: no limit applies (internal work).
@@ -172,6 +176,8 @@ class ChatService:
             return self._new_session(owner, null_origin), False, unknown
         except errors.CorruptRecord:
             return self._new_session(owner, null_origin), False, "That session's stored data failed its integrity check; a new one was started."
+        if RESPONSE_STATE in session.state:  # a stored response, not a conversation
+            return self._new_session(owner, null_origin), False, unknown
         if not self._owned_by(session, owner):
             logger.warning("session %s: refused a resume by another key", session.id)
             return self._new_session(owner, null_origin), False, unknown
@@ -303,6 +309,8 @@ class ChatService:
             try:
                 session = self.store.get(sid)
             except errors.LLMWSError:
+                continue
+            if RESPONSE_STATE in session.state:  # a stored response's stream holds its own events only
                 continue
             body = dict(event)
             if origin is not None and sid == origin.id and extra:

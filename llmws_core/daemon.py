@@ -33,6 +33,7 @@ from .services import Services
 from .services.embeddings import EmbeddingService
 from .services.generation import GenerationService
 from .services.models import ModelService
+from .services.responses import ResponseService
 from .services.sessions import SessionService
 from .sessions.crypto import Sealer, load_or_create_master_key, private_dir
 from .sessions.journal import SeqJournal
@@ -131,13 +132,15 @@ class App:
                 "(or LLMWS_API_KEYS) or bind 127.0.0.1."
             )
         model_service = ModelService(self.models, self.chat, settings)
+        generation = GenerationService(self.chat, model_service)
         self.services = Services(
             settings=settings,
-            generation=GenerationService(self.chat, model_service),
+            generation=generation,
             models=model_service,
             sessions=SessionService(self.chat),
             embeddings=EmbeddingService(settings, self.models),
             keys_required=self.keys_required,
+            responses=ResponseService(generation, self.chat),
         )
         self.runtime = self.services.runtime
 

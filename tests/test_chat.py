@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from llmws_core.chat import ChatService, Handoff
+from llmws_core.chat import RESPONSE_STATE, ChatService, Handoff
 from llmws_core.config import Settings
 from llmws_core.engine.backends.base import token_burst
 from llmws_core.sessions.crypto import Sealer
@@ -154,3 +154,18 @@ def test_a_marker_saved_by_an_earlier_version_is_still_closed_out(tmp_path: Path
     chat2 = ChatService(Settings(), SessionStore(tmp_path / "sessions", Sealer(b"k" * 32)), None)  # type: ignore[arg-type]
     resumed, _, _ = chat2.open_session(session.id)
     assert [e["finish_reason"] for e in resumed.replay(0) if e["type"] == "done"] == ["interrupted"]
+
+
+def test_broadcasts_skip_a_stored_response_being_read(tmp_path: Path) -> None:
+    """A broadcast (a model switch) reaches a conversation's readers but never lands in a
+    stored response's stream, whose events are the response's own."""
+    chat, store = _chat(tmp_path)
+    conversation = chat._new_session()
+    response = store.create()
+    response.state[RESPONSE_STATE] = {"id": "resp_x"}
+    got: list[dict[str, object]] = []
+    chat.subscribe(conversation, 0, got.append)
+    chat.subscribe(response, 0, got.append)
+    chat.broadcast({"type": "model_switched", "model": {"name": "m"}})
+    assert [e["type"] for e in got] == ["model_switched"]
+    assert response.replay(0) == [] and len(conversation.replay(0)) == 1

@@ -4,6 +4,7 @@ One module per surface (a door), each a thin translator over the services:
 
 - openai.py            `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions` (the official SDK,
                        LiteLLM, curl)
+- responses.py         `/v1/responses` (OpenAI's Responses API: stored, resumable responses)
 - completions.py       `/v1/completions` (raw-text continuation)
 - embeddings.py        `/v1/embeddings` over the embedding service
 - choices.py           what chat and text completions share: `n`, logprobs, system_fingerprint
@@ -53,6 +54,7 @@ from . import (
     nash,
     ollama,
     openai,
+    responses,
     sessions,
     tokenize,
 )
@@ -71,7 +73,7 @@ WEB_VENDOR = REPO_ROOT / "vendor"
 #: Surfaces with an error shape of their own: each has `owns_path(path) -> bool` and
 #: `error_body(event: ErrorEvent, param: str | None) -> dict`. Every other route
 #: answers {"detail": ..., "code": ...}.
-ERROR_SHAPES: tuple[Any, ...] = (openai, tokenize, anthropic, ollama)
+ERROR_SHAPES: tuple[Any, ...] = (openai, responses, tokenize, anthropic, ollama)
 
 
 def _error_shape(request: Request) -> Any:
@@ -170,7 +172,7 @@ def create_app(app: Services) -> FastAPI:
         api.mount("/vendor", StaticFiles(directory=WEB_VENDOR), name="vendor")
 
     for module in (
-        openai, completions, embeddings, tokenize, anthropic, ollama, llamacpp_server, nash,
+        openai, responses, completions, embeddings, tokenize, anthropic, ollama, llamacpp_server, nash,
         hf_server, sessions,
     ):
         api.include_router(module.router)
@@ -180,7 +182,7 @@ def create_app(app: Services) -> FastAPI:
         api.add_middleware(
             CORSMiddleware,
             allow_origins=sec.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "Last-Event-ID"],
         )
     api.add_middleware(CrossSiteGuard, app=app, respond=_error_response)

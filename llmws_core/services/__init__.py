@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from .embeddings import EmbeddingService
 from .generation import GenerationService
 from .models import ModelService
+from .responses import ResponseService
 from .sessions import SessionService
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class Services:
     sessions: SessionService
     #: Whether every request needs an API key (beyond loopback, or configured so).
     keys_required: bool
+    #: Stored, resumable responses (OpenAI's Responses API).
+    responses: ResponseService
     runtime: Runtime = field(default_factory=Runtime)
 
     @property

@@ -23,9 +23,9 @@ from ..conftest import DaemonProcess, scaled
 schemathesis = pytest.importorskip("schemathesis")
 
 #: Fields that set how many tokens a request may generate.
-TOKEN_FIELDS = ("max_tokens", "max_new_tokens", "max_completion_tokens", "n_predict")
+TOKEN_FIELDS = ("max_tokens", "max_new_tokens", "max_completion_tokens", "n_predict", "max_output_tokens")
 #: Operations that run the model (fewer examples: each may generate).
-GENERATING = ("chat", "completions", "summarize", "restore_cache", "blocking", "stream")
+GENERATING = ("chat", "completions", "summarize", "restore_cache", "blocking", "stream", "responses")
 
 
 @pytest.fixture(scope="module")
