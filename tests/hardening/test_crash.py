@@ -217,13 +217,22 @@ async def _two_replies_then_kill(daemon: DaemonProcess, first_tokens: int) -> tu
                 "config": {"temperature": 0, "max_new_tokens": tokens},
             }
         )
-    await peer.until("start", 120, request_id="a")
+    # Which of two concurrent replies announces its start first is not fixed (they prefill
+    # in one batch): wait for what each needs, in whatever order it comes.
+    def got(kind: str, rid: str) -> bool:
+        return any(e.get("type") == kind and e.get("request_id") == rid for e in peer.events)
+
+    async def until_seen(kind: str, rid: str) -> None:
+        while not got(kind, rid):
+            await peer.recv(120)
+
+    await until_seen("start", "a")
     if first_tokens < 250:
-        await peer.until("done", 120, request_id="a")
+        await until_seen("done", "a")
         await asyncio.sleep(0.5)  # the state saying `a` is complete reaches the disk
     else:
-        await peer.until("start", 120, request_id="b")
-    await peer.until("token", 120, request_id="b")
+        await until_seen("start", "b")
+    await until_seen("token", "b")
     daemon.kill()
     seen = [e for e in peer.events if "seq" in e]
     peer.ws.transport.abort()
