@@ -34,29 +34,19 @@ def _llamacpp(entry: ModelEntry, settings: Settings) -> Backend:
     from .backends.llamacpp import LlamaCppBackend
 
     m = settings.model
+    options = {
+        "n_ctx": m.n_ctx,
+        "max_context_cap": m.max_context_cap,
+        "n_threads": m.n_threads,
+        "n_gpu_layers": m.n_gpu_layers,
+        "n_batch": m.n_batch,
+        "display_name": entry.name,
+    }
     if entry.mmproj is not None:  # a vision model: served with its projector
         from .backends.llamacpp_vision import LlamaCppVisionBackend
 
-        return LlamaCppVisionBackend(
-            entry.path,
-            entry.mmproj,
-            n_ctx=m.n_ctx,
-            max_context_cap=m.max_context_cap,
-            n_threads=m.n_threads,
-            n_gpu_layers=m.n_gpu_layers,
-            n_batch=m.n_batch,
-            display_name=entry.name,
-        )
-    return LlamaCppBackend(
-        entry.path,
-        n_ctx=m.n_ctx,
-        max_context_cap=m.max_context_cap,
-        n_threads=m.n_threads,
-        n_gpu_layers=m.n_gpu_layers,
-        n_batch=m.n_batch,
-        display_name=entry.name,
-        parallel=m.max_batch,
-    )
+        return LlamaCppVisionBackend(entry.path, entry.mmproj, **options)
+    return LlamaCppBackend(entry.path, parallel=m.max_batch, **options)
 
 
 def _transformers(entry: ModelEntry, settings: Settings) -> Backend:
