@@ -18,7 +18,11 @@ _VENV_PYTHON = Path(__file__).resolve().parent / ".venv" / "bin" / "python"
 try:
     import websockets  # noqa: F401  (the one package the client needs)
 except ImportError:
-    if __name__ == "__main__" and _VENV_PYTHON.exists() and Path(sys.prefix).resolve() != _VENV_PYTHON.parent.parent.resolve():
+    if (
+        __name__ == "__main__"
+        and _VENV_PYTHON.exists()
+        and Path(sys.prefix).resolve() != _VENV_PYTHON.parent.parent.resolve()
+    ):
         os.execv(str(_VENV_PYTHON), [str(_VENV_PYTHON), __file__, *sys.argv[1:]])
     raise ImportError(
         "llm.py needs the project's packages: run `make setup` (or `make run`), then use "

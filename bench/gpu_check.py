@@ -44,7 +44,9 @@ def greedy(n: int) -> GenerationParams:
 
 def run_one(backend, prompt: str, n: int) -> tuple[int, float]:
     stamps: list[float] = []
-    result = backend.generate([{"role": "user", "content": prompt}], greedy(n), lambda t: stamps.append(time.perf_counter()), lambda: False)
+    result = backend.generate(
+        [{"role": "user", "content": prompt}], greedy(n), lambda t: stamps.append(time.perf_counter()), lambda: False
+    )
     if len(stamps) < 2:
         return result.tokens_out, 0.0
     return result.tokens_out, (result.tokens_out - 1) / (stamps[-1] - stamps[0])
@@ -54,7 +56,9 @@ def run_concurrent(backend, prompt: str, n: int, k: int) -> float:
     totals = [0] * k
 
     def worker(i: int) -> None:
-        totals[i] = backend.generate([{"role": "user", "content": f"{prompt} ({i})"}], greedy(n), lambda t: None, lambda: False).tokens_out
+        totals[i] = backend.generate(
+            [{"role": "user", "content": f"{prompt} ({i})"}], greedy(n), lambda t: None, lambda: False
+        ).tokens_out
 
     start = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(k)]
@@ -81,11 +85,20 @@ def main() -> int:
     dtype = devpolicy.choose_dtype("auto", caps)
     attention = devpolicy.choose_attention("auto", caps, dtype)
     rows += [
-        ("GPU", f"{caps.device_name} (sm_{caps.compute_capability[0]}{caps.compute_capability[1]})" if caps.compute_capability else str(caps.device_name)),
+        (
+            "GPU",
+            f"{caps.device_name} (sm_{caps.compute_capability[0]}{caps.compute_capability[1]})"
+            if caps.compute_capability
+            else str(caps.device_name),
+        ),
         ("dtype chosen", dtype),
         ("attention chosen", attention),
-        ("expected", ("bfloat16" if caps.compute_capability and caps.compute_capability >= (8, 0) else "float16")
-         + " / " + ("flash_attention_2" if caps.flash_attn else "sdpa")),
+        (
+            "expected",
+            ("bfloat16" if caps.compute_capability and caps.compute_capability >= (8, 0) else "float16")
+            + " / "
+            + ("flash_attention_2" if caps.flash_attn else "sdpa"),
+        ),
     ]
 
     from llmws_core.engine.backends.transformers import TransformersBackend
@@ -100,7 +113,9 @@ def main() -> int:
     loaded = nvml_used_mb()
     info = backend.info
     rows.append(("model", f"{info.name} ({info.dtype}, {info.attention}, {info.device})"))
-    rows.append(("weights on GPU (NVML)", f"{loaded - before:.0f} MB" if before is not None and loaded is not None else "n/a"))
+    rows.append(
+        ("weights on GPU (NVML)", f"{loaded - before:.0f} MB" if before is not None and loaded is not None else "n/a")
+    )
 
     cfg = backend.model_config_dict() if hasattr(backend, "model_config_dict") else None
     arch = None
@@ -109,8 +124,11 @@ def main() -> int:
         if model is not None:
             c = model.config
             heads = c.num_attention_heads
-            arch = ArchInfo(c.num_hidden_layers, getattr(c, "num_key_value_heads", heads) or heads,
-                            getattr(c, "head_dim", None) or c.hidden_size // heads)
+            arch = ArchInfo(
+                c.num_hidden_layers,
+                getattr(c, "num_key_value_heads", heads) or heads,
+                getattr(c, "head_dim", None) or c.hidden_size // heads,
+            )
     if arch is not None:
         est = kv_bytes_per_token(arch, devpolicy.DTYPE_BYTES[dtype])
         prompt = "word " * args.fill
@@ -120,7 +138,12 @@ def main() -> int:
         tokens = backend.count_tokens([{"role": "user", "content": prompt}]) + n
         measured = (post - pre) * 2**20 / tokens if pre is not None and post is not None else float("nan")
         rows.append(("KV bytes/token estimated", f"{est}"))
-        rows.append(("KV bytes/token measured (NVML growth / tokens)", f"{measured:.0f} (allocator caching can hide or inflate growth)"))
+        rows.append(
+            (
+                "KV bytes/token measured (NVML growth / tokens)",
+                f"{measured:.0f} (allocator caching can hide or inflate growth)",
+            )
+        )
 
     _, rate1 = run_one(backend, "Write a long story about a lighthouse.", args.tokens)
     rows.append(("decode tok/s, 1 stream", f"{rate1:.1f}"))

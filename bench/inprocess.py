@@ -53,7 +53,9 @@ def _prompt_tokens(llm: Any, messages: list[dict[str, str]]) -> list[int]:
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     meta = llm.metadata
-    fmt = Jinja2ChatFormatter(template=meta["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="<|im_start|>")
+    fmt = Jinja2ChatFormatter(
+        template=meta["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
     text = fmt(messages=messages).prompt
     return llm.tokenize(text.encode(), add_bos=False, special=True)  # type: ignore[no-any-return]
 

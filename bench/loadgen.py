@@ -32,14 +32,28 @@ class Daemon:
         (self.root / "config.json").write_text(json.dumps(cfg))
         ready = self.root / "ready.json"
         args = [
-            sys.executable, str(REPO / "llmws.py"), "--port", "0", "--http-port", "0",
-            "--var-dir", str(self.root / "var"), "--models-dir", str(self.root / "models"),
-            "--ready-file", str(ready), "--log-level", "WARNING", "--config", str(self.root / "config.json"),
+            sys.executable,
+            str(REPO / "llmws.py"),
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--var-dir",
+            str(self.root / "var"),
+            "--models-dir",
+            str(self.root / "models"),
+            "--ready-file",
+            str(ready),
+            "--log-level",
+            "WARNING",
+            "--config",
+            str(self.root / "config.json"),
         ]
         (self.root / "models").mkdir()
         self.log = open(self.root / "daemon.log", "wb")
-        self.proc = subprocess.Popen(args, cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(
+            args, cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
         deadline = time.monotonic() + 120
         while not ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -109,10 +123,12 @@ async def ws_run(url: str, concurrency: int, tokens: int = TOKENS, first: int | 
     config = {**GREEDY, "max_new_tokens": tokens}
     try:
         start = time.perf_counter()
-        streams = await asyncio.gather(*(
-            _inference(ws, {"prompt": prompt_for(None if first is None else first + i), "config": config})
-            for i, ws in enumerate(conns)
-        ))
+        streams = await asyncio.gather(
+            *(
+                _inference(ws, {"prompt": prompt_for(None if first is None else first + i), "config": config})
+                for i, ws in enumerate(conns)
+            )
+        )
         wall = max(s.stamps[-1] for s in streams) - start
         return Run("LLMWS over WebSocket", concurrency, list(streams), wall)
     finally:
@@ -125,8 +141,14 @@ async def http_run(base: str, concurrency: int, name: str = "LLMWS over HTTP (SS
     import httpx
 
     async def one(client: httpx.AsyncClient, i: int) -> Stream:
-        body = {"model": "default", "messages": messages_for(None if first is None else first + i), "stream": True,
-                "temperature": 0.0, "max_tokens": TOKENS, "stream_options": {"include_usage": True}}
+        body = {
+            "model": "default",
+            "messages": messages_for(None if first is None else first + i),
+            "stream": True,
+            "temperature": 0.0,
+            "max_tokens": TOKENS,
+            "stream_options": {"include_usage": True},
+        }
         s = Stream(sent=time.perf_counter())
         pieces: list[tuple[float, int]] = []  # (arrival, characters) of each content delta
         tokens = 0
@@ -180,9 +202,26 @@ class LlamaServer:
         port = _free_port()
         self.log = open(self.root / "server.log", "wb")
         self.proc = subprocess.Popen(
-            [binary, "-m", str(MODEL), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
-             "-tb", str(threads), "-np", str(parallel), "-c", str(ctx_per_slot * parallel), "--jinja"],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                binary,
+                "-m",
+                str(MODEL),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "-t",
+                str(threads),
+                "-tb",
+                str(threads),
+                "-np",
+                str(parallel),
+                "-c",
+                str(ctx_per_slot * parallel),
+                "--jinja",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         self.base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -211,7 +250,9 @@ def _free_port() -> int:
 
 def long_history(words: int = 760) -> str:
     """About 1,000 tokens of varied text (numbers defeat any accidental repetition)."""
-    return " ".join(f"Note {i}: the {['red', 'blue', 'green', 'old'][i % 4]} lamp was checked." for i in range(words // 7))
+    return " ".join(
+        f"Note {i}: the {['red', 'blue', 'green', 'old'][i % 4]} lamp was checked." for i in range(words // 7)
+    )
 
 
 async def prefix_reuse(url: str) -> dict[str, float]:
@@ -226,9 +267,13 @@ async def prefix_reuse(url: str) -> dict[str, float]:
     # The same two-turn conversation, sent whole to a fresh session: every token is prefilled.
     cold_ws = await _connect(url)
     try:
-        history = [{"role": "user", "content": long_history() + "\nSummarize the notes."},
-                   {"role": "assistant", "content": "(reply)"}]
-        cold = await _inference(cold_ws, {"messages": history, "prompt": "Which lamp was checked last?", "config": short})
+        history = [
+            {"role": "user", "content": long_history() + "\nSummarize the notes."},
+            {"role": "assistant", "content": "(reply)"},
+        ]
+        cold = await _inference(
+            cold_ws, {"messages": history, "prompt": "Which lamp was checked last?", "config": short}
+        )
     finally:
         await cold_ws.close()
     return {"turn1_ttft": first.ttft, "turn2_ttft": warm.ttft, "cold_ttft": cold.ttft}
@@ -244,8 +289,12 @@ async def idle_sessions(daemon: Daemon, n: int = 1000) -> dict[str, float]:
     await asyncio.sleep(1.0)
     after = daemon.rss()
     await asyncio.gather(*(ws.close() for ws in conns))
-    return {"sessions": n, "rss_before_mb": before / 2**20, "rss_after_mb": after / 2**20,
-            "added_mb": (after - before) / 2**20}
+    return {
+        "sessions": n,
+        "rss_before_mb": before / 2**20,
+        "rss_after_mb": after / 2**20,
+        "added_mb": (after - before) / 2**20,
+    }
 
 
 async def control_rate(url: str, clients: int = 100, seconds: float = 3.0) -> dict[str, float]:

@@ -45,20 +45,26 @@ def machine() -> str:
     except OSError:
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {psutil.cpu_count(logical=False)} cores / {psutil.cpu_count()} threads, "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, load average at start {load:.1f}")
+    return (
+        f"{cpu}, {psutil.cpu_count(logical=False)} cores / {psutil.cpu_count()} threads, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, load average at start {load:.1f}"
+    )
 
 
 def row(run: Run, ref: Run | None) -> str:
     ratio = f"{run.aggregate / ref.aggregate:.2f}x" if ref else "-"
-    return (f"| {run.name} | {run.concurrency} | {run.rate:.1f} | {run.aggregate:.1f} | {ratio} | "
-            f"{run.ttft * 1000:.0f} | {run.itl(0.5) * 1000:.1f} | {run.itl(0.99) * 1000:.1f} | {run.fairness:.2f} |")
+    return (
+        f"| {run.name} | {run.concurrency} | {run.rate:.1f} | {run.aggregate:.1f} | {ratio} | "
+        f"{run.ttft * 1000:.0f} | {run.itl(0.5) * 1000:.1f} | {run.itl(0.99) * 1000:.1f} | {run.fairness:.2f} |"
+    )
 
 
-HEADER = ("| contender | sessions | decode tok/s per stream | aggregate tok/s | aggregate vs llama-cpp-python | "
-          "TTFT ms (median) | ITL p50 ms | ITL p99 ms | fairness (slowest/fastest) |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = (
+    "| contender | sessions | decode tok/s per stream | aggregate tok/s | aggregate vs llama-cpp-python | "
+    "TTFT ms (median) | ITL p50 ms | ITL p99 ms | fairness (slowest/fastest) |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
 
 
 def plot(runs: dict[str, list[Run]]) -> list[str]:
@@ -158,23 +164,37 @@ def cpp_goals(raw: dict[tuple[str, int], list[Run]], ws1: Run, ws4: Run, lcp1: R
     if ("cpp", 1) in raw and ("cpp", 4) in raw:
         out = []
         r1 = paired(raw[("ws", 1)], raw[("cpp", 1)], "rate")
-        out.append(verdict(r1 >= 1.0, f"single stream over WebSocket {ws1.rate:.1f} tok/s vs llama-server's "
-                           f"{median_run(raw[('cpp', 1)]).rate:.1f}: {r1:.2f}x, {spread(raw[('ws', 1)], raw[('cpp', 1)], 'rate')} "
-                           "(goal >= 1.0x)"))
+        out.append(
+            verdict(
+                r1 >= 1.0,
+                f"single stream over WebSocket {ws1.rate:.1f} tok/s vs llama-server's "
+                f"{median_run(raw[('cpp', 1)]).rate:.1f}: {r1:.2f}x, {spread(raw[('ws', 1)], raw[('cpp', 1)], 'rate')} "
+                "(goal >= 1.0x)",
+            )
+        )
         for n in (4, 8):
             if ("cpp", n) in raw:
                 r = paired(raw[("ws", n)], raw[("cpp", n)], "aggregate")
-                out.append(verdict(r >= 1.0, f"{n} sessions aggregate over WebSocket {median_run(raw[('ws', n)]).aggregate:.1f} "
-                                   f"tok/s vs llama-server -np 4's {median_run(raw[('cpp', n)]).aggregate:.1f}: {r:.2f}x, "
-                                   f"{spread(raw[('ws', n)], raw[('cpp', n)], 'aggregate')} (goal >= 1.0x)"))
+                out.append(
+                    verdict(
+                        r >= 1.0,
+                        f"{n} sessions aggregate over WebSocket {median_run(raw[('ws', n)]).aggregate:.1f} "
+                        f"tok/s vs llama-server -np 4's {median_run(raw[('cpp', n)]).aggregate:.1f}: {r:.2f}x, "
+                        f"{spread(raw[('ws', n)], raw[('cpp', n)], 'aggregate')} (goal >= 1.0x)",
+                    )
+                )
         return out
     return [
-        verdict(ws1.rate >= CPP_SERVER_SINGLE * lcp1.rate / 128,
-                f"single stream {ws1.rate:.1f} tok/s = {ws1.rate / lcp1.rate:.2f}x llama-cpp-python; llama-server was not "
-                f"measured here (LLAMA_SERVER unset): the issue's figure is {CPP_SERVER_SINGLE / 128:.2f}x"),
-        verdict(ws4.aggregate >= CPP_SERVER_NP4 * lcp1.rate / 128,
-                f"4 sessions aggregate {ws4.aggregate:.1f} tok/s = {ws4.aggregate / lcp1.rate:.2f}x single-stream "
-                f"llama-cpp-python (llama-server -np 4 in the issue: {CPP_SERVER_NP4 / 128:.2f}x)"),
+        verdict(
+            ws1.rate >= CPP_SERVER_SINGLE * lcp1.rate / 128,
+            f"single stream {ws1.rate:.1f} tok/s = {ws1.rate / lcp1.rate:.2f}x llama-cpp-python; llama-server was not "
+            f"measured here (LLAMA_SERVER unset): the issue's figure is {CPP_SERVER_SINGLE / 128:.2f}x",
+        ),
+        verdict(
+            ws4.aggregate >= CPP_SERVER_NP4 * lcp1.rate / 128,
+            f"4 sessions aggregate {ws4.aggregate:.1f} tok/s = {ws4.aggregate / lcp1.rate:.2f}x single-stream "
+            f"llama-cpp-python (llama-server -np 4 in the issue: {CPP_SERVER_NP4 / 128:.2f}x)",
+        ),
     ]
 
 
@@ -208,11 +228,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 and 4 sessions only, one repetition, 200 idle sessions")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of every contender at every level (interleaved)")
-    ap.add_argument("--single-rounds", type=int, default=3,
-                    help="rounds of the single-stream level per repetition (its goals sit within a few per cent, "
-                         "and a round takes seconds)")
-    ap.add_argument("--docs", type=Path, default=REPO / "DOCUMENTATION.md",
-                    help="the file whose '## Benchmarks' section (up to '### GPU check') is replaced")
+    ap.add_argument(
+        "--single-rounds",
+        type=int,
+        default=3,
+        help="rounds of the single-stream level per repetition (its goals sit within a few per cent, "
+        "and a round takes seconds)",
+    )
+    ap.add_argument(
+        "--docs",
+        type=Path,
+        default=REPO / "DOCUMENTATION.md",
+        help="the file whose '## Benchmarks' section (up to '### GPU check') is replaced",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     levels = [1, 4] if args.quick else [1, 2, 4, 8]
@@ -270,8 +298,14 @@ def main() -> None:
                 if n in (1, 4):
                     order.append(("memory", lambda n, f: asyncio.run(loadgen.ws_run(memory_daemon.ws, n, first=f))))
                 if cpp is not None:
-                    order.append(("cpp", lambda n, f: asyncio.run(
-                        loadgen.http_run(cpp.base, n, "llama.cpp llama-server (C++, -np 4)", first=f))))
+                    order.append(
+                        (
+                            "cpp",
+                            lambda n, f: asyncio.run(
+                                loadgen.http_run(cpp.base, n, "llama.cpp llama-server (C++, -np 4)", first=f)
+                            ),
+                        )
+                    )
                 if daemon.http:
                     order.append(("http", lambda n, f: asyncio.run(loadgen.http_run(daemon.http, n, first=f))))
                 k = rounds % len(order)
@@ -298,9 +332,15 @@ def main() -> None:
         for key in ("ws", "engine", "lcp", "http", "cpp", "memory")
     }
     persist_rows = [
-        (n, median_run(raw[("ws", n)]).rate, median_run(raw[("memory", n)]).rate, paired(raw[("ws", n)], raw[("memory", n)], "rate"),
-         spread(raw[("ws", n)], raw[("memory", n)], "rate"))
-        for n in (1, 4) if ("memory", n) in raw
+        (
+            n,
+            median_run(raw[("ws", n)]).rate,
+            median_run(raw[("memory", n)]).rate,
+            paired(raw[("ws", n)], raw[("memory", n)], "rate"),
+            spread(raw[("ws", n)], raw[("memory", n)], "rate"),
+        )
+        for n in (1, 4)
+        if ("memory", n) in raw
     ]
 
     def us_per_token(key: str, n: int) -> float:
@@ -311,8 +351,11 @@ def main() -> None:
     # token, as a share of the wall time per token of all streams together (1 /
     # aggregate rate): it does not move with the machine's noise as the rates do.
     persist_cpu = {
-        n: (us_per_token("ws", n), us_per_token("memory", n),
-            (us_per_token("ws", n) - us_per_token("memory", n)) * 1e-6 * median_run(raw[("ws", n)]).aggregate * 100)
+        n: (
+            us_per_token("ws", n),
+            us_per_token("memory", n),
+            (us_per_token("ws", n) - us_per_token("memory", n)) * 1e-6 * median_run(raw[("ws", n)]).aggregate * 100,
+        )
         for n, *_ in persist_rows
     }
     by_level = {r.concurrency: r for r in runs["lcp"]}
@@ -326,35 +369,59 @@ def main() -> None:
     ws4 = next(r for r in runs["ws"] if r.concurrency == 4)
     vs_lcp = paired(raw[("ws", 1)], raw[("lcp", 1)], "rate")
     goals = [
-        verdict(vs_lcp >= 0.98,
-                f"single stream over WebSocket {ws1.rate:.1f} tok/s = {vs_lcp:.2f}x llama-cpp-python in process, "
-                f"{spread(raw[('ws', 1)], raw[('lcp', 1)], 'rate')} (goal >= 0.98x); "
-                f"{paired(raw[('ws', 1)], raw[('engine', 1)], 'rate'):.2f}x the LLMWS engine in process"),
+        verdict(
+            vs_lcp >= 0.98,
+            f"single stream over WebSocket {ws1.rate:.1f} tok/s = {vs_lcp:.2f}x llama-cpp-python in process, "
+            f"{spread(raw[('ws', 1)], raw[('lcp', 1)], 'rate')} (goal >= 0.98x); "
+            f"{paired(raw[('ws', 1)], raw[('engine', 1)], 'rate'):.2f}x the LLMWS engine in process",
+        ),
         *cpp_goals(raw, ws1, ws4, lcp1),
-        verdict(min(r.fairness for r in runs["ws"]) >= 0.8,
-                "fairness (slowest/fastest stream) " + ", ".join(f"{r.concurrency}: {r.fairness:.2f}" for r in runs["ws"]) + " (goal >= 0.8)"),
-        verdict(reuse["turn2_ttft"] <= 0.3 * reuse["cold_ttft"],
-                f"turn-2 TTFT with ~1,000-token history {reuse['turn2_ttft'] * 1000:.0f} ms = "
-                f"{reuse['turn2_ttft'] / reuse['cold_ttft']:.2f}x a cold prefill ({reuse['cold_ttft'] * 1000:.0f} ms) (goal <= 0.3x)"),
-        verdict(min(r[3] for r in persist_rows) >= 0.97,
-                "daemon with sealed, fsync-batched buffers decodes at "
-                + ", ".join(f"{r[3]:.2f}x ({r[0]} sessions, {r[4]})" for r in persist_rows)
-                + " the same daemon with `sessions.persist: false` (goal >= 0.97x, i.e. <= 3 % cost); in CPU, "
-                + ", ".join(f"{persist_cpu[n][2]:.1f} % of the decode time ({n} sessions)" for n in persist_cpu)
-                + " (see the table below)"),
-        verdict(idle["added_mb"] <= 100 * idle["sessions"] / 1000,
-                f"{idle['sessions']} idle sessions add {idle['added_mb']:.1f} MB RSS (goal <= 100 MB per 1,000)"),
-        verdict(control["per_second"] >= 5000,
-                f"control messages {control['per_second']:.0f}/s from {control['clients']} clients (goal >= 5,000/s)"),
+        verdict(
+            min(r.fairness for r in runs["ws"]) >= 0.8,
+            "fairness (slowest/fastest stream) "
+            + ", ".join(f"{r.concurrency}: {r.fairness:.2f}" for r in runs["ws"])
+            + " (goal >= 0.8)",
+        ),
+        verdict(
+            reuse["turn2_ttft"] <= 0.3 * reuse["cold_ttft"],
+            f"turn-2 TTFT with ~1,000-token history {reuse['turn2_ttft'] * 1000:.0f} ms = "
+            f"{reuse['turn2_ttft'] / reuse['cold_ttft']:.2f}x a cold prefill ({reuse['cold_ttft'] * 1000:.0f} ms) (goal <= 0.3x)",
+        ),
+        verdict(
+            min(r[3] for r in persist_rows) >= 0.97,
+            "daemon with sealed, fsync-batched buffers decodes at "
+            + ", ".join(f"{r[3]:.2f}x ({r[0]} sessions, {r[4]})" for r in persist_rows)
+            + " the same daemon with `sessions.persist: false` (goal >= 0.97x, i.e. <= 3 % cost); in CPU, "
+            + ", ".join(f"{persist_cpu[n][2]:.1f} % of the decode time ({n} sessions)" for n in persist_cpu)
+            + " (see the table below)",
+        ),
+        verdict(
+            idle["added_mb"] <= 100 * idle["sessions"] / 1000,
+            f"{idle['sessions']} idle sessions add {idle['added_mb']:.1f} MB RSS (goal <= 100 MB per 1,000)",
+        ),
+        verdict(
+            control["per_second"] >= 5000,
+            f"control messages {control['per_second']:.0f}/s from {control['clients']} clients (goal >= 5,000/s)",
+        ),
     ]
-    pngs = plot({"LLMWS over WebSocket": runs["ws"], "LLMWS engine in process": runs["engine"],
-                 "llama-server (C++, -np 4)": runs["cpp"], "llama-cpp-python in process (serial)": runs["lcp"]})
+    pngs = plot(
+        {
+            "LLMWS over WebSocket": runs["ws"],
+            "LLMWS engine in process": runs["engine"],
+            "llama-server (C++, -np 4)": runs["cpp"],
+            "llama-cpp-python in process (serial)": runs["lcp"],
+        }
+    )
     persist_table = "\n".join(
-        ["| sessions | sealed + fsync tok/s per stream | persistence off tok/s per stream | ratio | "
-         "event-loop CPU per token, sealed + fsync | the same, persistence off | difference, share of the decode time |",
-         "|---:|---:|---:|---:|---:|---:|---:|"]
-        + [f"| {n} | {a:.1f} | {b:.1f} | {r:.2f} | {persist_cpu[n][0]:.0f} us | {persist_cpu[n][1]:.0f} us | {persist_cpu[n][2]:.1f} % |"
-           for n, a, b, r, _ in persist_rows]
+        [
+            "| sessions | sealed + fsync tok/s per stream | persistence off tok/s per stream | ratio | "
+            "event-loop CPU per token, sealed + fsync | the same, persistence off | difference, share of the decode time |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        + [
+            f"| {n} | {a:.1f} | {b:.1f} | {r:.2f} | {persist_cpu[n][0]:.0f} us | {persist_cpu[n][1]:.0f} us | {persist_cpu[n][2]:.1f} % |"
+            for n, a, b, r, _ in persist_rows
+        ]
     )
     import llama_cpp
 
@@ -362,9 +429,11 @@ def main() -> None:
         f"llama-server rows: llama.cpp's C++ server built from the llama.cpp sources that llama-cpp-python "
         f"{llama_cpp.__version__} vendors (the same engine), `-np 4 -c 32768 --jinja -t {threads}`, "
         "streamed through its OpenAI route (`LLAMA_SERVER=/path/to/llama-server`).\n"
-        if runs["cpp"] else "llama-server was not measured in this run (set `LLAMA_SERVER` to a binary to include it).\n"
+        if runs["cpp"]
+        else "llama-server was not measured in this run (set `LLAMA_SERVER` to a binary to include it).\n"
     )
-    doc = f"""## Benchmarks
+    doc = (
+        f"""## Benchmarks
 
 Measured by `python -m bench.run` on: {header}.
 {TOKENS} tokens, greedy, the embedded SmolLM2-135M-Instruct Q4_1; decode rate = tokens after the
@@ -388,13 +457,15 @@ Run time: {time.perf_counter() - started:.0f} s.
 
 ### Goals
 
-""" + "\n".join(f"- {g}" for g in goals) + f"""
+"""
+        + "\n".join(f"- {g}" for g in goals)
+        + f"""
 
 ### Prefix cache
 
 | turn 1 TTFT (~1,000 new tokens) | turn 2 TTFT (same session) | same prompt, cold session | ratio |
 |---:|---:|---:|---:|
-| {reuse['turn1_ttft'] * 1000:.0f} ms | {reuse['turn2_ttft'] * 1000:.0f} ms | {reuse['cold_ttft'] * 1000:.0f} ms | {reuse['turn2_ttft'] / reuse['cold_ttft']:.2f} |
+| {reuse["turn1_ttft"] * 1000:.0f} ms | {reuse["turn2_ttft"] * 1000:.0f} ms | {reuse["cold_ttft"] * 1000:.0f} ms | {reuse["turn2_ttft"] / reuse["cold_ttft"]:.2f} |
 
 ### Cost of the daemon around the engine (persistence, sockets, event loop)
 
@@ -404,11 +475,13 @@ Run time: {time.perf_counter() - started:.0f} s.
 
 | idle sessions | RSS before | RSS after | added | control msgs/s (100 clients, ping + get_status) |
 |---:|---:|---:|---:|---:|
-| {idle['sessions']} | {idle['rss_before_mb']:.0f} MB | {idle['rss_after_mb']:.0f} MB | {idle['added_mb']:.1f} MB | {control['per_second']:.0f} |
+| {idle["sessions"]} | {idle["rss_before_mb"]:.0f} MB | {idle["rss_after_mb"]:.0f} MB | {idle["added_mb"]:.1f} MB | {control["per_second"]:.0f} |
 """
+    )
     busy_rows = "\n".join(
         f"| {r.name} | {busy_median(r):.1f} | {busy_median(r) / busy_median(busy[0]):.2f}x | "
-        f"{min(s.rate for s in r.streams):.1f} | {max(s.rate for s in r.streams):.1f} |" for r in busy
+        f"{min(s.rate for s in r.streams):.1f} | {max(s.rate for s in r.streams):.1f} |"
+        for r in busy
     )
     doc += f"""
 ### On a busy machine

@@ -117,8 +117,10 @@ def main() -> None:
         info = backend.info
         backend.unload()
 
-    print(f"model: {info.name} ({info.format}, {info.dtype}, {info.attention}, {info.device}); "
-          f"load {load_s:.1f} s; {args.threads or 'default'} torch threads; {args.tokens} new tokens per request, temperature {args.temperature}\n")
+    print(
+        f"model: {info.name} ({info.format}, {info.dtype}, {info.attention}, {info.device}); "
+        f"load {load_s:.1f} s; {args.threads or 'default'} torch threads; {args.tokens} new tokens per request, temperature {args.temperature}\n"
+    )
     print("| concurrent | tokens | seconds | aggregate tok/s | vs single stream |")
     print("|---:|---:|---:|---:|---:|")
     for n, tokens, secs, rate, speedup in rows:

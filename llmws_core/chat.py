@@ -175,16 +175,24 @@ class ChatService:
         except errors.SessionNotFound:
             return self._new_session(owner, null_origin), False, unknown
         except errors.CorruptRecord:
-            return self._new_session(owner, null_origin), False, "That session's stored data failed its integrity check; a new one was started."
+            return (
+                self._new_session(owner, null_origin),
+                False,
+                "That session's stored data failed its integrity check; a new one was started.",
+            )
         if RESPONSE_STATE in session.state:  # a stored response, not a conversation
             return self._new_session(owner, null_origin), False, unknown
         if not self._owned_by(session, owner):
             logger.warning("session %s: refused a resume by another key", session.id)
             return self._new_session(owner, null_origin), False, unknown
         if null_origin and not session.state.get("null_origin"):
-            return self._new_session(owner, null_origin), False, (
-                "That session was not started from a page opened from disk, so such a page cannot "
-                "resume it; a new one was started."
+            return (
+                self._new_session(owner, null_origin),
+                False,
+                (
+                    "That session was not started from a page opened from disk, so such a page cannot "
+                    "resume it; a new one was started."
+                ),
             )
         self._recover(session)
         session.touch()
@@ -267,7 +275,8 @@ class ChatService:
         for rid in sorted(marks, key=lambda r: starts.get(r, session.last_seq + 1)):
             events = [e for e in backlog if e.get("request_id") == rid]
             tokens = [
-                e for e in events
+                e
+                for e in events
                 if e.get("type") == "token"
                 and e.get("stage") in (None, "final")  # improvement passes: only the final one
             ]
@@ -283,11 +292,15 @@ class ChatService:
             # `done`, so only the history is mended.
             finished = any(e.get("type") in ("done", "error") for e in events)
             if not finished:
-                self.emit(session, {
-                    "type": "done", "request_id": rid,
-                    "total_tokens": sum(int(e.get("tokens", 1)) for e in tokens),
-                    "finish_reason": "interrupted",
-                })
+                self.emit(
+                    session,
+                    {
+                        "type": "done",
+                        "request_id": rid,
+                        "total_tokens": sum(int(e.get("tokens", 1)) for e in tokens),
+                        "finish_reason": "interrupted",
+                    },
+                )
             logger.info("session %s: closed out request %s interrupted by a restart", session.id, rid)
         self._cap_history(session)
         session.save_state()
@@ -298,7 +311,9 @@ class ChatService:
         """Sessions with a connected client (a WebSocket, or an HTTP stream tailing it)."""
         return len(self._subscribers)
 
-    def broadcast(self, event: dict[str, Any], origin: Session | None = None, extra: dict[str, Any] | None = None) -> None:
+    def broadcast(
+        self, event: dict[str, Any], origin: Session | None = None, extra: dict[str, Any] | None = None
+    ) -> None:
         """Emit `event` into every session with a connected client (and the origin's).
 
         `extra` (the asking request's id) is merged into the origin's copy only."""
@@ -417,7 +432,8 @@ class ChatService:
             # Decrypting the reply's events is proportional to its length: a worker thread.
             events = await asyncio.to_thread(session.replay, start_seq - 1)
             text = "".join(
-                e.get("data", "") for e in events
+                e.get("data", "")
+                for e in events
                 if e.get("request_id") == rid and e.get("type") == "token" and e.get("stage") in (None, "final")
             )
             out["inflight"] = {"request_id": rid, "user": mark.get("user", ""), "text": text}
@@ -468,9 +484,7 @@ class ChatService:
         )
 
     @staticmethod
-    def fit_history(
-        backend: Backend, messages: list[Message], reserve: int
-    ) -> tuple[list[Message], int, int]:
+    def fit_history(backend: Backend, messages: list[Message], reserve: int) -> tuple[list[Message], int, int]:
         """Drop the oldest non-system turns until the prompt leaves `reserve` tokens.
 
         Returns (messages, tokens_in, number of messages dropped). The newest
@@ -523,8 +537,14 @@ class ChatService:
             raise errors.BadRequest(protocol.LONE_SURROGATE_MESSAGE)
         with self._client_slot():
             inner = self._generate(
-                messages, params, cancel=cancel, on_queued=on_queued,
-                trim_history=trim_history, on_ready=on_ready, model=model, prompt=prompt,
+                messages,
+                params,
+                cancel=cancel,
+                on_queued=on_queued,
+                trim_history=trim_history,
+                on_ready=on_ready,
+                model=model,
+                prompt=prompt,
             )
             # Closed here, not left to the garbage collector, so a consumer that stops
             # early cancels the generation before the slot is given back.
@@ -546,10 +566,7 @@ class ChatService:
             return
         limit = self.settings.limits.max_requests_per_client
         if self._per_client.get(client, 0) >= limit:
-            raise errors.Busy(
-                f"This client already has {limit} requests waiting or running; "
-                "wait for one to finish."
-            )
+            raise errors.Busy(f"This client already has {limit} requests waiting or running; wait for one to finish.")
         self._per_client[client] = self._per_client.get(client, 0) + 1
         try:
             yield
@@ -586,7 +603,9 @@ class ChatService:
                 raise errors.Unsupported(f"The {backend.name} backend cannot report logprobs.")
             if prompt is not None:
                 if not backend.supports_completion:
-                    raise errors.Unsupported(f"The {backend.name} backend cannot continue raw text; use chat completions.")
+                    raise errors.Unsupported(
+                        f"The {backend.name} backend cannot continue raw text; use chat completions."
+                    )
                 msgs, dropped = [], 0
                 n_in = await asyncio.to_thread(backend.count_prompt, prompt)
                 if n_in + 1 > backend.info.max_context:
@@ -667,7 +686,10 @@ class ChatService:
             )
 
     def submit(
-        self, session: Session, msg: protocol.Inference, origin: object | None = None,
+        self,
+        session: Session,
+        msg: protocol.Inference,
+        origin: object | None = None,
         images: list[dict[str, str]] | None = None,
     ) -> Job:
         """Start an inference job in `session`; its events go to the session.
@@ -747,10 +769,16 @@ class ChatService:
                     history.append({"role": "assistant", "content": "".join(text_parts)})
                     self._cap_history(session)
                     self.clear_inflight(session, rid)
-                    self.emit(session, {
-                        "type": "done", "request_id": rid, "total_tokens": res.tokens_out,
-                        "tokens_in": res.tokens_in, "finish_reason": res.finish_reason,
-                    })
+                    self.emit(
+                        session,
+                        {
+                            "type": "done",
+                            "request_id": rid,
+                            "total_tokens": res.tokens_out,
+                            "tokens_in": res.tokens_in,
+                            "finish_reason": res.finish_reason,
+                        },
+                    )
                     # The reply is complete and sealed into the next state (this save, or
                     # any later one, lands with it): acks may trim it, and status no
                     # longer lists it (clients see `done` at once). A crash before the
@@ -767,7 +795,9 @@ class ChatService:
                     self.emit(session, event)
                     continue
                 # The first chunk: the prompt fits; announce the start.
-                await self.announce_start(session, job, user_text, chunk.tokens_in, chunk.dropped_messages, params.max_new_tokens)
+                await self.announce_start(
+                    session, job, user_text, chunk.tokens_in, chunk.dropped_messages, params.max_new_tokens
+                )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -796,8 +826,14 @@ class ChatService:
             self.jobs.pop(session_id, None)
 
     async def announce_start(
-        self, session: Session, job: Job, user_text: str, tokens_in: int, dropped: int,
-        max_tokens: int, **extra: Any,
+        self,
+        session: Session,
+        job: Job,
+        user_text: str,
+        tokens_in: int,
+        dropped: int,
+        max_tokens: int,
+        **extra: Any,
     ) -> None:
         """The prompt fits: drop what had to go (with a warning), mark the reply as in
         flight (so a crash can close it out; on disk before `start` goes out, with the
@@ -805,17 +841,29 @@ class ChatService:
         rid = job.request_id
         if dropped:
             self._drop_oldest(session, dropped)
-            self.emit(session, {
-                "type": "warning", "request_id": rid, "code": "history_truncated",
-                "message": f"The conversation no longer fits the model's context; the oldest {dropped} messages were dropped.",
-                "dropped_messages": dropped,
-            })
+            self.emit(
+                session,
+                {
+                    "type": "warning",
+                    "request_id": rid,
+                    "code": "history_truncated",
+                    "message": f"The conversation no longer fits the model's context; the oldest {dropped} messages were dropped.",
+                    "dropped_messages": dropped,
+                },
+            )
         self.mark_inflight(session, rid, user_text, job.images)
         await session.save_state_async()
-        started = self.emit(session, {
-            "type": "start", "request_id": rid, "tokens_in": tokens_in,
-            "max_tokens": max_tokens, "prompt": user_text, **extra,
-        })
+        started = self.emit(
+            session,
+            {
+                "type": "start",
+                "request_id": rid,
+                "tokens_in": tokens_in,
+                "max_tokens": max_tokens,
+                "prompt": user_text,
+                **extra,
+            },
+        )
         job.start_seq = started["seq"]
 
     def _drop_oldest(self, session: Session, count: int) -> None:

@@ -129,22 +129,24 @@ async def reset(conn: Connection, session: Session, msg: protocol.Reset) -> None
 
 async def get_status(conn: Connection, session: Session, msg: protocol.GetStatus) -> None:
     app = conn.app
-    conn.send({
-        "type": "status",
-        "session_id": session.id,
-        "model": app.models.model_info(),
-        "loading": app.models.loading,
-        "max_context": app.models.max_context,
-        "queue_depth": app.models.queue.depth,
-        "running": app.models.queue.running,
-        "requests": sorted(app.chat.jobs.get(session.id, {})),
-        "last_seq": session.last_seq,
-        "acked_seq": session.acked_seq,
-        "history_messages": len(session.state.get("history", [])),
-        "connections": app.connection_count,
-        "uptime_s": round(time.monotonic() - app.started, 1),
-        **_rid(msg),
-    })
+    conn.send(
+        {
+            "type": "status",
+            "session_id": session.id,
+            "model": app.models.model_info(),
+            "loading": app.models.loading,
+            "max_context": app.models.max_context,
+            "queue_depth": app.models.queue.depth,
+            "running": app.models.queue.running,
+            "requests": sorted(app.chat.jobs.get(session.id, {})),
+            "last_seq": session.last_seq,
+            "acked_seq": session.acked_seq,
+            "history_messages": len(session.state.get("history", [])),
+            "connections": app.connection_count,
+            "uptime_s": round(time.monotonic() - app.started, 1),
+            **_rid(msg),
+        }
+    )
 
 
 async def ping(conn: Connection, session: Session, msg: protocol.Ping) -> None:

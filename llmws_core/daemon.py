@@ -82,7 +82,10 @@ class FdBudget:
             logger.warning(
                 "open-file limit %d: serving at most %d WebSocket and %d HTTP connections "
                 "and %d open session buffers (raise `ulimit -n` for more)",
-                soft, ws, http, buffers,
+                soft,
+                ws,
+                http,
+                buffers,
             )
         return cls(ws, http, buffers, soft)
 
@@ -101,7 +104,9 @@ class App:
         sealer = Sealer(load_or_create_master_key(var / "keys"))
         self.fd_budget = FdBudget.for_process(settings)
         self.store = SessionStore(
-            var / "sessions", sealer, ttl_seconds=settings.sessions.ttl_seconds,
+            var / "sessions",
+            sealer,
+            ttl_seconds=settings.sessions.ttl_seconds,
             max_open_buffers=self.fd_budget.buffers,
             journal=SeqJournal(var / "journal.bin", sealer),
         )
@@ -111,7 +116,9 @@ class App:
         prefixes = None
         if settings.model.prefix_cache_disk_mb > 0:
             prefixes = PrefixStore(
-                var / "prefixes", sealer, max_bytes=settings.model.prefix_cache_disk_mb * 2**20,
+                var / "prefixes",
+                sealer,
+                max_bytes=settings.model.prefix_cache_disk_mb * 2**20,
                 ttl_seconds=settings.sessions.ttl_seconds,
             )
         self.models = ModelManager(settings, prefixes=prefixes)
@@ -187,7 +194,9 @@ class App:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def broadcast(self, event: dict[str, Any], origin: Session | None = None, extra: dict[str, Any] | None = None) -> None:
+    def broadcast(
+        self, event: dict[str, Any], origin: Session | None = None, extra: dict[str, Any] | None = None
+    ) -> None:
         """Emit `event` into every session with a connected client (see `ChatService.broadcast`)."""
         self.chat.broadcast(event, origin, extra)
 
@@ -303,8 +312,7 @@ class App:
             # already ran, so a second one would not close anything. Close the open
             # sockets here, with 1001 (going away), so clients know to resume later.
             closing = [
-                asyncio.create_task(conn.close(1001, "server shutting down"))
-                for conn in list(ws_server.connections)
+                asyncio.create_task(conn.close(1001, "server shutting down")) for conn in list(ws_server.connections)
             ]
             if closing:
                 await asyncio.wait(closing, timeout=5)
@@ -345,9 +353,14 @@ class App:
         lim = self.settings.limits
         guard = Guard(header_timeout=lim.http_header_timeout, max_connections=self.fd_budget.http_connections)
         config = uvicorn.Config(
-            create_app(self.services), host=self.settings.server.host, port=port,
-            log_level="warning", lifespan="on", access_log=False,
-            http=guarded_protocol(guard), timeout_keep_alive=lim.http_keepalive_timeout,  # type: ignore[arg-type]
+            create_app(self.services),
+            host=self.settings.server.host,
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            access_log=False,
+            http=guarded_protocol(guard),
+            timeout_keep_alive=lim.http_keepalive_timeout,  # type: ignore[arg-type]
         )
         server = _Server(config)
         sockets = None
@@ -404,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Settings (config.json keys; env LLMWS_<SECTION>__<KEY> overrides them):\n" + rows,
     )
-    parser.add_argument("--config", help="JSON config file, merged over the defaults (default: ./config.json if present)")
+    parser.add_argument(
+        "--config", help="JSON config file, merged over the defaults (default: ./config.json if present)"
+    )
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="WebSocket port (default 8765; 0 picks one)")
     parser.add_argument("--http-port", type=int, help="HTTP adapter port (default 8001; 0 picks one; -1 disables)")

@@ -52,8 +52,7 @@ class ContextTooLong(LLMWSError):
 
     def __init__(self, input_length: int, max_context: int) -> None:
         super().__init__(
-            f"Context too long ({input_length} tokens). Max: {max_context}. "
-            "Shorten the prompt or reset the session.",
+            f"Context too long ({input_length} tokens). Max: {max_context}. Shorten the prompt or reset the session.",
             input_length=input_length,
             max_context=max_context,
         )

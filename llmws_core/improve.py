@@ -110,16 +110,12 @@ def stage_messages(stage: str, messages: list[Message], done: dict[str, str], ro
     if stage in ("review", "second_review"):
         answer = done["draft"] if stage == "review" else done["revision"]
         user = (
-            f"Question:\n{question}\n\nAnswer to review:\n{answer}\n\n"
-            "List numbered suggestions to improve this answer."
+            f"Question:\n{question}\n\nAnswer to review:\n{answer}\n\nList numbered suggestions to improve this answer."
         )
         return [{"role": "system", "content": _role(roles, "reviewer")}, {"role": "user", "content": user}]
     answer = done["draft"] if stage == "revision" else done["revision"]
     notes = done["review"] if stage == "revision" else done["second_review"]
-    user = (
-        f"Question:\n{question}\n\nDraft answer:\n{answer}\n\nSuggestions:\n{notes}\n\n"
-        "Write the improved answer."
-    )
+    user = f"Question:\n{question}\n\nDraft answer:\n{answer}\n\nSuggestions:\n{notes}\n\nWrite the improved answer."
     return [{"role": "system", "content": _role(roles, "reviser")}, {"role": "user", "content": user}]
 
 
@@ -148,7 +144,9 @@ async def improve_stream(
         parts: list[str] = []
         result = None
         stage_cancel = StageCancel(cancel)
-        async for chunk in chat.generate(prompt, params, cancel=stage_cancel, on_queued=on_queued, trim_history=stage == "draft"):
+        async for chunk in chat.generate(
+            prompt, params, cancel=stage_cancel, on_queued=on_queued, trim_history=stage == "draft"
+        ):
             if chunk.result is not None:
                 result = chunk.result
             elif chunk.text:
@@ -158,7 +156,11 @@ async def improve_stream(
                 if index == 1:
                     tokens_in = chunk.tokens_in
                 yield ImproveEvent(
-                    "stage", stage, label, index, tokens_in=chunk.tokens_in,
+                    "stage",
+                    stage,
+                    label,
+                    index,
+                    tokens_in=chunk.tokens_in,
                     dropped_messages=chunk.dropped_messages,
                 )
         text = "".join(parts).strip()
@@ -170,7 +172,11 @@ async def improve_stream(
         if stage == "final":
             finish = result.finish_reason if result else "stop"
         yield ImproveEvent(
-            "stage_done", stage, label, index, text=text,
+            "stage_done",
+            stage,
+            label,
+            index,
+            text=text,
             tokens_out=result.tokens_out if result else 0,
             finish_reason=result.finish_reason if result else None,
         )
@@ -178,8 +184,15 @@ async def improve_stream(
     result_doc = {RESULT_KEYS[s]: done[s] for s, _ in STAGES if s in done}
     result_doc["reply"] = reply
     yield ImproveEvent(
-        "done", "final", "Final revision", len(STAGES), text=reply, tokens_in=tokens_in,
-        tokens_out=tokens_out, finish_reason=finish, result=result_doc,
+        "done",
+        "final",
+        "Final revision",
+        len(STAGES),
+        text=reply,
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        finish_reason=finish,
+        result=result_doc,
     )
 
 
@@ -207,12 +220,21 @@ async def improve_job(
         if ev.kind == "stage":
             if not started:
                 started = True
-                await chat.announce_start(session, job, user_text, ev.tokens_in, ev.dropped_messages,
-                                    params.max_new_tokens, mode="improve")
-            chat.emit(session, {
-                "type": "stage", "request_id": rid, "stage": ev.stage, "label": ev.label,
-                "index": ev.index, "of": len(STAGES), "tokens_in": ev.tokens_in,
-            })
+                await chat.announce_start(
+                    session, job, user_text, ev.tokens_in, ev.dropped_messages, params.max_new_tokens, mode="improve"
+                )
+            chat.emit(
+                session,
+                {
+                    "type": "stage",
+                    "request_id": rid,
+                    "stage": ev.stage,
+                    "label": ev.label,
+                    "index": ev.index,
+                    "of": len(STAGES),
+                    "tokens_in": ev.tokens_in,
+                },
+            )
         elif ev.kind == "token":
             chat.emit(session, {"type": "token", "request_id": rid, "data": ev.text, "stage": ev.stage})
         elif ev.kind == "done":
@@ -221,11 +243,18 @@ async def improve_job(
             history.append({"role": "assistant", "content": ev.text})
             chat._cap_history(session)
             chat.clear_inflight(session, rid)
-            chat.emit(session, {
-                "type": "done", "request_id": rid, "total_tokens": ev.tokens_out,
-                "tokens_in": ev.tokens_in, "finish_reason": ev.finish_reason, "mode": "improve",
-                "reply": ev.text,
-            })
+            chat.emit(
+                session,
+                {
+                    "type": "done",
+                    "request_id": rid,
+                    "total_tokens": ev.tokens_out,
+                    "tokens_in": ev.tokens_in,
+                    "finish_reason": ev.finish_reason,
+                    "mode": "improve",
+                    "reply": ev.text,
+                },
+            )
             job.start_seq = None  # complete and sealed into the next state: acks may trim it
             chat.end_job(session.id, rid)
             await session.save_state_async()

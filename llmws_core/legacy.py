@@ -169,9 +169,7 @@ def shape(event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def resources_event(
-    event: dict[str, Any], snapshot: dict[str, Any], models: list[dict[str, Any]]
-) -> dict[str, Any]:
+def resources_event(event: dict[str, Any], snapshot: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
     """A `resources` answer with the original `cuda`, `model` and `available_models`."""
     model = dict(event.get("model") or {})
     model.setdefault("name", None)

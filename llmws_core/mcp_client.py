@@ -102,7 +102,9 @@ class Connection:
         from mcp import ClientSession, StdioServerParameters
         from mcp.client.stdio import stdio_client
 
-        params = StdioServerParameters(command=self.spec.command, args=list(self.spec.args), env=dict(self.spec.env) or None)
+        params = StdioServerParameters(
+            command=self.spec.command, args=list(self.spec.args), env=dict(self.spec.env) or None
+        )
         with contextlib.ExitStack() as files:
             errlog = files.enter_context(self._errlog())
             try:

@@ -67,9 +67,7 @@ class GenerationConfig(_Strict):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K)] | None = None
     max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] | None = None
-    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
-        default=None, max_length=16
-    )
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(default=None, max_length=16)
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
     repeat_penalty: Annotated[float, Field(gt=0.0, le=5.0)] | None = None
     system: Annotated[str, Field(max_length=100_000)] | None = None
@@ -250,9 +248,23 @@ _client_adapter: TypeAdapter[Any] = TypeAdapter(ClientMessage)
 CLIENT_TYPES = frozenset(
     m.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]
     for m in (
-        Inference, Ack, Cancel, Config, ListModels, SwitchModel, DownloadModel,
-        CancelDownload, DeleteModel, EstimateModel, GetResources, Reset, GetStatus, Ping,
-        GetHistory, Rewind, DeleteSession,
+        Inference,
+        Ack,
+        Cancel,
+        Config,
+        ListModels,
+        SwitchModel,
+        DownloadModel,
+        CancelDownload,
+        DeleteModel,
+        EstimateModel,
+        GetResources,
+        Reset,
+        GetStatus,
+        Ping,
+        GetHistory,
+        Rewind,
+        DeleteSession,
     )
 )
 
@@ -330,15 +342,11 @@ def parse_client_message(data: dict[str, Any]) -> Any:
     if not isinstance(kind, str):
         raise BadRequest("Missing or non-string 'type'.", request_id=_safe_request_id(data))
     if kind not in CLIENT_TYPES:
-        raise UnknownType(
-            f"Unknown message type {kind[:64]!r}.", request_id=_safe_request_id(data)
-        )
+        raise UnknownType(f"Unknown message type {kind[:64]!r}.", request_id=_safe_request_id(data))
     try:
         return _client_adapter.validate_python(data)
     except ValidationError as err:
-        raise BadRequest(
-            f"Invalid {kind}: {_describe(err)}", request_id=_safe_request_id(data)
-        ) from None
+        raise BadRequest(f"Invalid {kind}: {_describe(err)}", request_id=_safe_request_id(data)) from None
 
 
 def _safe_request_id(data: dict[str, Any]) -> str | None:
@@ -380,19 +388,40 @@ def prompt_to_messages(prompt: PromptParts | str | None) -> list[dict[str, str]]
 
 SERVER_EVENT_TYPES = frozenset(
     {
-        "welcome", "notice", "queued", "start", "token", "done", "warning", "stage",
-        "ack_received", "config_ack", "models_list", "model_loading", "model_switched",
-        "download_started", "download_progress", "log", "download_done", "model_deleted",
-        "model_estimate", "resources", "reset_done", "status", "pong", "error", "cancelled",
-        "history", "rewound", "session_deleted",
+        "welcome",
+        "notice",
+        "queued",
+        "start",
+        "token",
+        "done",
+        "warning",
+        "stage",
+        "ack_received",
+        "config_ack",
+        "models_list",
+        "model_loading",
+        "model_switched",
+        "download_started",
+        "download_progress",
+        "log",
+        "download_done",
+        "model_deleted",
+        "model_estimate",
+        "resources",
+        "reset_done",
+        "status",
+        "pong",
+        "error",
+        "cancelled",
+        "history",
+        "rewound",
+        "session_deleted",
     }
 )
 
 #: Events that are stored in the session's sealed buffer (and so replayed).
 #: Answers to pure queries (pong, status, resources...) are sent but not buffered.
-EPHEMERAL_EVENTS = frozenset(
-    {"welcome", "pong", "status", "ack_received", "queued", "history", "session_deleted"}
-)
+EPHEMERAL_EVENTS = frozenset({"welcome", "pong", "status", "ack_received", "queued", "history", "session_deleted"})
 
 
 class ServerEvent(BaseModel):

@@ -86,9 +86,7 @@ class Access:
     admin: bool
 
 
-def access(
-    given: str | None, settings: Settings, *, keys_required: bool, null_origin: bool = False
-) -> Access:
+def access(given: str | None, settings: Settings, *, keys_required: bool, null_origin: bool = False) -> Access:
     """The roles a key (or none) gives, the same on every door.
 
     Without required keys everyone is allowed in; admin actions then need the admin
@@ -125,10 +123,7 @@ def origin_allowed(origin: str, settings: Settings, http_port: int | None) -> bo
     if origin in sec.allowed_origins:
         return True
     if http_port:
-        own = {
-            f"http://{h}:{http_port}"
-            for h in ("127.0.0.1", "localhost", "[::1]", settings.server.host)
-        }
+        own = {f"http://{h}:{http_port}" for h in ("127.0.0.1", "localhost", "[::1]", settings.server.host)}
         if origin in own:
             return True
     return False

@@ -38,6 +38,8 @@ MAX_OUTBOX = 20_000
 #: Bytes the socket may hold unsent before events wait in the outbox for the writer
 #: task (which waits for the socket to drain) instead of being written at once.
 DIRECT_WRITE_LIMIT = 256 * 1024
+
+
 def frame_size(frame: str | bytes, limit: int) -> int:
     """A frame's size in bytes for the limit check (a text frame's UTF-8 length).
 
@@ -101,9 +103,7 @@ class Connection:
         #: A page opened from disk or a sandboxed frame (`Origin: null`): it chats in
         #: sessions such pages made, and manages models only with a key that allows it.
         request = ws.request
-        self.null_origin = (
-            request is not None and single_header(request.headers, "Origin") == "null"
-        )
+        self.null_origin = request is not None and single_header(request.headers, "Origin") == "null"
 
     @property
     def may_read_paths(self) -> bool:
@@ -161,11 +161,7 @@ class Connection:
 
     def error(self, exc: BaseException, request_id: str | None = None) -> None:
         body = errors.to_wire(exc, request_id)
-        if (
-            request_id is None
-            and isinstance(exc, errors.LLMWSError)
-            and exc.fields.get("request_id")
-        ):
+        if request_id is None and isinstance(exc, errors.LLMWSError) and exc.fields.get("request_id"):
             body["request_id"] = exc.fields["request_id"]
         if self.legacy is not None:
             self.legacy.settle(body.get("request_id"))
@@ -239,9 +235,7 @@ class Connection:
             # the writer to send.
             writer.cancel()
 
-    async def _welcome_legacy(
-        self, session: Session, resumed: bool, notice: str | None, last_seq: int
-    ) -> None:
+    async def _welcome_legacy(self, session: Session, resumed: bool, notice: str | None, last_seq: int) -> None:
         """The welcome of the legacy dialect: one frame, with what the session missed
         and any notice inside it (the original clients read one frame per command)."""
         from .engine.resources import snapshot
@@ -255,9 +249,7 @@ class Connection:
         assert self.legacy is not None
         if more:
             self.legacy.withhold_from(int(backlog[len(missed)].get("seq") or last_seq + 1))
-        body = (
-            {"code": "session_not_resumed", "message": notice} if notice else None
-        )
+        body = {"code": "session_not_resumed", "message": notice} if notice else None
         self.send(legacy_welcome(app.welcome(session, resumed), snap, body, missed, more))
 
     async def _serve_raw(self, prompt: str) -> None:
@@ -288,9 +280,7 @@ class Connection:
 
         app.chat.subscribe(session, session.last_seq, sink)
         try:
-            app.chat.submit(
-                session, protocol.Inference(type="inference", prompt=prompt, request_id=rid), origin=self
-            )
+            app.chat.submit(session, protocol.Inference(type="inference", prompt=prompt, request_id=rid), origin=self)
             closed = asyncio.ensure_future(self.ws.wait_closed())
             waiter = asyncio.ensure_future(finished.wait())
             try:
@@ -391,9 +381,7 @@ class Connection:
         if request is not None and not given:
             headers = request.headers
             query = parse_qs(urlsplit(request.path).query)
-            given = key_from(
-                lambda name: single_header(headers, name), lambda name: (query.get(name) or [None])[0]
-            )
+            given = key_from(lambda name: single_header(headers, name), lambda name: (query.get(name) or [None])[0])
         sec = self.app.settings.security
         self.owner = key_owner(given, [*sec.api_keys, *sec.admin_keys])
         roles = access(given, self.app.settings, keys_required=self.app.keys_required, null_origin=self.null_origin)
@@ -472,9 +460,7 @@ def make_origin_check(app: App) -> Callable[[ServerConnection, Request], Respons
         if app.connection_count >= app.fd_budget.ws_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections\n")
         if app.per_ip.get(peer, 0) >= app.settings.limits.max_connections_per_ip:
-            return connection.respond(
-                HTTPStatus.TOO_MANY_REQUESTS, "Too many connections from this address\n"
-            )
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "Too many connections from this address\n")
         return None
 
     return check

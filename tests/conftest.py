@@ -26,7 +26,9 @@ def scaled(seconds: float) -> float:
 class DaemonProcess:
     """A `python llmws.py` child process with its own var and models folders."""
 
-    def __init__(self, root: Path, extra_args: list[str], env: dict[str, str] | None, config: dict[str, Any] | None) -> None:
+    def __init__(
+        self, root: Path, extra_args: list[str], env: dict[str, str] | None, config: dict[str, Any] | None
+    ) -> None:
         self.root = root
         self.var_dir = root / "var"
         self.models_dir = root / "models"
@@ -56,10 +58,20 @@ class DaemonProcess:
         ready = self.root / "ready.json"
         ready.unlink(missing_ok=True)
         args = [
-            sys.executable, str(REPO / "llmws.py"),
-            "--port", "0", "--http-port", "0",
-            "--var-dir", str(self.var_dir), "--models-dir", str(self.models_dir),
-            "--ready-file", str(ready), "--log-level", "INFO",
+            sys.executable,
+            str(REPO / "llmws.py"),
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--var-dir",
+            str(self.var_dir),
+            "--models-dir",
+            str(self.models_dir),
+            "--ready-file",
+            str(ready),
+            "--log-level",
+            "INFO",
         ]
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
@@ -68,7 +80,11 @@ class DaemonProcess:
         env.pop("LLMWS_MASTER_KEY", None) if "LLMWS_MASTER_KEY" not in self.env else None
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            args, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=env,
+            args,
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
             preexec_fn=self._limit_files if self.nofile is not None else None,
         )
         log.close()
@@ -120,7 +136,13 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Start daemons in a temporary folder; all are killed at the end of the test."""
     made: list[DaemonProcess] = []
 
-    def make(extra_args: list[str] | tuple[str, ...] = (), env: dict[str, str] | None = None, config: dict[str, Any] | None = None, *, start: bool = True) -> DaemonProcess:
+    def make(
+        extra_args: list[str] | tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        config: dict[str, Any] | None = None,
+        *,
+        start: bool = True,
+    ) -> DaemonProcess:
         root = tmp_path / f"d{len(made)}"
         root.mkdir()
         d = DaemonProcess(root, list(extra_args), env, config)

@@ -33,15 +33,23 @@ class ScriptedBackend(Backend):
     name = "scripted"
 
     def __init__(
-        self, pieces: Sequence[str], *, max_context: int = 4096, grammar: bool = False,
-        gate: threading.Event | None = None, gate_from: int = 0, fail_after: int | None = None,
+        self,
+        pieces: Sequence[str],
+        *,
+        max_context: int = 4096,
+        grammar: bool = False,
+        gate: threading.Event | None = None,
+        gate_from: int = 0,
+        fail_after: int | None = None,
     ) -> None:
         self.pieces = list(pieces)
         self.gate = gate
         self.gate_from = gate_from
         self.fail_after = fail_after
         self.supports_grammar = grammar
-        self.info = ModelInfo(name="scripted", path="scripted", format="gguf", backend="scripted", max_context=max_context)
+        self.info = ModelInfo(
+            name="scripted", path="scripted", format="gguf", backend="scripted", max_context=max_context
+        )
         self.seen: list[GenerationParams] = []
 
     def load(self) -> None:

@@ -89,7 +89,10 @@ def test_restart_after_a_finished_reply_whose_state_was_not_saved_adds_no_second
     assert ok
     events = resumed.replay(0)
     assert [e["type"] for e in events] == ["start", "token", "done"]
-    assert resumed.state["history"][-2:] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]
+    assert resumed.state["history"][-2:] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     assert "inflight" not in resumed.state
 
 
@@ -124,8 +127,10 @@ def test_restart_with_two_replies_running_closes_out_both(tmp_path: Path) -> Non
     done = {e["request_id"]: e["finish_reason"] for e in resumed.replay(0) if e["type"] == "done"}
     assert done == {"a": "interrupted", "b": "interrupted"}
     assert resumed.state["history"] == [
-        {"role": "user", "content": "first"}, {"role": "assistant", "content": "A1"},
-        {"role": "user", "content": "second"}, {"role": "assistant", "content": "B1"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "second"},
+        {"role": "assistant", "content": "B1"},
     ]
     assert "inflight" not in resumed.state
 

@@ -22,7 +22,14 @@ def test_partial_file_env_and_flags_override_in_order(tmp_path) -> None:
     """A partial file merges over defaults; env beats the file; flags beat env."""
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"server": {"port": 9000}, "generation_defaults": {"temperature": 0.1}}))
-    s = load_settings(cfg, env={"LLMWS_PORT": "9100", "LLMWS_SESSIONS__TTL_SECONDS": "60", "LLMWS_API_KEYS": "key-a-0123456789ab,key-b-0123456789ab"})
+    s = load_settings(
+        cfg,
+        env={
+            "LLMWS_PORT": "9100",
+            "LLMWS_SESSIONS__TTL_SECONDS": "60",
+            "LLMWS_API_KEYS": "key-a-0123456789ab,key-b-0123456789ab",
+        },
+    )
     assert s.server.port == 9100 and s.generation_defaults.temperature == 0.1
     assert s.server.http_port == 8001 and s.sessions.ttl_seconds == 60
     assert s.security.api_keys == ["key-a-0123456789ab", "key-b-0123456789ab"]

@@ -7,10 +7,16 @@ from llmws_core.legacy import LegacyView, split_missed, translate_config
 
 def test_original_config_keys_are_translated_and_unknown_ones_dropped() -> None:
     """repetition_penalty is repeat_penalty, do_sample false is greedy, unknown keys go."""
-    out = translate_config({
-        "max_new_tokens": 64, "temperature": 0.7, "repetition_penalty": 1.1,
-        "do_sample": False, "num_beams": 4, "top_k": None,
-    })
+    out = translate_config(
+        {
+            "max_new_tokens": 64,
+            "temperature": 0.7,
+            "repetition_penalty": 1.1,
+            "do_sample": False,
+            "num_beams": 4,
+            "top_k": None,
+        }
+    )
     assert out == {"max_new_tokens": 64, "temperature": 0.0, "repeat_penalty": 1.1}
     assert translate_config({"do_sample": True, "temperature": 0.5}) == {"temperature": 0.5}
 

@@ -24,10 +24,31 @@ def test_documentation_has_an_example_of_every_message() -> None:
     """DOCUMENTATION.md shows a JSON example of every client message and every main server event."""
     types = {json.loads(x).get("type") for x in doc_examples()}
     assert protocol.CLIENT_TYPES <= types
-    needed = {"welcome", "notice", "queued", "start", "token", "done", "warning", "ack_received",
-              "config_ack", "models_list", "model_loading", "model_switched", "download_started",
-              "download_progress", "log", "download_done", "model_deleted", "model_estimate",
-              "resources", "reset_done", "status", "pong", "error"}
+    needed = {
+        "welcome",
+        "notice",
+        "queued",
+        "start",
+        "token",
+        "done",
+        "warning",
+        "ack_received",
+        "config_ack",
+        "models_list",
+        "model_loading",
+        "model_switched",
+        "download_started",
+        "download_progress",
+        "log",
+        "download_done",
+        "model_deleted",
+        "model_estimate",
+        "resources",
+        "reset_done",
+        "status",
+        "pong",
+        "error",
+    }
     assert needed <= types
 
 

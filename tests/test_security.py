@@ -33,10 +33,7 @@ def test_roles_with_and_without_required_keys() -> None:
         and not access("user-key-u-0123456789", both, keys_required=True).admin
     )
     assert access("admin-key-a-0123456789", both, keys_required=True).admin
-    assert (
-        access(None, both, keys_required=False).allowed
-        and not access(None, both, keys_required=False).admin
-    )
+    assert access(None, both, keys_required=False).allowed and not access(None, both, keys_required=False).admin
     users = _settings(api_keys=["user-key-u-0123456789"])
     assert access(
         "user-key-u-0123456789", users, keys_required=True
@@ -55,12 +52,7 @@ def test_null_origin_never_manages_models_without_a_key() -> None:
 
 def test_loopback_and_host_rules() -> None:
     """Loopback addresses are recognised; a loopback bind answers only to loopback Host names."""
-    assert (
-        is_loopback("127.0.0.2")
-        and is_loopback("::1")
-        and is_loopback("[::1]")
-        and not is_loopback("0.0.0.0")
-    )
+    assert is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("[::1]") and not is_loopback("0.0.0.0")
     hosts = allowed_hosts(Settings())
     assert hosts is not None and "localhost" in hosts and "evil.example" not in hosts
     assert allowed_hosts(Settings.model_validate({"server": {"host": "0.0.0.0"}})) is None

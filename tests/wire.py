@@ -20,9 +20,7 @@ class Peer:
         self.events: list[dict[str, Any]] = []
 
     @classmethod
-    async def open(
-        cls, url: str, handshake: dict[str, Any] | None = None, *, legacy: bool = False, **kw: Any
-    ) -> Peer:
+    async def open(cls, url: str, handshake: dict[str, Any] | None = None, *, legacy: bool = False, **kw: Any) -> Peer:
         """Connect and handshake; the current dialect unless `legacy` (no `protocol` key)."""
         ws = await connect(url, max_size=None, **kw)
         peer = cls(ws)
@@ -51,7 +49,9 @@ class Peer:
             if event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
                 return out
 
-    async def infer(self, prompt: Any, request_id: str = "r", timeout: float = 120, **config: Any) -> tuple[str, list[dict[str, Any]]]:
+    async def infer(
+        self, prompt: Any, request_id: str = "r", timeout: float = 120, **config: Any
+    ) -> tuple[str, list[dict[str, Any]]]:
         """Send one inference and return (reply text, events up to its done)."""
         msg: dict[str, Any] = {"type": "inference", "prompt": prompt, "request_id": request_id}
         if config:
@@ -68,6 +68,7 @@ class Peer:
 
 def text_of(events: list[dict[str, Any]], request_id: str | None = None) -> str:
     return "".join(
-        e["data"] for e in events
+        e["data"]
+        for e in events
         if e.get("type") == "token" and (request_id is None or e.get("request_id") == request_id)
     )

@@ -318,9 +318,7 @@ class InferenceStream:
                 self.done = item
                 self._finish()
                 if item.get("finish_reason") == "error":
-                    raise GenerationFailedError(
-                        "generation_failed", "The generation failed on the server.", item
-                    )
+                    raise GenerationFailedError("generation_failed", "The generation failed on the server.", item)
 
     def _finish(self) -> None:
         if not self._finished:
@@ -589,9 +587,7 @@ class LLMWSEnhancedClient:
                 "connect_failed", f"The server at {self.url} refused the WebSocket handshake."
             ) from exc
         except (OSError, TimeoutError) as exc:
-            raise ConnectFailedError(
-                "connect_failed", f"Cannot reach the LLMWS server at {self.url}."
-            ) from exc
+            raise ConnectFailedError("connect_failed", f"Cannot reach the LLMWS server at {self.url}.") from exc
         try:
             await ws.send(json.dumps(self._handshake_frame(session_id, last_seq)))
             early: list[dict[str, Any]] = []
@@ -614,9 +610,7 @@ class LLMWSEnhancedClient:
             ) from exc
         except TimeoutError as exc:
             await ws.close()
-            raise ConnectFailedError(
-                "connect_failed", "The server did not answer the handshake in time."
-            ) from exc
+            raise ConnectFailedError("connect_failed", "The server did not answer the handshake in time.") from exc
         except BaseException:
             await ws.close()
             raise
@@ -681,11 +675,7 @@ class LLMWSEnhancedClient:
                     self.state = ClientState.CLOSED
                     self._open_event.clear()
                     await _call(self.on_connection, "lost", {"reason": "connection lost"})
-                    self._fail_all(
-                        ConnectionLostError(
-                            "connection_lost", f"Lost the connection to {self.url}."
-                        )
-                    )
+                    self._fail_all(ConnectionLostError("connection_lost", f"Lost the connection to {self.url}."))
                     return
         except asyncio.CancelledError:
             raise
@@ -818,9 +808,7 @@ class LLMWSEnhancedClient:
                 async with asyncio.timeout(self._reconnect_budget()):
                     await self._open_event.wait()
             except TimeoutError:
-                raise ConnectionLostError(
-                    "connection_lost", f"Lost the connection to {self.url}."
-                ) from None
+                raise ConnectionLostError("connection_lost", f"Lost the connection to {self.url}.") from None
         if self.state is not ClientState.OPEN or self._ws is None:
             raise ConnectionLostError("connection_lost", f"Lost the connection to {self.url}.")
         try:
@@ -828,9 +816,7 @@ class LLMWSEnhancedClient:
         except ConnectionClosed:
             # The reader notices the drop and resumes; a message that did not leave is lost,
             # and the caller hears so instead of waiting for an answer that cannot come.
-            raise ConnectionLostError(
-                "connection_lost", "The connection dropped while sending."
-            ) from None
+            raise ConnectionLostError("connection_lost", "The connection dropped while sending.") from None
 
     def _reconnect_budget(self) -> float:
         total, delay = 0.0, self.reconnect_delay
@@ -873,9 +859,7 @@ class LLMWSEnhancedClient:
                         return item
                     await _call(on_event, item)
         except TimeoutError:
-            raise RequestTimeoutError(
-                "timeout", f"No answer to {message.get('type')} within {timeout} s."
-            ) from None
+            raise RequestTimeoutError("timeout", f"No answer to {message.get('type')} within {timeout} s.") from None
         finally:
             self._forget(request_id)
 
@@ -1005,23 +989,17 @@ class LLMWSEnhancedClient:
 
     async def get_resources(self) -> dict[str, Any]:
         """GPU, CPU, RAM, process and model figures (the `resources` event)."""
-        return await self.request(
-            {"type": "get_resources"}, "resources", timeout=self.request_timeout
-        )
+        return await self.request({"type": "get_resources"}, "resources", timeout=self.request_timeout)
 
     async def list_models(self) -> list[dict[str, Any]]:
         """The models the daemon can serve: name, path, format, size_mb, source, loaded."""
-        event = await self.request(
-            {"type": "list_models"}, "models_list", timeout=self.request_timeout
-        )
+        event = await self.request({"type": "list_models"}, "models_list", timeout=self.request_timeout)
         models = event.get("models")
         return models if isinstance(models, list) else []
 
     async def set_config(self, **config: Any) -> dict[str, Any]:
         """Change the session's generation defaults; returns the resulting config."""
-        event = await self.request(
-            {"type": "config", "data": config}, "config_ack", timeout=self.request_timeout
-        )
+        event = await self.request({"type": "config", "data": config}, "config_ack", timeout=self.request_timeout)
         result = event.get("config")
         return result if isinstance(result, dict) else {}
 
@@ -1029,9 +1007,7 @@ class LLMWSEnhancedClient:
         """Forget the session's conversation (its config stays)."""
         await self.request({"type": "reset"}, "reset_done", timeout=self.request_timeout)
 
-    async def switch_model(
-        self, model_path: str, *, on_progress: EventCallback | None = None
-    ) -> dict[str, Any]:
+    async def switch_model(self, model_path: str, *, on_progress: EventCallback | None = None) -> dict[str, Any]:
         """Load another model; returns the `model_switched` event (model, max_context).
 
         `on_progress` receives `model_loading` events while the model loads.
@@ -1117,8 +1093,4 @@ class LLMWSEnhancedClient:
 
 def events_as_text(events: Iterable[dict[str, Any]]) -> str:
     """Concatenate the token data of a list of events (handy in tests and scripts)."""
-    return "".join(
-        e.get("data", "")
-        for e in events
-        if e.get("type") == "token" and isinstance(e.get("data"), str)
-    )
+    return "".join(e.get("data", "") for e in events if e.get("type") == "token" and isinstance(e.get("data"), str))

@@ -74,9 +74,7 @@ def escape_control(text: str) -> str:
 def json_line(event: dict[str, Any]) -> str:
     """One event as a JSON line that is safe on a terminal (C1/bidi escaped too)."""
     text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    return re.sub(
-        "[\x7f-\x9f\u202a-\u202e\u2066-\u2069]", lambda m: f"\\u{ord(m.group()):04x}", text
-    )
+    return re.sub("[\x7f-\x9f\u202a-\u202e\u2066-\u2069]", lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -111,18 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="send one prompt, print the reply and exit; '-' reads the prompt from stdin",
     )
-    parser.add_argument(
-        "-s", "--system", metavar="TEXT", help="system prompt for the conversation"
-    )
+    parser.add_argument("-s", "--system", metavar="TEXT", help="system prompt for the conversation")
     parser.add_argument(
         "--image",
         action="append",
         metavar="PATH",
         help="attach an image file to the prompt (repeatable; needs a vision model)",
     )
-    parser.add_argument(
-        "--temperature", type=float, metavar="T", help="sampling temperature (0: greedy)"
-    )
+    parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (0: greedy)")
     parser.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling threshold")
     parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens")
     parser.add_argument(
@@ -133,9 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="stop the reply after N tokens",
     )
-    parser.add_argument(
-        "--no-stream", action="store_true", help="print the reply once it is complete"
-    )
+    parser.add_argument("--no-stream", action="store_true", help="print the reply once it is complete")
     parser.add_argument(
         "--json",
         action="store_true",
@@ -309,9 +301,7 @@ def _mem_pair(info: dict[str, Any]) -> tuple[float | None, float | None]:
         return None
 
     used = find(["memory_used_mb", "used_mb", "vram_used_mb", "memory_used_bytes", "used_bytes"])
-    total = find(
-        ["memory_total_mb", "total_mb", "vram_total_mb", "memory_total_bytes", "total_bytes"]
-    )
+    total = find(["memory_total_mb", "total_mb", "vram_total_mb", "memory_total_bytes", "total_bytes"])
     return used, total
 
 
@@ -341,9 +331,7 @@ def resources_lines(res: dict[str, Any], width: int = 24) -> list[str]:
     if isinstance(ram, dict):
         used, total = _mem_pair(ram)
         frac = used / total if used is not None and total else None
-        lines.append(
-            f"{'RAM':<8} {bar(frac, width)} {(used or 0) / 1024:.1f}/{(total or 0) / 1024:.1f} GB"
-        )
+        lines.append(f"{'RAM':<8} {bar(frac, width)} {(used or 0) / 1024:.1f}/{(total or 0) / 1024:.1f} GB")
     cpu = res.get("cpu")
     if isinstance(cpu, dict):
         pct = _number(cpu.get("percent"))
@@ -497,9 +485,7 @@ async def run_once(
         await client.connect(session_id=args.session)
         if args.session and not client.welcome.get("resumed") and not args.json:
             err.notice(f"session {args.session} could not be resumed; started {client.session_id}")
-        async with client.stream(
-            prompt, args.system, images=images, **_generation_flags(args)
-        ) as stream:
+        async with client.stream(prompt, args.system, images=images, **_generation_flags(args)) as stream:
             stream_box.append(stream)
             async for token in stream:
                 if not args.json and not args.no_stream:
@@ -735,9 +721,7 @@ class Repl:
         elif kind in ("notice", "warning"):
             await self._show(self.console.dim(f"[{escape_control(str(event.get('message', '')))}]"))
         elif kind == "error":
-            await self._show(
-                self.console.red(f"error: {escape_control(str(event.get('message', '')))}")
-            )
+            await self._show(self.console.red(f"error: {escape_control(str(event.get('message', '')))}"))
         elif kind == "done":
             self.console.end_line()
         elif kind == "model_switched":
@@ -750,11 +734,7 @@ class Repl:
         elif state == "resumed":
             await self._show(self.console.dim("[reconnected; resuming]"))
         elif state == "new_session":
-            await self._show(
-                self.console.dim(
-                    f"[the server lost the session; new session {info.get('session_id')}]"
-                )
-            )
+            await self._show(self.console.dim(f"[the server lost the session; new session {info.get('session_id')}]"))
         elif state == "lost":
             await self._show(self.console.red("[connection lost; will retry on the next input]"))
 
@@ -1009,18 +989,14 @@ class Repl:
     async def cmd_help(self, _: str) -> None:
         for name, text in COMMANDS.items():
             self.console.line(f"  {name:<11} {text}")
-        self.console.line(
-            "  Enter sends; a trailing \\ or Esc+Enter adds a line; Ctrl-C stops a reply."
-        )
+        self.console.line("  Enter sends; a trailing \\ or Esc+Enter adds a line; Ctrl-C stops a reply.")
 
     async def cmd_config(self, rest: str) -> None:
         updates = parse_config_items(shlex.split(rest)) if rest else {}
         config = await self.client.set_config(**updates)
         shown = {k: v for k, v in config.items() if v is not None}
         self.console.line(
-            "  ".join(
-                f"{k}={escape_control(json.dumps(v, ensure_ascii=False))}" for k, v in shown.items()
-            )
+            "  ".join(f"{k}={escape_control(json.dumps(v, ensure_ascii=False))}" for k, v in shown.items())
             or "(server defaults)"
         )
 
@@ -1054,9 +1030,7 @@ class Repl:
             if event.get("type") == "model_loading" and event.get("message"):
                 self.console.notice(escape_control(str(event["message"])))
 
-        event = await self._interruptible(
-            self.client.switch_model(path, on_progress=progress), None
-        )
+        event = await self._interruptible(self.client.switch_model(path, on_progress=progress), None)
         self.console.line(
             f"Model {self.console.bold(escape_control(_model_name(event.get('model'))))} loaded; "
             f"context {event.get('max_context', '?')} tokens"
@@ -1091,9 +1065,7 @@ class Repl:
                 self.console.line(self.console.dim(escape_control(str(event["message"]))))
 
         try:
-            event = await self._interruptible(
-                self.client.download_model(repo, target, on_progress=progress), None
-            )
+            event = await self._interruptible(self.client.download_model(repo, target, on_progress=progress), None)
         except asyncio.CancelledError:
             if _cancelled_from_outside():
                 raise
@@ -1135,11 +1107,7 @@ class Repl:
 
     async def cmd_system(self, rest: str) -> None:
         if not rest:
-            self.console.line(
-                f"system prompt: {escape_control(self.system)}"
-                if self.system
-                else "no system prompt"
-            )
+            self.console.line(f"system prompt: {escape_control(self.system)}" if self.system else "no system prompt")
         elif rest == "off":
             self.system = None
             self.console.line("System prompt cleared.")
@@ -1154,9 +1122,7 @@ class Repl:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python llm.py` and `llmws-chat`; returns the exit code."""
     args = parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(name)s: %(levelname)s: %(message)s"
-    )
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(name)s: %(levelname)s: %(message)s")
     try:
         if args.prompt is not None:
             return asyncio.run(run_once(args))

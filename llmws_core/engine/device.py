@@ -51,7 +51,7 @@ class Capabilities:
 
     @property
     def device(self) -> str:
-        """"cuda" or "cpu": where a model goes."""
+        """ "cuda" or "cpu": where a model goes."""
         return "cuda" if self.cuda else "cpu"
 
 
@@ -130,14 +130,12 @@ def choose_attention(requested: str, caps: Capabilities, dtype: str) -> Attentio
         if not flash_attention_supported(caps, dtype):
             raise errors.Unsupported(
                 "FlashAttention 2 needs the flash-attn package, an NVIDIA GPU of compute capability "
-                "8.0 or newer and a bfloat16/float16 dtype; use attention \"sdpa\" or \"auto\"."
+                '8.0 or newer and a bfloat16/float16 dtype; use attention "sdpa" or "auto".'
             )
         return "flash_attention_2"
     if requested in ("sdpa", "eager"):
         return requested  # type: ignore[return-value]
-    raise errors.Unsupported(
-        f"Unknown attention {requested!r}; use auto, flash_attention_2, sdpa or eager."
-    )
+    raise errors.Unsupported(f"Unknown attention {requested!r}; use auto, flash_attention_2, sdpa or eager.")
 
 
 def check_quantization(quantization: str | None, caps: Capabilities) -> None:
@@ -149,7 +147,7 @@ def check_quantization(quantization: str | None, caps: Capabilities) -> None:
     if quantization is None:
         return
     if quantization not in ("4bit", "8bit"):
-        raise errors.Unsupported(f"Unknown quantization {quantization!r}; use \"4bit\", \"8bit\" or null.")
+        raise errors.Unsupported(f'Unknown quantization {quantization!r}; use "4bit", "8bit" or null.')
     if not caps.cuda:
         raise errors.Unsupported(
             f"{quantization} quantization (bitsandbytes) needs an NVIDIA GPU with CUDA; "
@@ -169,7 +167,9 @@ def torch_dtype(name: str) -> Any:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def max_memory(caps: Capabilities, *, headroom: float = 0.1, min_headroom_bytes: int = 1 << 30) -> dict[Any, int] | None:
+def max_memory(
+    caps: Capabilities, *, headroom: float = 0.1, min_headroom_bytes: int = 1 << 30
+) -> dict[Any, int] | None:
     """`max_memory` for accelerate's `device_map="auto"`: free VRAM per GPU minus room for the KV cache.
 
     None on the CPU (no device map there). The headroom (10%, at least 1 GiB) is

@@ -104,10 +104,7 @@ def parse_source(repo: str, filename: str | None = None, quant: str | None = Non
     if not text or text.startswith("-") or any(c.isspace() or ord(c) < 32 for c in text):
         raise BadRequest("repo must be a Hugging Face repo id (org/name) or a git URL.")
     if filename is not None and (
-        not filename
-        or filename.startswith("/")
-        or ".." in filename.split("/")
-        or "\x00" in filename
+        not filename or filename.startswith("/") or ".." in filename.split("/") or "\x00" in filename
     ):
         raise Forbidden("filename must be a plain file name inside the repository.")
     if _HF_REPO_RE.match(text) and ".." not in text:
@@ -163,7 +160,9 @@ def choose_hf_files(sizes: dict[str, int], filename: str | None, quant: str | No
         and not gguf.is_later_part(p.rsplit("/", 1)[-1])
     ]
     if ggufs and quant:
-        tagged = [p for p in ggufs if re.search(rf"(?<![a-z0-9]){re.escape(quant)}(?![a-z0-9_])", p.rsplit("/", 1)[-1], re.I)]
+        tagged = [
+            p for p in ggufs if re.search(rf"(?<![a-z0-9]){re.escape(quant)}(?![a-z0-9_])", p.rsplit("/", 1)[-1], re.I)
+        ]
         if not tagged:
             raise DownloadError(f"The repository has no GGUF file of quantization {quant}.")
         return _with_split_parts(tagged[0], sizes)
@@ -226,9 +225,7 @@ class _Progress:
         self.last_emit = 0.0
         self.last_sent: tuple[int, int | None, str | None] | None = None
 
-    def update(
-        self, done: int, total: int | None, file: str | None, *, force: bool = False
-    ) -> None:
+    def update(self, done: int, total: int | None, file: str | None, *, force: bool = False) -> None:
         job = self.job
         if total is not None:
             done = min(done, total)
@@ -411,9 +408,7 @@ class DownloadManager:
                 "wait for one to finish or cancel one."
             )
         if os.path.lexists(final):
-            raise DownloadError(
-                f"var/models/{target_dir} exists already; delete it or choose another target_dir."
-            )
+            raise DownloadError(f"var/models/{target_dir} exists already; delete it or choose another target_dir.")
         free = _free_bytes(self.dirs.var_models_dir)
         if free < self.min_free_bytes:
             raise DownloadError(
@@ -486,9 +481,7 @@ class DownloadManager:
         running = [j for j in self._jobs.values() if j.state == "running"]
         for job in running:
             self.cancel(job.job_id)
-        await asyncio.gather(
-            *(j.task for j in running if j.task is not None), return_exceptions=True
-        )
+        await asyncio.gather(*(j.task for j in running if j.task is not None), return_exceptions=True)
 
     def _forget_old_jobs(self) -> None:
         finished = [j for j in self._jobs.values() if j.state != "running"]
@@ -539,9 +532,7 @@ class DownloadManager:
         await asyncio.to_thread(shutil.rmtree, job.partial, True)
         code = "cancelled" if job.state == "cancelled" else "download_failed"
         logger.info("download %s of %s %s: %s", job.job_id, job.repo, job.state, job.message)
-        self._emit(
-            job, {"type": "error", "code": code, "job_id": job.job_id, "message": job.message}
-        )
+        self._emit(job, {"type": "error", "code": code, "job_id": job.job_id, "message": job.message})
 
     def _check_cancelled(self, job: _Job) -> None:
         if job.cancelled:
@@ -572,14 +563,11 @@ class DownloadManager:
                 leftover.unlink()
         if not await asyncio.to_thread(_contains_model, job.partial):
             raise DownloadError(
-                "The download holds no GGUF file or Hugging Face model folder (config.json + "
-                "*.safetensors)."
+                "The download holds no GGUF file or Hugging Face model folder (config.json + *.safetensors)."
             )
         self._check_cancelled(job)
         if os.path.lexists(job.final):
-            raise DownloadError(
-                f"var/models/{job.target} appeared meanwhile; nothing was replaced."
-            )
+            raise DownloadError(f"var/models/{job.target} appeared meanwhile; nothing was replaced.")
         os.rename(job.partial, job.final)
         inside = [e for e in self.dirs.scan() if e.path == job.final or job.final in e.path.parents]
         job.path = inside[0].rel_path if len(inside) == 1 else f"var/models/{job.target}"
@@ -608,9 +596,7 @@ class DownloadManager:
         job.procs.append(proc)
         return proc
 
-    async def _read_lines(
-        self, stream: asyncio.StreamReader, on_line: Callable[[str], None]
-    ) -> None:
+    async def _read_lines(self, stream: asyncio.StreamReader, on_line: Callable[[str], None]) -> None:
         """Split a child's output on newlines and carriage returns (git redraws progress with \\r)."""
         buffer = b""
         while True:
@@ -625,9 +611,7 @@ class DownloadManager:
         if buffer.strip():
             on_line(buffer.decode("utf-8", errors="replace"))
 
-    async def _poll(
-        self, measure: Callable[[], tuple[int, int | None, str | None]], progress: _Progress
-    ) -> None:
+    async def _poll(self, measure: Callable[[], tuple[int, int | None, str | None]], progress: _Progress) -> None:
         """Report bytes on disk every PROGRESS_INTERVAL until cancelled."""
         while True:
             figures = await asyncio.to_thread(measure)
@@ -688,9 +672,7 @@ class DownloadManager:
                         f"Downloading {len(files)} file(s): {names}{more} ({total / 1e6:.1f} MB).",
                     )
                     poll_task = asyncio.create_task(
-                        self._poll(
-                            functools.partial(_hf_measure, job.partial, files, total), progress
-                        )
+                        self._poll(functools.partial(_hf_measure, job.partial, files, total), progress)
                     )
                 elif kind == "log":
                     self._log(job, str(msg.get("message", "")))
@@ -719,9 +701,7 @@ class DownloadManager:
 
     # -- git + git-lfs ---------------------------------------------------------------------
 
-    async def _git(
-        self, job: _Job, args: list[str], env: dict[str, str], cwd: Path | None, what: str
-    ) -> None:
+    async def _git(self, job: _Job, args: list[str], env: dict[str, str], cwd: Path | None, what: str) -> None:
         """Run one git command, relaying its progress lines as throttled `log` events."""
         proc = await self._spawn(job, ["git", *args], env, cwd)
         assert proc.stdout is not None and proc.stderr is not None
@@ -731,15 +711,11 @@ class DownloadManager:
         def on_line(line: str) -> None:
             tail.append(line)
             now = time.monotonic()
-            if _GIT_PROGRESS_RE.match(line.strip()) and (
-                now - last_log[0] >= LOG_INTERVAL or "done" in line
-            ):
+            if _GIT_PROGRESS_RE.match(line.strip()) and (now - last_log[0] >= LOG_INTERVAL or "done" in line):
                 last_log[0] = now
                 self._log(job, line.strip().removeprefix("remote: ").strip()[:200])
 
-        await asyncio.gather(
-            self._read_lines(proc.stderr, on_line), self._read_lines(proc.stdout, tail.append)
-        )
+        await asyncio.gather(self._read_lines(proc.stderr, on_line), self._read_lines(proc.stdout, tail.append))
         rc = await proc.wait()
         self._check_cancelled(job)
         if rc != 0:
@@ -766,19 +742,13 @@ class DownloadManager:
             total = sum(size for _, size in pointers)
             self._check_size(total)
             if shutil.which("git-lfs") is None:
-                raise DownloadError(
-                    "The repository stores files in git-lfs, which is not installed on the server."
-                )
+                raise DownloadError("The repository stores files in git-lfs, which is not installed on the server.")
             self._log(job, f"Fetching {len(pointers)} LFS file(s) ({total / 1e6:.1f} MB).")
             lfs_dir = job.partial / ".git" / "lfs"
             label = pointers[0][0] if len(pointers) == 1 else f"{len(pointers)} LFS files"
 
             def measure() -> tuple[int, int | None, str | None]:
-                done = sum(
-                    _tree_bytes(lfs_dir / d)
-                    for d in ("objects", "incomplete", "tmp")
-                    if (lfs_dir / d).is_dir()
-                )
+                done = sum(_tree_bytes(lfs_dir / d) for d in ("objects", "incomplete", "tmp") if (lfs_dir / d).is_dir())
                 return done, total, label
 
             poll_task = asyncio.create_task(self._poll(measure, progress))
@@ -791,9 +761,7 @@ class DownloadManager:
                     await poll_task
             missing = await asyncio.to_thread(_lfs_pointers, job.partial)
             if missing:
-                raise DownloadError(
-                    f"{len(missing)} LFS file(s) could not be fetched from the remote."
-                )
+                raise DownloadError(f"{len(missing)} LFS file(s) could not be fetched from the remote.")
             await progress.finish(total, total, label)
         else:
             self._log(job, "The repository has no LFS files.")
@@ -803,17 +771,9 @@ class DownloadManager:
 def _git_failure(what: str, text: str) -> str:
     """A user-safe sentence for a failed git step (git's own text may hold paths or hosts)."""
     low = text.lower()
-    if (
-        "could not read username" in low
-        or "authentication failed" in low
-        or "permission denied" in low
-    ):
+    if "could not read username" in low or "authentication failed" in low or "permission denied" in low:
         return "The repository needs credentials the server does not have."
-    if (
-        "not found" in low
-        or "does not appear to be a git repository" in low
-        or "does not exist" in low
-    ):
+    if "not found" in low or "does not appear to be a git repository" in low or "does not exist" in low:
         return "The repository was not found or is not reachable."
     if "could not resolve host" in low or "unable to access" in low or "connection" in low:
         return "The repository's host could not be reached."
@@ -833,9 +793,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _hf_measure(
-    partial: Path, files: list[dict[str, Any]], total: int
-) -> tuple[int, int, str | None]:
+def _hf_measure(partial: Path, files: list[dict[str, Any]], total: int) -> tuple[int, int, str | None]:
     """Bytes on disk so far, and the first planned file not yet complete."""
     done = _tree_bytes(partial)
     current = None

@@ -159,8 +159,8 @@ class TransformersEmbedder(EmbeddingBackend):
         self._model = model.to(self._device).eval()
         self._pooling, max_len = self._read_pooling()
         limits = [
-            v for v in (max_len, getattr(model.config, "max_position_embeddings", None),
-                        self._tokenizer.model_max_length)
+            v
+            for v in (max_len, getattr(model.config, "max_position_embeddings", None), self._tokenizer.model_max_length)
             if isinstance(v, int) and 0 < v < 1_000_000
         ]
         self.info = EmbeddingInfo(
@@ -172,8 +172,13 @@ class TransformersEmbedder(EmbeddingBackend):
             pooling=self._pooling,
             device=self._device,
         )
-        logger.info("embedding model %s loaded (%d dimensions, %s pooling, %s)",
-                    self.info.name, self.info.dimensions, self._pooling, self._device)
+        logger.info(
+            "embedding model %s loaded (%d dimensions, %s pooling, %s)",
+            self.info.name,
+            self.info.dimensions,
+            self._pooling,
+            self._device,
+        )
 
     def unload(self) -> None:
         self._model = None
@@ -251,8 +256,12 @@ class LlamaCppEmbedder(EmbeddingBackend):
 
         try:
             self._llm = Llama(
-                model_path=str(self._entry.path), embedding=True, n_ctx=0, n_threads=self._n_threads,
-                n_gpu_layers=self._n_gpu_layers, verbose=False,
+                model_path=str(self._entry.path),
+                embedding=True,
+                n_ctx=0,
+                n_threads=self._n_threads,
+                n_gpu_layers=self._n_gpu_layers,
+                verbose=False,
             )
         except Exception as exc:
             logger.error("loading embedding model %s failed", self._entry.path, exc_info=exc)

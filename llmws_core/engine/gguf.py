@@ -43,9 +43,7 @@ def split_parts(path: Path) -> list[Path]:
 
 
 # Quantization as model publishers spell it in file names (Q4_K_M, IQ3_XS, F16, BF16, ...).
-_QUANT_RE = re.compile(
-    r"(?:^|[._-])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32|TQ\d_\d|MXFP4)(?=$|[._-])", re.IGNORECASE
-)
+_QUANT_RE = re.compile(r"(?:^|[._-])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32|TQ\d_\d|MXFP4)(?=$|[._-])", re.IGNORECASE)
 # llama.cpp's `general.file_type` (LLAMA_FTYPE) values; the names match gguf.LlamaFileType.
 _GGUF_FILE_TYPES = {
     0: "F32",

@@ -145,7 +145,10 @@ class ModelManager:
     """Owns the loaded backend and the model folders."""
 
     def __init__(
-        self, settings: Settings, *, factories: dict[str, BackendFactory] | None = None,
+        self,
+        settings: Settings,
+        *,
+        factories: dict[str, BackendFactory] | None = None,
         prefixes: PrefixStore | None = None,
     ) -> None:
         """Args:
@@ -179,9 +182,7 @@ class ModelManager:
         self._remote_backends: dict[str, tuple[Backend, FairQueue]] = {}
         self._remote_lock = asyncio.Lock()
         # Embedding models, resident beside the chat model (see engine/embedding.py).
-        self.embedders = EmbeddingModels(
-            n_threads=settings.model.n_threads, n_gpu_layers=settings.model.n_gpu_layers
-        )
+        self.embedders = EmbeddingModels(n_threads=settings.model.n_threads, n_gpu_layers=settings.model.n_gpu_layers)
 
     # ------------------------------------------------------------------ info
 
@@ -281,9 +282,7 @@ class ModelManager:
     async def load(self, entry: ModelEntry, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Backend:
         """Load `entry` and make it current. The old model serves until the swap."""
         if entry.kind == "embedding":
-            raise errors.Unsupported(
-                f"'{entry.name}' is an embedding model: it serves /v1/embeddings and cannot chat."
-            )
+            raise errors.Unsupported(f"'{entry.name}' is an embedding model: it serves /v1/embeddings and cannot chat.")
         async with self._switch_lock:
             self.loading = entry.name
             try:
@@ -364,7 +363,9 @@ class ModelManager:
         return backend
 
     @contextlib.asynccontextmanager
-    async def use(self, on_position: Callable[[int], None] | None = None, *, model: str | None = None) -> AsyncIterator[Backend]:
+    async def use(
+        self, on_position: Callable[[int], None] | None = None, *, model: str | None = None
+    ) -> AsyncIterator[Backend]:
         """Hold a backend for one generation, in FIFO order.
 
         `model` None (or the loaded model's name) holds the current backend; a

@@ -56,9 +56,7 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ArchInfo:
     Raises:
         ValueError: the config lacks the layer or head counts.
     """
-    if _first(cfg, "num_hidden_layers", "n_layer", "num_layers") is None and isinstance(
-        cfg.get("text_config"), dict
-    ):
+    if _first(cfg, "num_hidden_layers", "n_layer", "num_layers") is None and isinstance(cfg.get("text_config"), dict):
         cfg = cfg["text_config"]
     n_layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
     n_heads = _first(cfg, "num_attention_heads", "n_head")
@@ -71,9 +69,7 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ArchInfo:
         if hidden is None:
             raise ValueError("config.json lacks head_dim and hidden_size")
         head_dim = int(hidden) // int(n_heads)
-    n_ctx = _first(
-        cfg, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"
-    )
+    n_ctx = _first(cfg, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
     return ArchInfo(
         n_layers=int(n_layers),
         n_kv_heads=int(n_kv),

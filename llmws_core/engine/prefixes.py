@@ -47,9 +47,7 @@ class PrefixStore:
     state, never an older file.
     """
 
-    def __init__(
-        self, root: Path, sealer: Sealer, *, max_bytes: int, ttl_seconds: float | None = None
-    ) -> None:
+    def __init__(self, root: Path, sealer: Sealer, *, max_bytes: int, ttl_seconds: float | None = None) -> None:
         """Args:
         root: the folder (created 0700).
         sealer: the sessions' sealer (one master key for all of the daemon's data).

@@ -32,23 +32,25 @@ ROUTER_PREFIX = "router/"
 
 #: The `router` config keys passed to `litellm.Router`; anything else is refused at
 #: start, so a typo does not silently drop a retry or fallback policy.
-ROUTER_KEYS = frozenset({
-    "model_list",
-    "routing_strategy",
-    "routing_strategy_args",
-    "num_retries",
-    "max_fallbacks",
-    "fallbacks",
-    "context_window_fallbacks",
-    "default_fallbacks",
-    "allowed_fails",
-    "cooldown_time",
-    "disable_cooldowns",
-    "retry_after",
-    "timeout",
-    "stream_timeout",
-    "enable_pre_call_checks",
-})
+ROUTER_KEYS = frozenset(
+    {
+        "model_list",
+        "routing_strategy",
+        "routing_strategy_args",
+        "num_retries",
+        "max_fallbacks",
+        "fallbacks",
+        "context_window_fallbacks",
+        "default_fallbacks",
+        "allowed_fails",
+        "cooldown_time",
+        "disable_cooldowns",
+        "retry_after",
+        "timeout",
+        "stream_timeout",
+        "enable_pre_call_checks",
+    }
+)
 
 
 def import_litellm() -> Any:
@@ -139,7 +141,7 @@ class RemoteModels:
         """The remote model called `name` or `remote/<name>`, or None."""
         if not name:
             return None
-        key = name[len(REMOTE_PREFIX):] if name.startswith(REMOTE_PREFIX) else name
+        key = name[len(REMOTE_PREFIX) :] if name.startswith(REMOTE_PREFIX) else name
         rm = self._by_name.get(key)
         return self.entry(rm) if rm is not None else None
 
@@ -181,9 +183,7 @@ def build_router(config: dict[str, Any] | None) -> Any:
             (the real reason is logged; the message names only the section).
     """
     if not config or not config.get("model_list"):
-        raise errors.ModelLoadError(
-            "A remote model uses 'router/...' but the config has no router.model_list."
-        )
+        raise errors.ModelLoadError("A remote model uses 'router/...' but the config has no router.model_list.")
     unknown = sorted(set(config) - ROUTER_KEYS)
     if unknown:
         raise errors.ModelLoadError(

@@ -208,9 +208,7 @@ def find_mmproj(model: Path) -> Path | None:
     if shared(best) >= MMPROJ_MIN_SHARED:
         return best
     models = [
-        p for p in siblings
-        if p.name.lower().endswith(".gguf") and not _is_mmproj(p)
-        and not gguf.is_later_part(p.name)
+        p for p in siblings if p.name.lower().endswith(".gguf") and not _is_mmproj(p) and not gguf.is_later_part(p.name)
     ]
     return candidates[0] if len(candidates) == 1 and len(models) == 1 else None
 
@@ -226,10 +224,20 @@ def _hf_vision(folder: Path) -> bool:
 
 #: Encoder architectures (Hugging Face `model_type`, GGUF `general.architecture`) that
 #: only make vectors.
-_EMBEDDING_ARCHS = frozenset({
-    "bert", "nomic-bert", "nomic_bert", "jina-bert-v2", "roberta", "xlm-roberta", "mpnet",
-    "distilbert", "modernbert", "t5encoder",
-})
+_EMBEDDING_ARCHS = frozenset(
+    {
+        "bert",
+        "nomic-bert",
+        "nomic_bert",
+        "jina-bert-v2",
+        "roberta",
+        "xlm-roberta",
+        "mpnet",
+        "distilbert",
+        "modernbert",
+        "t5encoder",
+    }
+)
 
 
 def _gguf_is_embedding(path: Path) -> bool:
@@ -263,14 +271,21 @@ def make_entry(path: Path, *, name: str, rel_path: str, source: Source) -> Model
             params, quant = gguf_details(path)
             mmproj = find_mmproj(path)
             return ModelEntry(
-                name, path, rel_path, "gguf", _BACKEND["gguf"], _mib(size), source, params, quant,
+                name,
+                path,
+                rel_path,
+                "gguf",
+                _BACKEND["gguf"],
+                _mib(size),
+                source,
+                params,
+                quant,
                 "embedding" if _gguf_is_embedding(path) else "chat",
-                vision=mmproj is not None, mmproj=mmproj,
+                vision=mmproj is not None,
+                mmproj=mmproj,
             )
         if path.is_dir() and _is_hf_folder(path):
-            size = sum(
-                p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink()
-            )
+            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
             return ModelEntry(
                 name,
                 path,
@@ -298,9 +313,7 @@ class ModelDirs:
         allow_delete_from_models: whether `delete` may remove from `models/` (config).
     """
 
-    def __init__(
-        self, models_dir: Path, var_models_dir: Path, *, allow_delete_from_models: bool = False
-    ) -> None:
+    def __init__(self, models_dir: Path, var_models_dir: Path, *, allow_delete_from_models: bool = False) -> None:
         self.models_dir = Path(models_dir).absolute()
         self.var_models_dir = Path(var_models_dir).absolute()
         self.allow_delete_from_models = allow_delete_from_models
@@ -322,9 +335,7 @@ class ModelDirs:
         best = None
         for source, root, label in self._roots():
             real_root = self._real(root)
-            if _is_within(real, real_root) and (
-                best is None or len(str(real_root)) > len(str(best[1]))
-            ):
+            if _is_within(real, real_root) and (best is None or len(str(real_root)) > len(str(best[1]))):
                 best = (source, real_root, label)
         return best
 
@@ -374,9 +385,7 @@ class ModelDirs:
                         yield child
                     elif depth < MAX_DEPTH:
                         yield from visit(child, depth + 1)
-                elif (
-                    child.is_file() and child.name.lower().endswith(".gguf") and depth <= MAX_DEPTH
-                ):
+                elif child.is_file() and child.name.lower().endswith(".gguf") and depth <= MAX_DEPTH:
                     if _is_mmproj(child):
                         continue  # a vision projector, not a model on its own
                     if gguf.is_later_part(child.name):
@@ -429,9 +438,7 @@ class ModelDirs:
             # Longer than any path the folders can hold (the OS would say ENAMETOOLONG).
             raise ModelNotFound(f"No model named '{_short(text)}' in models/ or var/models/.")
         if ".." in parts:
-            raise Forbidden(
-                "Model paths may not contain '..'; name a model inside models/ or var/models/."
-            )
+            raise Forbidden("Model paths may not contain '..'; name a model inside models/ or var/models/.")
 
         for entry in self.scan():
             if text in (entry.name, entry.rel_path):
@@ -508,10 +515,15 @@ class ModelDirs:
             self._cache = {k: v for k, v in self._cache.items() if not _is_within(v.path, folder)}
             logger.info("deleted download folder %s", folder.name)
             return ModelEntry(
-                name=folder.name, path=folder, rel_path=f"var/models/{folder.name}",
-                format=models[0].format, backend=models[0].backend,
-                size_mb=sum(m.size_mb for m in models), source="var",
-                parameters=None, quantization=None,
+                name=folder.name,
+                path=folder,
+                rel_path=f"var/models/{folder.name}",
+                format=models[0].format,
+                backend=models[0].backend,
+                size_mb=sum(m.size_mb for m in models),
+                source="var",
+                parameters=None,
+                quantization=None,
             )
         if entry.source == "models" and not self.allow_delete_from_models:
             raise Forbidden(
@@ -521,9 +533,7 @@ class ModelDirs:
         if entry.source not in ("models", "var"):
             raise Forbidden("Only models in models/ or var/models/ can be deleted.")
         if loaded_path is not None and self._same_model(entry.path, Path(loaded_path)):
-            raise Forbidden(
-                f"'{entry.name}' is the loaded model; switch to another model before deleting it."
-            )
+            raise Forbidden(f"'{entry.name}' is the loaded model; switch to another model before deleting it.")
         path = self._removable(entry.path)
         if path.is_symlink():
             path.unlink()  # remove the link, never what it points to
@@ -560,7 +570,14 @@ class ModelDirs:
 
     def _download_folder(self, name: str) -> Path | None:
         """`var/models/<name>` if `name` is a single plain folder name holding a model."""
-        if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name or len(name.encode("utf-8", "surrogatepass")) > 255:
+        if (
+            not name
+            or "/" in name
+            or "\\" in name
+            or name.startswith(".")
+            or "\0" in name
+            or len(name.encode("utf-8", "surrogatepass")) > 255
+        ):
             return None
         folder = self.var_models_dir / name
         if folder.is_symlink() or not folder.is_dir():
@@ -594,10 +611,7 @@ class ModelDirs:
             or any(ord(c) < 32 or ord(c) == 127 for c in name)
             or name != name.strip()
         ):
-            raise Forbidden(
-                "target_dir must be a single folder name (no '/', '..' or leading '.') "
-                "inside var/models/."
-            )
+            raise Forbidden("target_dir must be a single folder name (no '/', '..' or leading '.') inside var/models/.")
         target = self.var_models_dir / name
         if self._real(target.parent) != self._real(self.var_models_dir):
             raise Forbidden("target_dir must lie inside var/models/.")
@@ -654,8 +668,7 @@ def auto_select(configured: str | None, dirs: ModelDirs) -> ModelEntry | None:
             entry = make_entry(path, name=path.name, rel_path=str(path), source="config")
             if entry is None:
                 raise ModelNotFound(
-                    f"The configured model '{_short(configured)}' is not a GGUF file or "
-                    "Hugging Face model folder."
+                    f"The configured model '{_short(configured)}' is not a GGUF file or Hugging Face model folder."
                 ) from None
             return entry
     found = [e for e in dirs.scan() if e.kind == "chat"]

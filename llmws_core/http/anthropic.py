@@ -71,7 +71,11 @@ class TokenCountRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(..., max_length=1024, description="A local model name switches to it; other names are served by the loaded model.")
+    model: str = Field(
+        ...,
+        max_length=1024,
+        description="A local model name switches to it; other names are served by the loaded model.",
+    )
     messages: list[InputMessage] = Field(..., min_length=1, max_length=10_000)
     system: str | list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = Field(None, max_length=128)
@@ -87,7 +91,9 @@ class MessagesRequest(TokenCountRequest):
     top_k: int | None = Field(None, ge=0)
     stop_sequences: list[str] | None = Field(None, max_length=16)
     metadata: dict[str, Any] | None = None
-    output_config: dict[str, Any] | None = Field(None, description="Structured outputs: `format` {type: json_schema, schema} constrains the reply.")
+    output_config: dict[str, Any] | None = Field(
+        None, description="Structured outputs: `format` {type: json_schema, schema} constrains the reply."
+    )
     output_format: dict[str, Any] | None = Field(None, description="The earlier spelling of output_config.format.")
     stream: bool = False
 
@@ -159,7 +165,9 @@ def chat_messages(body: TokenCountRequest) -> list[ChatMessage]:
             elif kind in ("image", "document"):
                 raise errors.Unsupported(f"{where}.{j}: {kind} blocks are not supported here.")
             else:
-                raise errors.BadRequest(f"{where}.{j}: a {str(kind)[:32]!r} block is not valid in a {msg.role} message.")
+                raise errors.BadRequest(
+                    f"{where}.{j}: a {str(kind)[:32]!r} block is not valid in a {msg.role} message."
+                )
         if msg.role == "assistant":
             entry: ChatMessage = {"role": "assistant", "content": "".join(text)}
             if calls:
@@ -181,7 +189,9 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[Tool] | None:
     for i, tool in enumerate(tools):
         kind = tool.get("type")
         if kind not in (None, "custom"):
-            raise errors.Unsupported(f"tools.{i}: {str(kind)[:40]!r} server tools are not supported; define client tools with name and input_schema.")
+            raise errors.Unsupported(
+                f"tools.{i}: {str(kind)[:40]!r} server tools are not supported; define client tools with name and input_schema."
+            )
         name = tool.get("name")
         if not isinstance(name, str) or not name:
             raise errors.BadRequest(f"tools.{i}.name: each tool needs a name.")
@@ -217,7 +227,7 @@ def output_format(body: MessagesRequest) -> ResponseFormat | None:
     if not fmt:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
-        raise errors.BadRequest("output_config.format must be {\"type\": \"json_schema\", \"schema\": {...}}.")
+        raise errors.BadRequest('output_config.format must be {"type": "json_schema", "schema": {...}}.')
     return ResponseFormat(schema=fmt["schema"])
 
 
@@ -227,8 +237,11 @@ def generation_request(request: Request, body: MessagesRequest) -> GenerationReq
         request,
         chat_messages(body),
         sampling=Sampling(
-            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-            max_tokens=body.max_tokens, stop=body.stop_sequences,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            max_tokens=body.max_tokens,
+            stop=body.stop_sequences,
         ),
         model=body.model,
         tools=chat_tools(body.tools),
@@ -239,7 +252,12 @@ def generation_request(request: Request, body: MessagesRequest) -> GenerationReq
 
 def tool_use_block(call: ToolCall) -> dict[str, Any]:
     """A tool call as an Anthropic `tool_use` content block."""
-    return {"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name, "input": call.arguments}
+    return {
+        "type": "tool_use",
+        "id": "toolu_" + call.id.removeprefix("call_"),
+        "name": call.name,
+        "input": call.arguments,
+    }
 
 
 def stop_reason(done: DoneEvent, requested: list[str] | None) -> tuple[str, str | None]:
@@ -265,8 +283,14 @@ def usage(tokens_in: int, tokens_out: int) -> dict[str, int]:
     }
 
 
-def message_object(msg_id: str, model: str, content: list[dict[str, Any]], reason: str | None,
-                   sequence: str | None, use: dict[str, int]) -> dict[str, Any]:
+def message_object(
+    msg_id: str,
+    model: str,
+    content: list[dict[str, Any]],
+    reason: str | None,
+    sequence: str | None,
+    use: dict[str, int],
+) -> dict[str, Any]:
     return {
         "id": msg_id,
         "type": "message",
@@ -315,7 +339,9 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
         return Response(status_code=499)
     msg_id = "msg_" + gen.id
     if body.stream:
-        return StreamingResponse(stream_events(request, gen, body, msg_id), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(
+            stream_events(request, gen, body, msg_id), media_type="text/event-stream", headers=SSE_HEADERS
+        )
     async with gen, cancel_when_gone(request, gen.cancel):
         done = await gen.collect()
     assert gen.started is not None
@@ -324,7 +350,9 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
         content.append({"type": "text", "text": done.content or ""})
     content.extend(tool_use_block(c) for c in done.tool_calls)
     reason, sequence = stop_reason(done, body.stop_sequences)
-    return JSONResponse(message_object(msg_id, gen.started.model, content, reason, sequence, usage(done.tokens_in, done.tokens_out)))
+    return JSONResponse(
+        message_object(msg_id, gen.started.model, content, reason, sequence, usage(done.tokens_in, done.tokens_out))
+    )
 
 
 @router.post("/v1/messages/count_tokens", summary="Count a request's input tokens (Anthropic shape)")
@@ -347,10 +375,12 @@ async def stream_events(request: Request, gen: Generation, body: MessagesRequest
     start is one `event: error`."""
     started = gen.started
     assert started is not None
-    yield sse_event({
-        "type": "message_start",
-        "message": message_object(msg_id, started.model, [], None, None, usage(started.tokens_in, 0)),
-    })
+    yield sse_event(
+        {
+            "type": "message_start",
+            "message": message_object(msg_id, started.model, [], None, None, usage(started.tokens_in, 0)),
+        }
+    )
     index = -1
     text_open = False
 
@@ -372,7 +402,9 @@ async def stream_events(request: Request, gen: Generation, body: MessagesRequest
                     for line in begin({"type": "text", "text": ""}):
                         yield line
                     text_open = True
-                yield sse_event({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": event.text}})
+                yield sse_event(
+                    {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": event.text}}
+                )
             elif isinstance(event, ToolCallEvent):
                 if text_open:
                     yield stop()
@@ -392,11 +424,13 @@ async def stream_events(request: Request, gen: Generation, body: MessagesRequest
                 if text_open:
                     yield stop()
                 reason, sequence = stop_reason(event, body.stop_sequences)
-                yield sse_event({
-                    "type": "message_delta",
-                    "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                    "usage": {"output_tokens": event.tokens_out},
-                })
+                yield sse_event(
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                        "usage": {"output_tokens": event.tokens_out},
+                    }
+                )
                 yield sse_event({"type": "message_stop"})
             elif isinstance(event, ErrorEvent):
                 yield sse_event(error_body(event))

@@ -138,7 +138,9 @@ def create_app(app: Services) -> FastAPI:
         # /v1/mcp/* keeps the MCP routes' own {"detail"} shape (nash's clients read it).
         path = request.url.path
         if (path.startswith("/v1/") and not path.startswith("/v1/mcp/")) or door is openai:
-            return JSONResponse(_route_error(exc.status_code, request), status_code=exc.status_code, headers=exc.headers)
+            return JSONResponse(
+                _route_error(exc.status_code, request), status_code=exc.status_code, headers=exc.headers
+            )
         return await http_exception_handler(request, exc)
 
     @api.exception_handler(Exception)
@@ -172,8 +174,17 @@ def create_app(app: Services) -> FastAPI:
         api.mount("/vendor", StaticFiles(directory=WEB_VENDOR), name="vendor")
 
     for module in (
-        openai, responses, completions, embeddings, tokenize, anthropic, ollama, llamacpp_server, nash,
-        hf_server, sessions,
+        openai,
+        responses,
+        completions,
+        embeddings,
+        tokenize,
+        anthropic,
+        ollama,
+        llamacpp_server,
+        nash,
+        hf_server,
+        sessions,
     ):
         api.include_router(module.router)
 
@@ -209,6 +220,8 @@ def _error_response(request: Request, exc: BaseException) -> JSONResponse:
     door = _error_shape(request)
     if door is not None:
         param = event.details.get("param")
-        return JSONResponse(door.error_body(event, param if isinstance(param, str) else None), status_code=event.status, headers=headers)
+        return JSONResponse(
+            door.error_body(event, param if isinstance(param, str) else None), status_code=event.status, headers=headers
+        )
     body = {"detail": event.message, "code": event.code, **event.details}
     return JSONResponse(body, status_code=event.status, headers=headers)

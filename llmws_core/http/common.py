@@ -29,6 +29,7 @@ logger = logging.getLogger("llmws.http")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+
 def sse(data: Any, *, event_id: int | str | None = None, event: str | None = None) -> str:
     """One server-sent event: optional `id:` and `event:` lines, then `data:`, then a blank line."""
     lines = []

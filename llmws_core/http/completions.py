@@ -62,7 +62,9 @@ class CompletionRequest(BaseModel):
 
 
 def _is_tokens(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
 
 
 def parse_prompts(raw: Any) -> list[str | list[int]]:
@@ -107,15 +109,25 @@ class Plan:
             raise errors.Unsupported("echo needs text prompts (token-array prompts cannot be echoed).", param="echo")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         sampling = Sampling(
-            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, max_tokens=body.max_tokens,
-            stop=stop, seed=body.seed, repeat_penalty=body.repeat_penalty,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            max_tokens=body.max_tokens,
+            stop=stop,
+            seed=body.seed,
+            repeat_penalty=body.repeat_penalty,
         )
         fmt = parse_response_format(body.response_format)
         self.gens: list[Generation] = []
         for prompt in self.prompts:
             req = sampling_request(
-                request, [], sampling=sampling, model=body.model, prompt=prompt,
-                logprobs=body.logprobs, response_format=fmt,
+                request,
+                [],
+                sampling=sampling,
+                model=body.model,
+                prompt=prompt,
+                logprobs=body.logprobs,
+                response_format=fmt,
             )
             self.gens.extend(choices.prepare(request, req, body.n))
         self.n = body.n
@@ -132,7 +144,10 @@ class Plan:
         started = self.gens[0].started
         assert started is not None
         return {
-            "id": self.id, "object": "text_completion", "created": self.created, "model": started.model,
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": started.model,
             "system_fingerprint": choices.fingerprint(started.model),
         }
 
@@ -154,10 +169,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     for i, done in enumerate(dones):
         echo = plan.echo(i)
         lp = legacy_logprobs(done.logprobs or (), len(echo)) if body.logprobs is not None else None
-        out.append({
-            "text": echo + (done.content or ""), "index": i, "logprobs": lp,
-            "finish_reason": finish_reason(done.finish_reason),
-        })
+        out.append(
+            {
+                "text": echo + (done.content or ""),
+                "index": i,
+                "logprobs": lp,
+                "finish_reason": finish_reason(done.finish_reason),
+            }
+        )
     completion = sum(d.tokens_out for d in dones)
     return JSONResponse({**plan.head(), "choices": out, "usage": usage(plan.prompt_tokens(dones), completion)})
 
@@ -173,7 +192,9 @@ async def stream(request: Request, plan: Plan) -> AsyncIterator[str]:
         n += 1
         lp = legacy_logprobs(lps or (), offsets[index]) if plan.body.logprobs is not None and finish is None else None
         offsets[index] += len(text)
-        return sse({**head, "choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}]}, event_id=n)
+        return sse(
+            {**head, "choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}]}, event_id=n
+        )
 
     for i in range(len(plan.gens)):
         if plan.echo(i):

@@ -28,9 +28,15 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     input: Any = Field(..., description="A string, a list of strings, a token array or a list of token arrays.")
-    model: str | None = Field(None, max_length=1024, description="A local embedding model; any other name is served by the default embedding model.")
+    model: str | None = Field(
+        None,
+        max_length=1024,
+        description="A local embedding model; any other name is served by the default embedding model.",
+    )
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, description="Keep the first `dimensions` values of each vector, re-normalised.")
+    dimensions: int | None = Field(
+        None, ge=1, description="Keep the first `dimensions` values of each vector, re-normalised."
+    )
     user: str | None = None
 
 
@@ -56,13 +62,9 @@ def parse_input(raw: Any) -> list[str | list[int]]:
             elif _is_tokens(item) and item:
                 items.append(list(item))
             else:
-                raise InvalidInput(
-                    "Each entry of input must be a string or a non-empty array of token ids."
-                )
+                raise InvalidInput("Each entry of input must be a string or a non-empty array of token ids.")
         return items
-    raise InvalidInput(
-        "input must be a string, a non-empty list of strings, a token array or a list of token arrays."
-    )
+    raise InvalidInput("input must be a string, a non-empty list of strings, a token array or a list of token arrays.")
 
 
 def encode(vector: list[float], fmt: str) -> list[float] | str:

@@ -40,7 +40,8 @@ class Guard:
         if now - self._reported >= self.report_every:
             logger.warning(
                 "HTTP connection limit (%d) reached: closed %d new connection(s) since the last report",
-                self.max_connections, self._unreported,
+                self.max_connections,
+                self._unreported,
             )
             self._reported, self._unreported = now, 0
 

@@ -66,8 +66,11 @@ def _query_request(
     temperature: float | None = Query(None, ge=0, le=5),
 ) -> ChatRequest:
     return ChatRequest(
-        prompt=prompt, improvement=improvement, intermediate_steps=intermediate_steps,
-        max_tokens=max_tokens, temperature=temperature,
+        prompt=prompt,
+        improvement=improvement,
+        intermediate_steps=intermediate_steps,
+        max_tokens=max_tokens,
+        temperature=temperature,
     )
 
 
@@ -75,7 +78,11 @@ def conversation(request: Request, body: ChatRequest) -> list[ChatMessage]:
     """The role system prompt (unless the history has one), the history, the prompt."""
     history = normalize_messages(body.history) if body.history else []
     roles = llmws(request).settings.roles
-    system = [] if any(m["role"] == "system" for m in history) else [{"role": "system", "content": roles.get("assistant", "")}]
+    system = (
+        []
+        if any(m["role"] == "system" for m in history)
+        else [{"role": "system", "content": roles.get("assistant", "")}]
+    )
     return [m for m in system if m["content"]] + history + [{"role": "user", "content": body.prompt}]
 
 
@@ -106,7 +113,12 @@ async def blocking_reply(request: Request, body: ChatRequest) -> dict[str, Any]:
                     return out
     gen = _prepare(request, body)
     if not await start_or_gone(request, gen):
-        return {"reply": "", "improvement": False, "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "finish_reason": "cancelled"}
+        return {
+            "reply": "",
+            "improvement": False,
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0},
+            "finish_reason": "cancelled",
+        }
     async with gen, cancel_when_gone(request, gen.cancel):
         done = await gen.collect()
     return {
@@ -192,7 +204,9 @@ async def chat_blocking_get(request: Request, body: ChatRequest = Depends(_query
     return await blocking_reply(request, body)
 
 
-@router.post("/chat/stream", summary="Chat, streamed as plain text ending with [[END]]", dependencies=[Depends(user_key)])
+@router.post(
+    "/chat/stream", summary="Chat, streamed as plain text ending with [[END]]", dependencies=[Depends(user_key)]
+)
 async def chat_stream(body: ChatRequest, request: Request) -> StreamingResponse:
     """Text chunks as they are generated, then `[[END]]`."""
     return _stream_response(request, body)

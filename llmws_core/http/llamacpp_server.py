@@ -23,7 +23,9 @@ router = APIRouter(tags=["llama-cpp server (legacy)"])
 
 class SetModelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    modelName: str = Field(..., min_length=1, max_length=1024, description="A name from GET /models (or a path inside the model folders).")
+    modelName: str = Field(
+        ..., min_length=1, max_length=1024, description="A name from GET /models (or a path inside the model folders)."
+    )
 
 
 class RestoreCacheRequest(BaseModel):
@@ -54,7 +56,9 @@ async def models(request: Request) -> dict[str, Any]:
     return {"models": [m["name"] for m in entries], "current": models.current, "data": entries}
 
 
-@router.post("/setModel", summary="Switch the model (admin key when admin keys exist)", dependencies=[Depends(admin_key)])
+@router.post(
+    "/setModel", summary="Switch the model (admin key when admin keys exist)", dependencies=[Depends(admin_key)]
+)
 async def set_model(body: SetModelRequest, request: Request) -> dict[str, Any]:
     """Load `modelName` and make it current; the old model serves until the swap."""
     models = llmws(request).models
@@ -68,7 +72,9 @@ async def set_model(body: SetModelRequest, request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/chat/completions", summary="Chat completion (same as /v1/chat/completions)", dependencies=[Depends(user_key)])
+@router.post(
+    "/chat/completions", summary="Chat completion (same as /v1/chat/completions)", dependencies=[Depends(user_key)]
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     """The earlier server's OpenAI-style route; identical to `/v1/chat/completions`."""
     return await complete(body, request)
@@ -85,7 +91,9 @@ async def restore_cache(body: RestoreCacheRequest, request: Request) -> dict[str
         if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
             raise errors.BadRequest("Each tool needs {'type': 'function', 'function': {'name': ...}}.")
     cached, persistent = await services.generation.warm(
-        normalize_messages(body.messages), tools, principal=principal(request)  # type: ignore[arg-type]
+        normalize_messages(body.messages),
+        tools,
+        principal=principal(request),  # type: ignore[arg-type]
     )
     return {
         "status": "ok",

@@ -132,10 +132,23 @@ def attach(api: FastAPI, app: Services) -> MCPManager:
 @router.post(
     "/v1/mcp/{method}",
     summary="Call an MCP client method (allowlisted)",
-    openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
-        "type": "object", "description": "The method's arguments, e.g. {\"tool_name\": \"add\", \"args\": {\"a\": 1}}; each method also takes an optional \"server\".",
-    }}}}},
-    responses={400: {"description": "Bad arguments"}, 404: {"description": "Unknown method, tool, prompt or resource"}, 502: {"description": "The MCP server failed"}},
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "description": 'The method\'s arguments, e.g. {"tool_name": "add", "args": {"a": 1}}; each method also takes an optional "server".',
+                    }
+                }
+            }
+        }
+    },
+    responses={
+        400: {"description": "Bad arguments"},
+        404: {"description": "Unknown method, tool, prompt or resource"},
+        502: {"description": "The MCP server failed"},
+    },
 )
 async def mcp_method(
     request: Request,
@@ -144,7 +157,9 @@ async def mcp_method(
     """Call `method` with the JSON body as its arguments; `{"result": ...}` on success."""
     entry = METHODS.get(method)
     if entry is None:
-        return JSONResponse({"detail": f"Unknown MCP method {method[:64]!r}. Allowed: {', '.join(METHODS)}."}, status_code=404)
+        return JSONResponse(
+            {"detail": f"Unknown MCP method {method[:64]!r}. Allowed: {', '.join(METHODS)}."}, status_code=404
+        )
     model, call = entry
     raw = await request.body()
     try:
@@ -156,9 +171,7 @@ async def mcp_method(
     try:
         args = model.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"detail": f"Bad arguments for {method}: {problems}"}, status_code=400)
     manager: MCPManager = request.app.state.mcp
     try:

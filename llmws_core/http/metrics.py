@@ -48,15 +48,22 @@ class PrometheusMetrics(Metrics):
         if previous is not None:
             self.__dict__.update({k: v for k, v in vars(previous).items() if k in vars(self)})
         self.ttft_hist = Histogram(
-            "llmws_time_to_first_token_seconds", "Time from a generation's start (its turn at the model) to its first token.",
-            buckets=TTFT_BUCKETS, registry=registry,
+            "llmws_time_to_first_token_seconds",
+            "Time from a generation's start (its turn at the model) to its first token.",
+            buckets=TTFT_BUCKETS,
+            registry=registry,
         )
         self.rate_hist = Histogram(
-            "llmws_decode_tokens_per_second", "Decode rate of each generation after its first token.",
-            buckets=RATE_BUCKETS, registry=registry,
+            "llmws_decode_tokens_per_second",
+            "Decode rate of each generation after its first token.",
+            buckets=RATE_BUCKETS,
+            registry=registry,
         )
         self.finished = Counter(
-            "llmws_generations_finished", "Finished generations by finish reason.", ["finish_reason"], registry=registry,
+            "llmws_generations_finished",
+            "Finished generations by finish reason.",
+            ["finish_reason"],
+            registry=registry,
         )
 
     def record(self, result: GenerationResult, started: float, first_token: list[float]) -> None:
@@ -85,37 +92,77 @@ class StateCollector(Collector):
         m = app.metrics
         yield CounterMetricFamily("llmws_generations", "Generations started (both doors).", value=m.requests)
         yield CounterMetricFamily("llmws_prompt_tokens", "Prompt tokens of finished generations.", value=m.tokens_in)
-        yield CounterMetricFamily("llmws_completion_tokens", "Generated tokens of finished generations.", value=m.tokens_out)
+        yield CounterMetricFamily(
+            "llmws_completion_tokens", "Generated tokens of finished generations.", value=m.tokens_out
+        )
         yield GaugeMetricFamily("llmws_queue_depth", "Requests waiting for the model.", value=app.models.queue_depth)
         yield GaugeMetricFamily("llmws_generations_running", "Generations running now.", value=app.models.running)
         yield GaugeMetricFamily("llmws_sessions", "Sessions on disk or in memory.", value=self.sessions)
-        yield GaugeMetricFamily("llmws_sessions_connected", "Sessions with a connected client.", value=app.sessions.connected)
+        yield GaugeMetricFamily(
+            "llmws_sessions_connected", "Sessions with a connected client.", value=app.sessions.connected
+        )
         yield GaugeMetricFamily("llmws_session_jobs", "Session jobs waiting or running.", value=app.sessions.jobs)
-        yield GaugeMetricFamily("llmws_websocket_connections", "Open WebSocket connections.", value=app.runtime.connections)
+        yield GaugeMetricFamily(
+            "llmws_websocket_connections", "Open WebSocket connections.", value=app.runtime.connections
+        )
         info = app.models.info()
         if info:
-            yield InfoMetricFamily("llmws_model", "The loaded model.", value={
-                "name": str(info.get("name")), "backend": str(info.get("backend")),
-                "device": str(info.get("device")), "quantization": str(info.get("quantization")),
-            })
-            yield GaugeMetricFamily("llmws_model_max_context_tokens", "Context the loaded model can hold.", value=info.get("max_context") or 0)
+            yield InfoMetricFamily(
+                "llmws_model",
+                "The loaded model.",
+                value={
+                    "name": str(info.get("name")),
+                    "backend": str(info.get("backend")),
+                    "device": str(info.get("device")),
+                    "quantization": str(info.get("quantization")),
+                },
+            )
+            yield GaugeMetricFamily(
+                "llmws_model_max_context_tokens",
+                "Context the loaded model can hold.",
+                value=info.get("max_context") or 0,
+            )
             size = float(info.get("size_mb") or 0) * 2**20
             yield GaugeMetricFamily("llmws_model_weights_bytes", "Size of the loaded model's weights.", value=size)
             stats = app.models.cache_stats()
             if stats:
                 # The prefix cache of the loaded model (counters restart with each load).
-                yield CounterMetricFamily("llmws_prefix_prefilled_tokens", "Prompt tokens the model evaluated.", value=stats.get("prefilled", 0))
-                yield CounterMetricFamily("llmws_prefix_reused_tokens", "Prompt tokens reused from a cached KV prefix instead of evaluated.", value=stats.get("reused", 0))
-                yield CounterMetricFamily("llmws_prefix_restored_tokens", "Of the reused tokens, those whose KV was loaded from the sealed prefix store on disk.", value=stats.get("restored", 0))
-                yield CounterMetricFamily("llmws_prefix_stored", "KV prefixes sealed to disk (evictions, unloads, /restore_cache).", value=stats.get("stored", 0))
-                yield CounterMetricFamily("llmws_prefix_shared_tokens", "Prompt tokens of the chat template's fixed start (no session's text) copied into new conversations instead of evaluated.", value=stats.get("shared", 0))
+                yield CounterMetricFamily(
+                    "llmws_prefix_prefilled_tokens",
+                    "Prompt tokens the model evaluated.",
+                    value=stats.get("prefilled", 0),
+                )
+                yield CounterMetricFamily(
+                    "llmws_prefix_reused_tokens",
+                    "Prompt tokens reused from a cached KV prefix instead of evaluated.",
+                    value=stats.get("reused", 0),
+                )
+                yield CounterMetricFamily(
+                    "llmws_prefix_restored_tokens",
+                    "Of the reused tokens, those whose KV was loaded from the sealed prefix store on disk.",
+                    value=stats.get("restored", 0),
+                )
+                yield CounterMetricFamily(
+                    "llmws_prefix_stored",
+                    "KV prefixes sealed to disk (evictions, unloads, /restore_cache).",
+                    value=stats.get("stored", 0),
+                )
+                yield CounterMetricFamily(
+                    "llmws_prefix_shared_tokens",
+                    "Prompt tokens of the chat template's fixed start (no session's text) copied into new conversations instead of evaluated.",
+                    value=stats.get("shared", 0),
+                )
         try:
             import psutil
 
             rss = psutil.Process().memory_info().rss
         except Exception:  # psutil is a dependency; never fail a scrape over it
             rss = 0
-        yield GaugeMetricFamily("llmws_process_resident_memory_bytes", "Resident memory of the daemon (weights, KV cache, sessions).", value=rss)
+        yield GaugeMetricFamily(
+            "llmws_process_resident_memory_bytes",
+            "Resident memory of the daemon (weights, KV cache, sessions).",
+            value=rss,
+        )
 
 
 class RequestCounter:
@@ -150,7 +197,12 @@ def attach(api: FastAPI, app: Services) -> CollectorRegistry:
     app.install_metrics(lambda previous: PrometheusMetrics(registry, previous))
     state = StateCollector(app)
     registry.register(state)
-    requests = Counter("llmws_http_requests", "HTTP requests by method, route and status.", ["method", "route", "status"], registry=registry)
+    requests = Counter(
+        "llmws_http_requests",
+        "HTTP requests by method, route and status.",
+        ["method", "route", "status"],
+        registry=registry,
+    )
     api.add_middleware(RequestCounter, counter=requests)
     api.state.metrics_registry = registry
 

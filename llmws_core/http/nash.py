@@ -56,6 +56,7 @@ logger = logging.getLogger("llmws.http.nash")
 
 router = APIRouter(tags=["nash-llm-server (SSE)"], dependencies=[Depends(user_key)])
 
+
 class StreamRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     messages: list[dict[str, Any]] = Field(..., min_length=1, max_length=10_000)
@@ -77,9 +78,7 @@ class SummarizeRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=8, le=4096)
 
 
-SUMMARIZE_SUGGESTION = (
-    "Summarize the conversation (POST /v1/chat/summarize) and continue with the shorter history."
-)
+SUMMARIZE_SUGGESTION = "Summarize the conversation (POST /v1/chat/summarize) and continue with the shorter history."
 
 
 def nash_warning(
@@ -132,16 +131,22 @@ async def chat_stream(
             source = tail_session(request, session, after, None)
         return StreamingResponse(source, media_type="text/event-stream", headers=SSE_HEADERS)
     sid = body.session_id or str(uuid.uuid4())
-    gen = generation(request).prepare(sampling_request(
-        request,
-        normalize_messages(body.messages),
-        sampling=Sampling(
-            temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_tokens, stop=body.stop, seed=body.seed,
-        ),
-        # Served per request when it names a remote model; the local switch is done above.
-        model=remote,
-        keep_reply_room=True,
-    ))
+    gen = generation(request).prepare(
+        sampling_request(
+            request,
+            normalize_messages(body.messages),
+            sampling=Sampling(
+                temperature=body.temperature,
+                top_p=body.top_p,
+                max_tokens=body.max_tokens,
+                stop=body.stop,
+                seed=body.seed,
+            ),
+            # Served per request when it names a remote model; the local switch is done above.
+            model=remote,
+            keep_reply_room=True,
+        )
+    )
     return StreamingResponse(stateless_stream(request, sid, gen), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -205,10 +210,15 @@ def _submit(request: Request, session: Session, body: StreamRequest, remote: str
     if not turn:
         raise errors.BadRequest("messages must end with a new user message.")
     config = {
-        k: v for k, v in {
-            "temperature": body.temperature, "top_p": body.top_p, "max_new_tokens": body.max_tokens,
-            "stop": body.stop, "seed": body.seed,
-        }.items() if v is not None
+        k: v
+        for k, v in {
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "max_new_tokens": body.max_tokens,
+            "stop": body.stop,
+            "seed": body.seed,
+        }.items()
+        if v is not None
     }
     msg = protocol.Inference(
         type="inference",
@@ -234,7 +244,9 @@ async def tail_session(request: Request, session: Session, after_seq: int, rid: 
     backlog = sessions.subscribe(session, after_seq, queue.put_nowait)
     try:
         if rid is None:
-            rid = next((e.get("request_id") for e in backlog if e.get("type") in FOLLOWED_TYPES and e.get("request_id")), None)
+            rid = next(
+                (e.get("request_id") for e in backlog if e.get("type") in FOLLOWED_TYPES and e.get("request_id")), None
+            )
         if rid is None:
             running = sessions.running(session)
             rid = running[0] if running else None
@@ -290,7 +302,9 @@ async def session_events(
     start = _seq(last_event_id)
     if start is None:
         start = after if after is not None else session.acked_seq
-    return StreamingResponse(tail_session(request, session, start, None), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(
+        tail_session(request, session, start, None), media_type="text/event-stream", headers=SSE_HEADERS
+    )
 
 
 # ---------------------------------------------------------------------- summarize

@@ -71,11 +71,15 @@ class Options(BaseModel):
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    num_predict: int | None = Field(None, ge=-2, description="Most tokens to generate; -1 and -2: until the reply ends or the context is full.")
+    num_predict: int | None = Field(
+        None, ge=-2, description="Most tokens to generate; -1 and -2: until the reply ends or the context is full."
+    )
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     repeat_penalty: float | None = Field(None, gt=0, le=5)
-    num_ctx: int | None = Field(None, ge=1, description="Accepted; the context size is the server's (from the model and free memory).")
+    num_ctx: int | None = Field(
+        None, ge=1, description="Accepted; the context size is the server's (from the model and free memory)."
+    )
 
 
 class WireFunction(BaseModel):
@@ -113,7 +117,9 @@ class GenerationBody(BaseModel):
     format: Literal["", "json"] | dict[str, Any] | None = None
     options: Options | None = None
     stream: bool = True
-    keep_alive: float | str | None = Field(None, description="Accepted; the model stays loaded until another is chosen.")
+    keep_alive: float | str | None = Field(
+        None, description="Accepted; the model stays loaded until another is chosen."
+    )
     think: bool | str | None = Field(None, description="Accepted; the models served here do not think aloud.")
 
 
@@ -162,8 +168,13 @@ def sampling(options: Options | None, max_context: int | None) -> Sampling:
         predict = max_context  # -1, -2: as long as the context allows
     stop = [options.stop] if isinstance(options.stop, str) else options.stop
     return Sampling(
-        temperature=options.temperature, top_p=options.top_p, top_k=options.top_k, max_tokens=predict,
-        stop=stop, seed=options.seed, repeat_penalty=options.repeat_penalty,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        max_tokens=predict,
+        stop=stop,
+        seed=options.seed,
+        repeat_penalty=options.repeat_penalty,
     )
 
 
@@ -211,7 +222,9 @@ def generate_messages(body: GenerateRequest) -> list[dict[str, Any]]:
             outside the chat template. `images` go with the prompt (see `chat_messages`).
     """
     if body.raw:
-        raise errors.Unsupported("raw prompts are not supported; the prompt always goes through the model's chat template.")
+        raise errors.Unsupported(
+            "raw prompts are not supported; the prompt always goes through the model's chat template."
+        )
     if body.template:
         raise errors.Unsupported("template is not supported; the model's own chat template is used.")
     if body.suffix:
@@ -230,7 +243,9 @@ def generate_messages(body: GenerateRequest) -> list[dict[str, Any]]:
 
 def ollama_tool_calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
     """Tool calls as Ollama's (arguments as an object)."""
-    return [{"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
+    return [
+        {"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)
+    ]
 
 
 def done_reason(finish: str) -> str:
@@ -403,7 +418,12 @@ async def ps(request: Request) -> dict[str, Any]:
             continue
         entry = model_entry(m)
         on_gpu = str(info.get("device", "cpu")) != "cpu"
-        entry.update({"size_vram": entry["size"] if on_gpu else 0, "context_length": m.get("max_context") or info.get("max_context")})
+        entry.update(
+            {
+                "size_vram": entry["size"] if on_gpu else 0,
+                "context_length": m.get("max_context") or info.get("max_context"),
+            }
+        )
         out.append(entry)
     return {"models": out}
 
@@ -446,7 +466,9 @@ async def delete(body: ModelRequest, request: Request) -> Response:
     if m.get("source") in ("embedded", "config"):
         raise errors.Forbidden(f"'{m['name']}' is not a file in the model folders; it cannot be deleted.")
     folder = pulled_folder(requested)
-    await service.delete(folder if folder is not None and str(m.get("path", "")).startswith(f"var/models/{folder}/") else m["name"])
+    await service.delete(
+        folder if folder is not None and str(m.get("path", "")).startswith(f"var/models/{folder}/") else m["name"]
+    )
     return Response(status_code=200)
 
 
@@ -459,7 +481,9 @@ async def copy() -> None:
 @router.post("/api/create", summary="Not supported (no Modelfiles)")
 async def create() -> None:
     """Answered with a clear error: put a GGUF file or a model folder into models/ instead."""
-    raise errors.Unsupported("Creating models from a Modelfile is not supported; put a GGUF file or a model folder into models/.")
+    raise errors.Unsupported(
+        "Creating models from a Modelfile is not supported; put a GGUF file or a model folder into models/."
+    )
 
 
 @router.post("/api/push", summary="Not supported (no registry)")
@@ -474,8 +498,15 @@ async def push() -> None:
 class Door:
     """One `/api/chat` or `/api/generate` request on its way through the generation service."""
 
-    def __init__(self, request: Request, body: GenerationBody, messages: list[ChatMessage], *,
-                 chat: bool, tools: list[Tool] | None = None) -> None:
+    def __init__(
+        self,
+        request: Request,
+        body: GenerationBody,
+        messages: list[ChatMessage],
+        *,
+        chat: bool,
+        tools: list[Tool] | None = None,
+    ) -> None:
         self.request = request
         self.body = body
         self.messages = messages
@@ -509,14 +540,16 @@ class Door:
             await models.serve_request_model(name, may_switch=is_admin(request))
             self.timings.mark_loaded()
             return JSONResponse(self.item(done=True, done_reason="load"))
-        gen = generation(request).prepare(sampling_request(
-            request,
-            self.messages,
-            sampling=sampling(self.body.options, models.max_context),
-            model=name,
-            response_format=response_format(self.body.format),
-            tools=self.tools,
-        ))
+        gen = generation(request).prepare(
+            sampling_request(
+                request,
+                self.messages,
+                sampling=sampling(self.body.options, models.max_context),
+                model=name,
+                response_format=response_format(self.body.format),
+                tools=self.tools,
+            )
+        )
         if not await start_or_gone(request, gen):
             return Response(status_code=499)
         self.timings.mark_loaded()
@@ -527,9 +560,16 @@ class Door:
                 if isinstance(event, (TokenEvent, ToolCallEvent)):
                     self.timings.mark_token()
                 elif isinstance(event, DoneEvent):
-                    extra = {"tool_calls": ollama_tool_calls(event.tool_calls)} if event.tool_calls and self.chat else {}
-                    final = self.item(event.content or "", done=True, done_reason=done_reason(event.finish_reason),
-                                      **extra, **self.timings.final(event.tokens_in, event.tokens_out))
+                    extra = (
+                        {"tool_calls": ollama_tool_calls(event.tool_calls)} if event.tool_calls and self.chat else {}
+                    )
+                    final = self.item(
+                        event.content or "",
+                        done=True,
+                        done_reason=done_reason(event.finish_reason),
+                        **extra,
+                        **self.timings.final(event.tokens_in, event.tokens_out),
+                    )
                     return JSONResponse(final)
                 elif isinstance(event, ErrorEvent):
                     return JSONResponse(error_body(event), status_code=event.status)
@@ -547,8 +587,13 @@ class Door:
                     if self.chat:
                         yield json_line(self.item(tool_calls=ollama_tool_calls(event.calls)))
                 elif isinstance(event, DoneEvent):
-                    yield json_line(self.item(done=True, done_reason=done_reason(event.finish_reason),
-                                              **self.timings.final(event.tokens_in, event.tokens_out)))
+                    yield json_line(
+                        self.item(
+                            done=True,
+                            done_reason=done_reason(event.finish_reason),
+                            **self.timings.final(event.tokens_in, event.tokens_out),
+                        )
+                    )
                 elif isinstance(event, ErrorEvent):
                     yield json_line(error_body(event))
 
@@ -631,7 +676,11 @@ def pull_progress(event: dict[str, Any]) -> dict[str, Any] | None:
     if kind == "download_progress":
         file = str(event.get("file") or "")
         digest = "sha256:" + hashlib.sha256(file.encode()).hexdigest()
-        out: dict[str, Any] = {"status": f"pulling {file or digest[7:19]}", "digest": digest, "completed": event.get("done") or 0}
+        out: dict[str, Any] = {
+            "status": f"pulling {file or digest[7:19]}",
+            "digest": digest,
+            "completed": event.get("done") or 0,
+        }
         if event.get("total") is not None:
             out["total"] = event["total"]
         return out
@@ -642,7 +691,11 @@ def pull_progress(event: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-@router.post("/api/pull", summary="Download a model from Hugging Face (Ollama progress objects)", dependencies=[Depends(admin_key)])
+@router.post(
+    "/api/pull",
+    summary="Download a model from Hugging Face (Ollama progress objects)",
+    dependencies=[Depends(admin_key)],
+)
 async def pull(body: PullBody, request: Request) -> Response:
     """Download `hf.co/org/repo[:QUANT]` (or `org/repo`) into var/models/ with the download
     manager, reporting Ollama's progress objects (`status`, `digest`, `total`,
@@ -704,8 +757,9 @@ class EmbeddingsBody(BaseModel):
     keep_alive: float | str | None = None
 
 
-async def embed_texts(request: Request, model: str, texts: list[str], *, truncate: bool = True,
-                      dimensions: int | None = None) -> tuple[EmbedResult, dict[str, int]]:
+async def embed_texts(
+    request: Request, model: str, texts: list[str], *, truncate: bool = True, dimensions: int | None = None
+) -> tuple[EmbedResult, dict[str, int]]:
     """Vectors of `texts` from the embedding model an Ollama name means, and Ollama's timings.
 
     A listed embedding model is found as chat models are (see `find_local`); any other
@@ -719,7 +773,11 @@ async def embed_texts(request: Request, model: str, texts: list[str], *, truncat
     result = await service.embed(EmbedRequest(inputs=list(texts), model=name, dimensions=dimensions, truncate=truncate))
     total = time.perf_counter_ns() - started
     # The first request loads the model inside `embed`; its time is then all load.
-    return result, {"total_duration": total, "load_duration": 0 if was_loaded else total, "prompt_eval_count": result.prompt_tokens}
+    return result, {
+        "total_duration": total,
+        "load_duration": 0 if was_loaded else total,
+        "prompt_eval_count": result.prompt_tokens,
+    }
 
 
 @router.post("/api/embed", summary="Embeddings (Ollama shape)")

@@ -42,6 +42,7 @@ logger = logging.getLogger("llmws.http.openai")
 
 router = APIRouter(tags=["OpenAI-compatible"], dependencies=[Depends(user_key)])
 
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
@@ -54,7 +55,11 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     messages: list[dict[str, Any]] = Field(..., min_length=1, max_length=10_000)
-    model: str | None = Field(None, max_length=1024, description="A local model name switches to it; other names are served by the loaded model.")
+    model: str | None = Field(
+        None,
+        max_length=1024,
+        description="A local model name switches to it; other names are served by the loaded model.",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=5)
@@ -65,7 +70,12 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     repeat_penalty: float | None = Field(None, gt=0, le=5)
-    n: int = Field(1, ge=1, le=choices.MAX_N, description="Choices to generate (decoded together as one batch where the backend batches).")
+    n: int = Field(
+        1,
+        ge=1,
+        le=choices.MAX_N,
+        description="Choices to generate (decoded together as one batch where the backend batches).",
+    )
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=choices.MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = Field(None, max_length=128)
@@ -74,8 +84,15 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
 
     _numbers = field_validator(
-        "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed",
-        "repeat_penalty", "n", mode="before",
+        "temperature",
+        "top_p",
+        "top_k",
+        "max_tokens",
+        "max_completion_tokens",
+        "seed",
+        "repeat_penalty",
+        "n",
+        mode="before",
     )(not_a_boolean)
 
 
@@ -107,8 +124,12 @@ def generation_request(request: Request, body: ChatCompletionRequest) -> Generat
         request,
         normalize_messages(body.messages),
         sampling=Sampling(
-            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-            max_tokens=body.max_completion_tokens or body.max_tokens, stop=stop, seed=body.seed,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            stop=stop,
+            seed=body.seed,
             repeat_penalty=body.repeat_penalty,
         ),
         model=body.model,
@@ -154,7 +175,9 @@ def openai_error(exc: BaseException | ErrorEvent) -> dict[str, Any]:
 
 
 #: Routes whose errors are OpenAI error objects.
-OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings", "/chat/completions"})
+OPENAI_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings", "/chat/completions"}
+)
 
 
 def owns_path(path: str) -> bool:
@@ -246,7 +269,8 @@ async def complete(body: ChatCompletionRequest, request: Request) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
             stream_events(request, gens, created, include_usage, body.logprobs),
-            media_type="text/event-stream", headers=SSE_HEADERS,
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
         )
     dones = await choices.collect_all(request, gens)
     started = gens[0].started
@@ -256,40 +280,53 @@ async def complete(body: ChatCompletionRequest, request: Request) -> Response:
         message: dict[str, Any] = {"role": "assistant", "content": done.content}
         if done.tool_calls:
             message["tool_calls"] = [tool_call_json(c) for c in done.tool_calls]
-        out.append({
-            "index": i,
-            "message": message,
-            "logprobs": {"content": choices.logprob_entries(done.logprobs or ())} if body.logprobs else None,
-            "finish_reason": finish_reason(done.finish_reason),
-        })
-    return JSONResponse({
-        "id": "chatcmpl-" + gens[0].id,
-        "object": "chat.completion",
-        "created": created,
-        "model": started.model,
-        "choices": out,
-        "usage": usage(dones[0].tokens_in, sum(d.tokens_out for d in dones)),
-        "system_fingerprint": choices.fingerprint(started.model),
-    })
+        out.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": {"content": choices.logprob_entries(done.logprobs or ())} if body.logprobs else None,
+                "finish_reason": finish_reason(done.finish_reason),
+            }
+        )
+    return JSONResponse(
+        {
+            "id": "chatcmpl-" + gens[0].id,
+            "object": "chat.completion",
+            "created": created,
+            "model": started.model,
+            "choices": out,
+            "usage": usage(dones[0].tokens_in, sum(d.tokens_out for d in dones)),
+            "system_fingerprint": choices.fingerprint(started.model),
+        }
+    )
 
 
 async def stream_events(
-    request: Request, gens: list[Generation], created: int, include_usage: bool, logprobs: bool,
+    request: Request,
+    gens: list[Generation],
+    created: int,
+    include_usage: bool,
+    logprobs: bool,
 ) -> AsyncIterator[str]:
     """chat.completion.chunk events for the generations (one choice each), then `[DONE]`."""
     started = gens[0].started
     assert started is not None
     n = 0
     head = {
-        "id": "chatcmpl-" + gens[0].id, "object": "chat.completion.chunk", "created": created,
-        "model": started.model, "system_fingerprint": choices.fingerprint(started.model),
+        "id": "chatcmpl-" + gens[0].id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": started.model,
+        "system_fingerprint": choices.fingerprint(started.model),
     }
 
     def event(index: int, delta: dict[str, Any], finish: str | None = None, lps: Any = None) -> str:
         nonlocal n
         n += 1
         lp = {"content": choices.logprob_entries(lps)} if logprobs and lps is not None else None
-        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}, event_id=n)
+        return sse(
+            {**head, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}, event_id=n
+        )
 
     for i in range(len(gens)):
         yield event(i, {"role": "assistant", "content": ""})

@@ -120,21 +120,30 @@ def parse_input(raw: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
                 raise errors.BadRequest(f"Unknown message role {str(role)[:32]!r}.")
             text = _content_text(item.get("content"))
             part = "output_text" if role == "assistant" else "input_text"
-            items.append({
-                "id": item.get("id") or f"msg_{uuid.uuid4().hex}", "type": "message", "role": role,
-                "content": [{"type": part, "text": text, **({"annotations": []} if role == "assistant" else {})}],
-                "status": "completed",
-            })
+            items.append(
+                {
+                    "id": item.get("id") or f"msg_{uuid.uuid4().hex}",
+                    "type": "message",
+                    "role": role,
+                    "content": [{"type": part, "text": text, **({"annotations": []} if role == "assistant" else {})}],
+                    "status": "completed",
+                }
+            )
             messages.append({"role": "system" if role == "developer" else role, "content": text})
         elif kind == "function_call":
             name, arguments = item.get("name"), item.get("arguments") or "{}"
             if not isinstance(name, str) or not isinstance(arguments, str):
                 raise errors.BadRequest("A function_call item needs a name and its arguments as JSON text.")
-            items.append({
-                "id": item.get("id") or f"fc_{uuid.uuid4().hex}", "type": "function_call",
-                "call_id": item.get("call_id") or f"call_{uuid.uuid4().hex[:24]}", "name": name,
-                "arguments": arguments, "status": "completed",
-            })
+            items.append(
+                {
+                    "id": item.get("id") or f"fc_{uuid.uuid4().hex}",
+                    "type": "function_call",
+                    "call_id": item.get("call_id") or f"call_{uuid.uuid4().hex[:24]}",
+                    "name": name,
+                    "arguments": arguments,
+                    "status": "completed",
+                }
+            )
             call = {"name": name, "arguments": arguments}
             if messages and messages[-1]["role"] == "assistant":
                 messages[-1].setdefault("tool_calls", []).append(call)
@@ -143,10 +152,15 @@ def parse_input(raw: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
         elif kind == "function_call_output":
             output = item.get("output")
             text = output if isinstance(output, str) else _content_text(output)
-            items.append({
-                "id": item.get("id") or f"fco_{uuid.uuid4().hex}", "type": "function_call_output",
-                "call_id": item.get("call_id"), "output": text, "status": "completed",
-            })
+            items.append(
+                {
+                    "id": item.get("id") or f"fco_{uuid.uuid4().hex}",
+                    "type": "function_call_output",
+                    "call_id": item.get("call_id"),
+                    "output": text,
+                    "status": "completed",
+                }
+            )
             messages.append({"role": "tool", "content": text})
         elif kind == "reasoning":
             continue
@@ -211,8 +225,11 @@ def new_response(request: Request, body: ResponseCreate) -> NewResponse:
         request,
         messages,
         sampling=Sampling(
-            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-            max_tokens=body.max_output_tokens, seed=body.seed,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            max_tokens=body.max_output_tokens,
+            seed=body.seed,
         ),
         model=body.model,
         tools=tools,
@@ -237,8 +254,13 @@ def new_response(request: Request, body: ResponseCreate) -> NewResponse:
         "user": body.user,
     }
     return NewResponse(
-        head=head, input_items=items, request=req, instructions=body.instructions,
-        previous_response_id=body.previous_response_id, background=background, store=store,
+        head=head,
+        input_items=items,
+        request=req,
+        instructions=body.instructions,
+        previous_response_id=body.previous_response_id,
+        background=background,
+        store=store,
     )
 
 

@@ -56,9 +56,7 @@ def is_cross_site(app: Services, headers: dict[bytes, bytes]) -> bool:
         if value == "null":
             return True
         sec = app.settings.security
-        allowed_origin = value in sec.cors_origins or origin_allowed(
-            value, app.settings, app.runtime.http_port
-        )
+        allowed_origin = value in sec.cors_origins or origin_allowed(value, app.settings, app.runtime.http_port)
         if not allowed_origin:
             return True
     site = headers.get(b"sec-fetch-site", b"").lower()
@@ -70,7 +68,9 @@ class CrossSiteGuard:
     shape of the route asked for (`respond`)."""
 
     def __init__(
-        self, asgi: ASGIApp, app: Services,
+        self,
+        asgi: ASGIApp,
+        app: Services,
         respond: Callable[[Request, BaseException], Response | Awaitable[Response]],
     ) -> None:
         self.asgi = asgi
@@ -82,7 +82,9 @@ class CrossSiteGuard:
             headers = dict(scope.get("headers") or [])
             if is_cross_site(self.app, headers):
                 logger.warning(
-                    "refused a cross-site %s %s (Origin %r)", scope.get("method"), scope.get("path", "")[:100],
+                    "refused a cross-site %s %s (Origin %r)",
+                    scope.get("method"),
+                    scope.get("path", "")[:100],
                     headers.get(b"origin", b"").decode("latin-1")[:100],
                 )
                 exc = errors.Forbidden("Requests from other web sites are not accepted here.")

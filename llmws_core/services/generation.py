@@ -54,8 +54,7 @@ MAX_MESSAGES_WARN = 50
 #: Warn when the prompt uses more than this share of the model's context.
 NEAR_LIMIT_SHARE = 0.75
 SUMMARY_SYSTEM = (
-    "You summarize conversations. Keep names, facts, numbers, decisions and open "
-    "questions. Write a short paragraph."
+    "You summarize conversations. Keep names, facts, numbers, decisions and open questions. Write a short paragraph."
 )
 JSON_INSTRUCTION = "Reply with a single valid JSON object and nothing else."
 
@@ -398,7 +397,9 @@ class Generation:
             Cancelled: `cancel()` was called while the request waited for its turn.
         """
         plan = self._plan
-        plan.remote = await self._service.models.serve_request_model(plan.request.model, may_switch=plan.request.may_switch)
+        plan.remote = await self._service.models.serve_request_model(
+            plan.request.model, may_switch=plan.request.may_switch
+        )
         await self._service.check_images(plan)
         self._task = self._service._spawn(self._run())
         # The end mark comes from the task's end, so it comes even for a task
@@ -499,8 +500,11 @@ class Generation:
 
         try:
             async for chunk in chat.generate(
-                plan.messages, plan.params, cancel=self._cancel,
-                trim_history=plan.request.keep_reply_room, model=plan.remote,
+                plan.messages,
+                plan.params,
+                cancel=self._cancel,
+                trim_history=plan.request.keep_reply_room,
+                model=plan.remote,
                 prompt=plan.request.prompt,
             ):
                 self._running = True
@@ -519,12 +523,17 @@ class Generation:
                         elif held_content:
                             put(TokenEvent(held_content, len(held)))
                     partial = any(c.partial_arguments is not None for c in calls)
-                    put(DoneEvent(
-                        "length" if partial else "tool_calls" if calls else result.finish_reason,
-                        result.tokens_in, result.tokens_out, content, tuple(calls),
-                        tuple(result.logprobs) if result.logprobs is not None else None,
-                        result.stop_sequence,
-                    ))
+                    put(
+                        DoneEvent(
+                            "length" if partial else "tool_calls" if calls else result.finish_reason,
+                            result.tokens_in,
+                            result.tokens_out,
+                            content,
+                            tuple(calls),
+                            tuple(result.logprobs) if result.logprobs is not None else None,
+                            result.stop_sequence,
+                        )
+                    )
                 elif chunk.text:
                     parts.append(chunk.text)
                     if hold:
@@ -686,7 +695,9 @@ class GenerationService:
             raise errors.ModelNotLoaded("No model is loaded yet.")
         return await asyncio.to_thread(backend.detokenize, tokens)
 
-    async def summarize(self, messages: list[ChatMessage], *, max_tokens: int | None = None, principal: str = "local") -> Summary:
+    async def summarize(
+        self, messages: list[ChatMessage], *, max_tokens: int | None = None, principal: str = "local"
+    ) -> Summary:
         """Summarize a conversation into a shorter replacement history that keeps the
         system message; the token counts are real tokenizer counts.
 
@@ -704,14 +715,16 @@ class GenerationService:
         room = max_ctx - budget - 128
         if before > room:  # keep the most recent part of a transcript that does not fit
             text = text[-max(256, int(len(text) * room / before)) :]
-        done = await self.complete(GenerationRequest(
-            messages=[
-                {"role": "system", "content": SUMMARY_SYSTEM},
-                {"role": "user", "content": f"Summarize this conversation:\n\n{text}"},
-            ],
-            sampling=Sampling(max_tokens=budget, temperature=0.0, seed=0),
-            principal=principal,
-        ))
+        done = await self.complete(
+            GenerationRequest(
+                messages=[
+                    {"role": "system", "content": SUMMARY_SYSTEM},
+                    {"role": "user", "content": f"Summarize this conversation:\n\n{text}"},
+                ],
+                sampling=Sampling(max_tokens=budget, temperature=0.0, seed=0),
+                principal=principal,
+            )
+        )
         summary = (done.content or "").strip()
         if not summary:
             raise errors.GenerationError("The model returned an empty summary.")

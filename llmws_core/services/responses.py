@@ -106,12 +106,15 @@ def output_messages(output: list[dict[str, Any]]) -> list[ChatMessage]:
     """A response's output items as the conversation's assistant message."""
     text = "".join(
         part.get("text", "")
-        for item in output if item.get("type") == "message"
-        for part in item.get("content", []) if part.get("type") == "output_text"
+        for item in output
+        if item.get("type") == "message"
+        for part in item.get("content", [])
+        if part.get("type") == "output_text"
     )
     calls = [
         {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}
-        for item in output if item.get("type") == "function_call"
+        for item in output
+        if item.get("type") == "function_call"
     ]
     if not text and not calls:
         return []
@@ -153,23 +156,42 @@ class _Builder:
     def text(self, delta: str) -> list[dict[str, Any]]:
         events = []
         if self._message is None:
-            self._message = {"id": _item_id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+            self._message = {
+                "id": _item_id("msg"),
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
             self.output.append(self._message)
             index = len(self.output) - 1
-            events.append({"type": "response.output_item.added", "output_index": index, "item": dict(self._message, content=[])})
+            events.append(
+                {"type": "response.output_item.added", "output_index": index, "item": dict(self._message, content=[])}
+            )
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             self._message["content"].append(part)
-            events.append({
-                "type": "response.content_part.added", "item_id": self._message["id"], "output_index": index,
-                "content_index": 0, "part": dict(part),
-            })
+            events.append(
+                {
+                    "type": "response.content_part.added",
+                    "item_id": self._message["id"],
+                    "output_index": index,
+                    "content_index": 0,
+                    "part": dict(part),
+                }
+            )
         if delta:
             self._text.append(delta)
             self._message["content"][0]["text"] = "".join(self._text)
-            events.append({
-                "type": "response.output_text.delta", "item_id": self._message["id"],
-                "output_index": self.output.index(self._message), "content_index": 0, "delta": delta, "logprobs": [],
-            })
+            events.append(
+                {
+                    "type": "response.output_text.delta",
+                    "item_id": self._message["id"],
+                    "output_index": self.output.index(self._message),
+                    "content_index": 0,
+                    "delta": delta,
+                    "logprobs": [],
+                }
+            )
         return events
 
     def close_message(self, final: str | None = None, status: str = "completed") -> list[dict[str, Any]]:
@@ -191,10 +213,21 @@ class _Builder:
         index = self.output.index(message)
         message["status"] = status
         events += [
-            {"type": "response.output_text.done", "item_id": message["id"], "output_index": index, "content_index": 0,
-             "text": part["text"], "logprobs": []},
-            {"type": "response.content_part.done", "item_id": message["id"], "output_index": index, "content_index": 0,
-             "part": dict(part)},
+            {
+                "type": "response.output_text.done",
+                "item_id": message["id"],
+                "output_index": index,
+                "content_index": 0,
+                "text": part["text"],
+                "logprobs": [],
+            },
+            {
+                "type": "response.content_part.done",
+                "item_id": message["id"],
+                "output_index": index,
+                "content_index": 0,
+                "part": dict(part),
+            },
             {"type": "response.output_item.done", "output_index": index, "item": _copy_item(message)},
         ]
         return events
@@ -203,22 +236,35 @@ class _Builder:
         events = self.close_message()
         for call in calls:
             item = {
-                "id": _item_id("fc"), "type": "function_call", "status": "in_progress",
-                "call_id": call.id, "name": call.name, "arguments": "",
+                "id": _item_id("fc"),
+                "type": "function_call",
+                "status": "in_progress",
+                "call_id": call.id,
+                "name": call.name,
+                "arguments": "",
             }
             self.output.append(item)
             index = len(self.output) - 1
             events.append({"type": "response.output_item.added", "output_index": index, "item": dict(item)})
             item["arguments"] = call.arguments_json
-            events.append({
-                "type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": index,
-                "delta": call.arguments_json,
-            })
+            events.append(
+                {
+                    "type": "response.function_call_arguments.delta",
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "delta": call.arguments_json,
+                }
+            )
             item["status"] = "completed"
-            events.append({
-                "type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": index,
-                "name": call.name, "arguments": call.arguments_json,
-            })
+            events.append(
+                {
+                    "type": "response.function_call_arguments.done",
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "name": call.name,
+                    "arguments": call.arguments_json,
+                }
+            )
             events.append({"type": "response.output_item.done", "output_index": index, "item": dict(item)})
         return events
 
@@ -345,7 +391,10 @@ class ResponseService:
     # ------------------------------------------------------------------ creating
 
     async def create(
-        self, new: NewResponse, owner: str, watch: Callable[[Callable[[], None]], AbstractAsyncContextManager[Any]] | None = None,
+        self,
+        new: NewResponse,
+        owner: str,
+        watch: Callable[[Callable[[], None]], AbstractAsyncContextManager[Any]] | None = None,
     ) -> dict[str, Any]:
         """Store a new response and start its generation; returns the response object.
 
@@ -366,7 +415,9 @@ class ResponseService:
             try:
                 previous = await self._open(new.previous_response_id, owner)
             except errors.NotFound:
-                raise errors.BadRequest(f"Previous response with id {new.previous_response_id[:64]!r} not found.") from None
+                raise errors.BadRequest(
+                    f"Previous response with id {new.previous_response_id[:64]!r} not found."
+                ) from None
             prev = previous.state[STATE_KEY]
             if prev.get("status") in RUNNING:
                 raise errors.BadRequest("The previous response is still in progress; wait for it to end.")
@@ -385,16 +436,28 @@ class ResponseService:
         session = await asyncio.to_thread(self._store.create)
         rid = response_id_of(session.id)
         response = {
-            "id": rid, "object": "response", "created_at": int(time.time()),
+            "id": rid,
+            "object": "response",
+            "created_at": int(time.time()),
             "status": "queued" if new.background else "in_progress",
-            "error": None, "incomplete_details": None, "output": [], "usage": None,
+            "error": None,
+            "incomplete_details": None,
+            "output": [],
+            "usage": None,
             **new.head,
-            "previous_response_id": new.previous_response_id, "background": new.background, "store": new.store,
+            "previous_response_id": new.previous_response_id,
+            "background": new.background,
+            "store": new.store,
         }
-        session.state.update({
-            STATE_KEY: response, "owner": owner, "input_items": new.input_items,
-            "conversation": conversation + turn, "conversation_id": conversation_id,
-        })
+        session.state.update(
+            {
+                STATE_KEY: response,
+                "owner": owner,
+                "input_items": new.input_items,
+                "conversation": conversation + turn,
+                "conversation_id": conversation_id,
+            }
+        )
         job = _Job(rid, session, gen)
         self._jobs[rid] = job
         try:
@@ -472,26 +535,41 @@ class ResponseService:
                             emit(out)
                         await self._finish(job, "failed", {"code": ev.code, "message": ev.message}, None, None)
                         return
-            await self._finish(job, "failed", {"code": "generation_failed", "message": "The generation ended without a result."}, None, None)
+            await self._finish(
+                job,
+                "failed",
+                {"code": "generation_failed", "message": "The generation ended without a result."},
+                None,
+                None,
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store refused: logged; readers see the stream end
             ErrorEvent.of(exc)
             with contextlib.suppress(Exception):
-                await self._finish(job, "failed", {"code": "storage_error", "message": "The response could not be stored."}, None, None)
+                await self._finish(
+                    job, "failed", {"code": "storage_error", "message": "The response could not be stored."}, None, None
+                )
             if session.state[STATE_KEY].get("status") in RUNNING:
                 session.state[STATE_KEY]["status"] = "failed"
             # Live readers must hear the end even if the disk refused it (not stored).
-            self._chat.send_transient(session, {
-                "type": "response.failed", "response": dict(session.state[STATE_KEY]), "seq": session.last_seq + 1,
-            })
+            self._chat.send_transient(
+                session,
+                {
+                    "type": "response.failed",
+                    "response": dict(session.state[STATE_KEY]),
+                    "seq": session.last_seq + 1,
+                },
+            )
         finally:
             self._end(job)
 
     async def _done(self, job: _Job, done: DoneEvent) -> None:
         emit = self._emit_to(job.session)
         if done.finish_reason == "cancelled":
-            status, incomplete = ("cancelled", None) if job.cancel_requested or not self._chat.closing else ("incomplete", INTERRUPTED)
+            status, incomplete = (
+                ("cancelled", None) if job.cancel_requested or not self._chat.closing else ("incomplete", INTERRUPTED)
+            )
             for out in job.builder.close_message(status="incomplete"):
                 emit(out)
         elif done.finish_reason == "length":
@@ -509,7 +587,11 @@ class ResponseService:
         await self._finish(job, status, None, incomplete, usage(done.tokens_in, done.tokens_out))
 
     async def _finish(
-        self, job: _Job, status: str, error: dict[str, Any] | None, incomplete: dict[str, Any] | None,
+        self,
+        job: _Job,
+        status: str,
+        error: dict[str, Any] | None,
+        incomplete: dict[str, Any] | None,
         used: dict[str, Any] | None,
     ) -> None:
         """Seal the final response into the state and emit the event that ends the stream."""
@@ -518,8 +600,11 @@ class ResponseService:
         output = [_copy_item(i) for i in job.builder.output]
         response.update(status=status, error=error, incomplete_details=incomplete, output=output, usage=used)
         session.state["conversation"] = list(session.state.get("conversation", [])) + output_messages(output)
-        kind = {"completed": "response.completed", "incomplete": "response.incomplete",
-                "cancelled": "response.cancelled"}.get(status, "response.failed")
+        kind = {
+            "completed": "response.completed",
+            "incomplete": "response.incomplete",
+            "cancelled": "response.cancelled",
+        }.get(status, "response.failed")
         emit = self._emit_to(session)
         if error is not None:
             emit({"type": "error", "code": error["code"], "message": error["message"], "param": None})

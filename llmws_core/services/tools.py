@@ -138,7 +138,9 @@ def with_system_text(messages: list[dict[str, Any]], extra: str) -> list[dict[st
     return out
 
 
-def with_tools(messages: list[dict[str, Any]], tools: list[Tool] | None, tool_choice: ToolChoice | None) -> list[dict[str, Any]]:
+def with_tools(
+    messages: list[dict[str, Any]], tools: list[Tool] | None, tool_choice: ToolChoice | None
+) -> list[dict[str, Any]]:
     """`messages` with the tool description merged into (or added as) the system message."""
     if not tools or tool_choice == "none":
         return messages
@@ -214,7 +216,9 @@ def parse_tool_calls(text: str, tools: list[Tool]) -> tuple[str, list[ToolCall]]
     return ("", calls) if calls else (text, [])
 
 
-_PARTIAL_CALL = re.compile(r'^\s*\{\s*"name"\s*:\s*"(?P<name>[^"\\]+)"\s*(?:,\s*"arguments"\s*:\s*(?P<args>.*))?$', re.DOTALL)
+_PARTIAL_CALL = re.compile(
+    r'^\s*\{\s*"name"\s*:\s*"(?P<name>[^"\\]+)"\s*(?:,\s*"arguments"\s*:\s*(?P<args>.*))?$', re.DOTALL
+)
 
 
 def partial_call(text: str, tools: list[Tool]) -> ToolCall | None:

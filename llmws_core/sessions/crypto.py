@@ -62,13 +62,9 @@ def _decode_key(text: str, source: str) -> bytes:
     try:
         key = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError(
-            f"The master key in {source} is not valid base64: it {_KEY_HELP}."
-        ) from None
+        raise ValueError(f"The master key in {source} is not valid base64: it {_KEY_HELP}.") from None
     if len(key) != KEY_BYTES:
-        raise ValueError(
-            f"The master key in {source} decodes to {len(key)} bytes, not {KEY_BYTES}: it {_KEY_HELP}."
-        )
+        raise ValueError(f"The master key in {source} decodes to {len(key)} bytes, not {KEY_BYTES}: it {_KEY_HELP}.")
     return key
 
 
@@ -110,8 +106,7 @@ def private_dir(path: Path) -> None:
         owner = path.stat().st_uid
         if hasattr(os, "getuid") and owner != os.getuid():
             raise SystemExit(
-                f"LLMWS refuses to use {path}: it belongs to another user (uid {owner}). "
-                "Use a --var-dir of your own."
+                f"LLMWS refuses to use {path}: it belongs to another user (uid {owner}). Use a --var-dir of your own."
             )
         _tighten(path, 0o700)
     except OSError as exc:

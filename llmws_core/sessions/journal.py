@@ -117,8 +117,11 @@ class SeqJournal:
             try:
                 record = json.loads(raw)
                 plaintext = self._sealer.open(
-                    JOURNAL_ID, "journal", index,
-                    base64.b64decode(record["n"], validate=True), base64.b64decode(record["c"], validate=True),
+                    JOURNAL_ID,
+                    "journal",
+                    index,
+                    base64.b64decode(record["n"], validate=True),
+                    base64.b64decode(record["c"], validate=True),
                 )
                 marks = json.loads(plaintext)
                 for sid, mark in marks.items():

@@ -270,9 +270,7 @@ class Session:
     def _ensure_fd(self) -> int:
         """The append descriptor, opened on first use (caller holds `_lock`)."""
         if self._fd is None:
-            fd = os.open(
-                self._dir / BUFFER_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE
-            )
+            fd = os.open(self._dir / BUFFER_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
             self._size = os.fstat(fd).st_size
             self._fd = fd
         return self._fd
@@ -483,7 +481,7 @@ class Session:
                 with self._lock:
                     if self._broken:
                         raise OSError("the buffer is broken")
-                    tail = b"".join(e.raw for e in self._entries[bisect.bisect_right(self._his, upto):])
+                    tail = b"".join(e.raw for e in self._entries[bisect.bisect_right(self._his, upto) :])
                     _write_all(fd, tail)
                     os.replace(tmp, path)
                     old, self._fd = self._fd, fd
@@ -512,9 +510,7 @@ class Session:
     def _prepare_state(self, acked_seq: int) -> tuple[int, bytes]:
         """Seal the state document as it is now (on the loop): (generation, line)."""
         generation = self._generation + 1
-        nonce, ciphertext = self._sealer.seal(
-            self.id, "state", generation, _dumps(self._state_doc(acked_seq))
-        )
+        nonce, ciphertext = self._sealer.seal(self.id, "state", generation, _dumps(self._state_doc(acked_seq)))
         body = _dumps({"v": STATE_FORMAT, "g": generation, "n": _b64(nonce), "c": _b64(ciphertext)})
         self._generation = generation
         return generation, body + b"\n"
@@ -593,9 +589,7 @@ class Session:
             data = b""
         good = data.rfind(b"\n") + 1
         if good < len(data):
-            logger.warning(
-                "session %s: dropping a torn last line (%d bytes)", self.id, len(data) - good
-            )
+            logger.warning("session %s: dropping a torn last line (%d bytes)", self.id, len(data) - good)
             try:
                 with open(path, "r+b") as handle:
                     handle.truncate(good)
@@ -623,11 +617,7 @@ class Session:
             event = json.loads(self._sealer.open(self.id, "event", claimed, nonce, ciphertext))
         except (errors.CorruptRecord, ValueError, binascii.Error, UnicodeDecodeError):
             return _Line(raw, claimed, None)
-        if (
-            set(record) != {"s", "n", "c"}
-            or not isinstance(event, dict)
-            or event.get("seq") != claimed
-        ):
+        if set(record) != {"s", "n", "c"} or not isinstance(event, dict) or event.get("seq") != claimed:
             return _Line(raw, claimed, None)
         return _Line(raw, claimed, event)
 
@@ -638,9 +628,7 @@ class Session:
             (i for i, ln in enumerate(lines) if ln.event is not None and ln.claimed > acked),
             len(lines),
         )
-        last_stale = max(
-            (i for i, ln in enumerate(lines[:first_current]) if ln.event is not None), default=-1
-        )
+        last_stale = max((i for i, ln in enumerate(lines[:first_current]) if ln.event is not None), default=-1)
         if first_current < len(lines) and lines[first_current].claimed == acked + 1:
             skip = first_current  # all before the first unacked record is trim left-over
         else:
@@ -690,15 +678,11 @@ def _read_state(directory: Path, session_id: str, sealer: Sealer) -> tuple[dict[
     """
     if not directory.is_dir():
         raise errors.SessionNotFound("No session with that id exists.")
-    corrupt = errors.CorruptRecord(
-        "This session's stored state failed its integrity check; it cannot be resumed."
-    )
+    corrupt = errors.CorruptRecord("This session's stored state failed its integrity check; it cannot be resumed.")
     try:
         record = json.loads((directory / STATE_NAME).read_bytes())
         generation = record["g"]
-        plaintext = sealer.open(
-            session_id, "state", generation, _unb64(record["n"]), _unb64(record["c"])
-        )
+        plaintext = sealer.open(session_id, "state", generation, _unb64(record["n"]), _unb64(record["c"]))
         doc = json.loads(plaintext)
     except FileNotFoundError:
         logger.error("session %s: state.bin is missing", session_id)
@@ -730,8 +714,13 @@ class SessionStore:
     IDLE_CLOSE_SECONDS = 30.0
 
     def __init__(
-        self, root: Path, sealer: Sealer, *, ttl_seconds: float | None = 7 * 24 * 3600,
-        max_open_buffers: int = 256, journal: SeqJournal | None = None,
+        self,
+        root: Path,
+        sealer: Sealer,
+        *,
+        ttl_seconds: float | None = 7 * 24 * 3600,
+        max_open_buffers: int = 256,
+        journal: SeqJournal | None = None,
     ) -> None:
         """Open (creating if needed) the sessions folder.
 
@@ -826,7 +815,10 @@ class SessionStore:
                 if mark is not None and generation < mark[1]:
                     logger.error(
                         "session %s: state.bin is older than the journal says (generation %d < %d): "
-                        "an older copy was put back", sid, generation, mark[1],
+                        "an older copy was put back",
+                        sid,
+                        generation,
+                        mark[1],
                     )
                     raise errors.CorruptRecord(
                         "This session's stored state is older than the server wrote (rolled back); "
@@ -935,7 +927,8 @@ class SessionStore:
             return
         with self._lock:
             changed = {
-                sid: m for sid, m in marks.items()
+                sid: m
+                for sid, m in marks.items()
                 if self._journaled.get(sid) != m and (sid in self._cache or not live_only)
             }
         if not changed:

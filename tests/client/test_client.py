@@ -182,9 +182,7 @@ class FakeDaemon:
             await asyncio.sleep(self.token_delay)
             self.emit({"type": "token", "request_id": rid, "data": token})
             count += 1
-        self.emit(
-            {"type": "done", "request_id": rid, "total_tokens": count, "finish_reason": "stop"}
-        )
+        self.emit({"type": "done", "request_id": rid, "total_tokens": count, "finish_reason": "stop"})
 
     async def _handle(self, ws: ServerConnection, msg: dict[str, Any]) -> None:
         kind, rid = msg.get("type"), msg.get("request_id")
@@ -260,9 +258,7 @@ async def test_drop_mid_stream_resumes_without_gap_or_duplicate() -> None:
     daemon = FakeDaemon(token_delay=0.01, drop_after=3, replay_overlap=2)
     async with daemon:
         states: list[str] = []
-        client = LLMWSEnhancedClient(
-            daemon.url, reconnect_delay=0.05, on_connection=lambda s, i: states.append(s)
-        )
+        client = LLMWSEnhancedClient(daemon.url, reconnect_delay=0.05, on_connection=lambda s, i: states.append(s))
         await client.connect()
         seen: list[str] = []
         async with client.stream("Hi") as stream:
@@ -359,9 +355,7 @@ async def test_download_progress_is_routed_by_job_id() -> None:
     async with FakeDaemon() as daemon:
         async with LLMWSEnhancedClient(daemon.url) as client:
             progress: list[dict[str, Any]] = []
-            done = await asyncio.wait_for(
-                client.download_model("org/model", "x", on_progress=progress.append), TIMEOUT
-            )
+            done = await asyncio.wait_for(client.download_model("org/model", "x", on_progress=progress.append), TIMEOUT)
     assert done["path"] == "models/x"
     assert [p["done"] for p in progress if p["type"] == "download_progress"] == [50, 100]
 
@@ -428,9 +422,7 @@ async def test_daemon_gone_for_good_gives_up_after_attempts() -> None:
     """When the daemon never comes back, the reply fails after the configured attempts."""
     daemon = FakeDaemon(token_delay=0.05, tokens=[f"t{i}" for i in range(100)])
     await daemon.__aenter__()
-    client = LLMWSEnhancedClient(
-        daemon.url, reconnect_attempts=2, reconnect_delay=0.05, open_timeout=1
-    )
+    client = LLMWSEnhancedClient(daemon.url, reconnect_attempts=2, reconnect_delay=0.05, open_timeout=1)
     await client.connect()
     async with client.stream("Hi") as stream:
         with pytest.raises(ConnectionLostError):
@@ -452,9 +444,7 @@ def test_client_imports_without_server_dependencies() -> None:
         "from llm import LLMWSEnhancedClient, LLMWSClientError, ContextTooLongError\n"
         "print(LLMWSEnhancedClient.__name__)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "LLMWSEnhancedClient"
 
@@ -499,9 +489,7 @@ async def test_real_reconnect_mid_stream_equals_uninterrupted_greedy_run(shared_
     async with LLMWSEnhancedClient(shared_daemon.ws_url) as client:
         expected = await asyncio.wait_for(client.inference(prompt, **config), TIMEOUT * 6)
     states: list[str] = []
-    client = LLMWSEnhancedClient(
-        shared_daemon.ws_url, reconnect_delay=0.2, on_connection=lambda s, _: states.append(s)
-    )
+    client = LLMWSEnhancedClient(shared_daemon.ws_url, reconnect_delay=0.2, on_connection=lambda s, _: states.append(s))
     await client.connect()  # a fresh session: the same (empty) history as the first run
     async with client.stream(prompt, **config) as stream:
         async for _ in stream:
@@ -534,9 +522,7 @@ async def test_real_context_too_long_raises_with_limits(shared_daemon: Any) -> N
         max_context = client.max_context
         assert isinstance(max_context, int)
         with pytest.raises(ContextTooLongError) as info:
-            await asyncio.wait_for(
-                client.inference("hello " * (max_context + 100), **GREEDY), TIMEOUT * 6
-            )
+            await asyncio.wait_for(client.inference("hello " * (max_context + 100), **GREEDY), TIMEOUT * 6)
         # The session keeps serving afterwards.
         assert await client.ping() >= 0
     assert info.value.max_context is not None and info.value.input_length is not None

@@ -33,19 +33,35 @@ def test_original_flags_one_shot(shared_daemon) -> None:
     """`llm.py --host --port -p -s --temperature --top-p --top-k --max-tokens` prints a reply."""
     result = subprocess.run(
         [
-            sys.executable, "llm.py", "--host", "127.0.0.1", "--port", str(shared_daemon.ws_port),
-            "-p", "Name a fruit.", "-s", "Answer in one word.", "--temperature", "0",
-            "--top-p", "0.9", "--top-k", "40", "--max-tokens", "8",
+            sys.executable,
+            "llm.py",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(shared_daemon.ws_port),
+            "-p",
+            "Name a fruit.",
+            "-s",
+            "Answer in one word.",
+            "--temperature",
+            "0",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "40",
+            "--max-tokens",
+            "8",
         ],
-        cwd=REPO, capture_output=True, text=True, timeout=scaled(120),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=scaled(120),
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 
 
-def test_image_flag_reaches_the_daemon_and_is_refused_by_a_text_model(
-    shared_daemon, tmp_path: Path
-) -> None:
+def test_image_flag_reaches_the_daemon_and_is_refused_by_a_text_model(shared_daemon, tmp_path: Path) -> None:
     """`--image` sends the picture; the text-only model's refusal is one line and a non-zero exit."""
     image = tmp_path / "dot.png"
     image.write_bytes(
@@ -55,9 +71,11 @@ def test_image_flag_reaches_the_daemon_and_is_refused_by_a_text_model(
         )
     )
     result = subprocess.run(
-        [sys.executable, "llm.py", "--port", str(shared_daemon.ws_port), "-p", "What is this?",
-         "--image", str(image)],
-        cwd=REPO, capture_output=True, text=True, timeout=scaled(120),
+        [sys.executable, "llm.py", "--port", str(shared_daemon.ws_port), "-p", "What is this?", "--image", str(image)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=scaled(120),
     )
     assert result.returncode == 1, result
     assert "[unsupported]" in result.stderr and "Traceback" not in result.stderr
@@ -68,9 +86,11 @@ def test_python_llm_py_from_a_fresh_shell(shared_daemon) -> None:
     """The README's `python llm.py --prompt` works with the Python the venv was made from."""
     base = Path(sys.base_prefix) / "bin" / "python3"
     result = subprocess.run(
-        [str(base), "llm.py", "--port", str(shared_daemon.ws_port), "--prompt", "Say hi.",
-         "--max-tokens", "6"],
-        cwd=REPO, capture_output=True, text=True, timeout=scaled(120),
+        [str(base), "llm.py", "--port", str(shared_daemon.ws_port), "--prompt", "Say hi.", "--max-tokens", "6"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=scaled(120),
         env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
     )
     assert result.returncode == 0, result.stderr

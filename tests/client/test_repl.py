@@ -103,9 +103,7 @@ def test_all_flags_parse() -> None:
 
 
 @pytest.mark.parametrize("argv", [["--json"], ["--server", "http://127.0.0.1:8765"], ["--bogus"]])
-def test_bad_flags_exit_with_usage_error(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_bad_flags_exit_with_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """Misused flags exit with code 2 and a usage message."""
     with pytest.raises(SystemExit) as info:
         parse_args(argv)
@@ -199,9 +197,7 @@ async def test_one_shot_json_prints_every_event() -> None:
     """--json prints the raw events, one JSON object per line, welcome to done."""
     async with FakeDaemon(tokens=["a", "b"]) as daemon:
         out = io.StringIO()
-        code = await run_once(
-            _args(daemon.url, prompt="Hi", json=True), stdout=out, stderr=io.StringIO()
-        )
+        code = await run_once(_args(daemon.url, prompt="Hi", json=True), stdout=out, stderr=io.StringIO())
     assert code == 0
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     kinds = [e["type"] for e in events]
@@ -216,9 +212,7 @@ async def test_one_shot_server_error_exits_nonzero_with_one_line() -> None:
         out, err = io.StringIO(), io.StringIO()
         code = await run_once(_args(daemon.url, prompt="Hi"), stdout=out, stderr=err)
     assert code == 1
-    assert err.getvalue().strip().splitlines() == [
-        "llm.py: Context too long (9 tokens). Max: 2. [context_too_long]"
-    ]
+    assert err.getvalue().strip().splitlines() == ["llm.py: Context too long (9 tokens). Max: 2. [context_too_long]"]
 
 
 def test_unreachable_server_exits_nonzero_without_traceback() -> None:
@@ -271,9 +265,7 @@ async def running_repl(url: str, **repl_kw: Any) -> AsyncIterator[ReplDriver]:
     out = io.StringIO()
     with create_pipe_input() as pipe:
         client = LLMWSEnhancedClient(url, reconnect_delay=0.05)
-        repl = Repl(
-            client, stdout=out, input=pipe, output=DummyOutput(), history_path=None, **repl_kw
-        )
+        repl = Repl(client, stdout=out, input=pipe, output=DummyOutput(), history_path=None, **repl_kw)
         driver = ReplDriver(repl, pipe, out)
         driver.task = asyncio.create_task(repl.run())
         try:
@@ -418,9 +410,7 @@ async def test_repl_sigint_between_enter_and_the_work_stops_that_work() -> None:
 async def test_repl_survives_a_dropped_connection_mid_reply() -> None:
     """A drop mid-reply shows a short notice and the reply completes without duplicates."""
     tokens = [f"t{i} " for i in range(20)]
-    async with FakeDaemon(
-        tokens=tokens, token_delay=0.005, drop_after=5, replay_overlap=3
-    ) as daemon:
+    async with FakeDaemon(tokens=tokens, token_delay=0.005, drop_after=5, replay_overlap=3) as daemon:
         async with running_repl(daemon.url) as repl:
             repl.type("Hi\r")
             out = await repl.wait_text("t19 ")
@@ -456,9 +446,7 @@ def test_real_one_shot_prompt_prints_reply(shared_daemon: Any) -> None:
 
 def test_real_one_shot_reads_stdin(shared_daemon: Any) -> None:
     """`echo hi | python llm.py --prompt -` answers the piped prompt and exits 0."""
-    result = _llm(
-        ["--server", shared_daemon.ws_url, "--prompt", "-", "--max-new-tokens", "16"], stdin="hi\n"
-    )
+    result = _llm(["--server", shared_daemon.ws_url, "--prompt", "-", "--max-new-tokens", "16"], stdin="hi\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 
@@ -536,14 +524,10 @@ def test_real_repl_in_a_terminal(shared_daemon: Any, tmp_path: Any) -> None:
         f"{shlex.quote(sys.executable)} llm.py --server {shared_daemon.ws_url} --temperature 0"
         '; echo "[repl exited $?]"; sleep 600'
     )
-    subprocess.run(
-        ["tmux", "new-session", "-d", "-s", name, "-x", "120", "-y", "40", command], check=True
-    )
+    subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "120", "-y", "40", command], check=True)
 
     def screen() -> str:
-        return subprocess.run(
-            ["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True
-        ).stdout
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
 
     def wait(predicate: Callable[[str], bool], timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -565,9 +549,7 @@ def test_real_repl_in_a_terminal(shared_daemon: Any, tmp_path: Any) -> None:
         # The daemon's answer, not the typed line (a slow REPL shows it twice: echoed, then
         # at the prompt).
         wait(
-            lambda s: any(
-                "max_new_tokens=2000" in x and "/config" not in x for x in s.splitlines()
-            ),
+            lambda s: any("max_new_tokens=2000" in x and "/config" not in x for x in s.splitlines()),
             TIMEOUT * 3,
         )
         keys("Write a very long story about a dragon.", "Enter")

@@ -325,9 +325,7 @@ def _gguf_str(text: str) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
-def gguf_bytes(
-    metadata: dict[str, Any], tensors: dict[str, list[int]] | None = None, padding: int = 0
-) -> bytes:
+def gguf_bytes(metadata: dict[str, Any], tensors: dict[str, list[int]] | None = None, padding: int = 0) -> bytes:
     """A GGUF v3 header with the given metadata and tensor shapes (F32), then `padding` zero bytes.
 
     Values: str -> string, bool -> bool, int -> uint32 (int64 if large/negative),

@@ -150,7 +150,6 @@ def test_choose_hf_files_takes_one_q4_gguf_or_the_model_folder() -> None:
         choose_hf_files(ggufs, "nope.gguf")
 
 
-
 def test_choose_hf_files_by_quantization_tag() -> None:
     """A quantization tag (Ollama's hf.co/org/repo:Q8_0) picks that GGUF, whole words only, any case."""
     ggufs = {"m.Q8_0.gguf": 9, "m.Q4_K_M.gguf": 5, "m.Q4_K_S.gguf": 5, "m-IQ4_XS.gguf": 4}
@@ -215,9 +214,7 @@ async def test_hub_download_ends_in_a_usable_model_folder(
         job_id = await manager.start("org/tiny", "tiny", rec)
         done = await rec.wait_for(lambda e: e["type"] in ("download_done", "error"))
 
-    assert done == {"type": "download_done", "job_id": job_id, "path": "var/models/tiny"}, (
-        rec.events
-    )
+    assert done == {"type": "download_done", "job_id": job_id, "path": "var/models/tiny"}, rec.events
     assert rec.events[0] == {
         "type": "download_started",
         "job_id": job_id,
@@ -235,26 +232,19 @@ async def test_hub_download_ends_in_a_usable_model_folder(
     assert _leftovers(dirs) == ["tiny"]
 
     progress = rec.of("download_progress")
-    total = sum(
-        len(files[n])
-        for n in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-    )
+    total = sum(len(files[n]) for n in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"))
     assert len(progress) >= 2
     assert all(p["total"] == total and 0 <= p["done"] <= total for p in progress)
     assert progress[-1]["done"] == total
     assert [p["done"] for p in progress] == sorted(p["done"] for p in progress)
     assert any(0 < p["done"] < total for p in progress)
     assert any(p["rate"] > 0 for p in progress)
-    times = [
-        t for t, e in zip(rec.times, rec.events, strict=True) if e["type"] == "download_progress"
-    ]
+    times = [t for t, e in zip(rec.times, rec.events, strict=True) if e["type"] == "download_progress"]
     assert all(b - a >= 0.2 for a, b in zip(times, times[1:], strict=False))  # at most ~4/s
     assert manager.jobs()[0]["state"] == "done"
 
 
-async def test_hub_gguf_repo_downloads_one_gguf(
-    dirs: ModelDirs, hf_env: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_hub_gguf_repo_downloads_one_gguf(dirs: ModelDirs, hf_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """From a repo of several GGUF files only the Q4 one (or the one named) is fetched."""
     repo = FakeRepo(
         "org/tiny-gguf",
@@ -283,9 +273,7 @@ async def test_hub_gguf_repo_downloads_one_gguf(
     assert dirs.resolve("named/tiny.Q8_0.gguf").quantization == "Q4_K_M"  # from the header
 
 
-async def test_hub_unknown_repo_fails_cleanly(
-    dirs: ModelDirs, hf_env: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_hub_unknown_repo_fails_cleanly(dirs: ModelDirs, hf_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """A repo the Hub does not have ends in a download_failed error and leaves nothing behind."""
     with FakeHub([]) as hub:
         _serve(monkeypatch, hub)
@@ -321,13 +309,9 @@ async def test_cancel_mid_download_leaves_nothing(
     assert manager.cancel(job_id) is False
 
 
-async def test_concurrent_downloads_are_limited(
-    dirs: ModelDirs, hf_env: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_concurrent_downloads_are_limited(dirs: ModelDirs, hf_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past max_concurrent running downloads, another one is refused as busy."""
-    with FakeHub(
-        [FakeRepo("org/big", tiny_hf_files(n_weights=2_000_000))], chunk_delay=0.05
-    ) as hub:
+    with FakeHub([FakeRepo("org/big", tiny_hf_files(n_weights=2_000_000))], chunk_delay=0.05) as hub:
         _serve(monkeypatch, hub)
         manager = DownloadManager(dirs, max_concurrent=1, min_free_bytes=0)
         job_id = await manager.start("org/big", "one", lambda e: None)
@@ -385,9 +369,7 @@ def lfs_remote(tmp_path: Path) -> tuple[str, bytes]:
     return bare.as_uri(), weights
 
 
-async def test_git_lfs_download_from_a_file_remote(
-    dirs: ModelDirs, lfs_remote: tuple[str, bytes]
-) -> None:
+async def test_git_lfs_download_from_a_file_remote(dirs: ModelDirs, lfs_remote: tuple[str, bytes]) -> None:
     """A git repo with an LFS model downloads with progress, without .git, and symlinks out are removed."""
     url, weights = lfs_remote
     rec = Recorder()
@@ -413,14 +395,10 @@ async def test_git_lfs_download_from_a_file_remote(
     assert _leftovers(dirs) == ["from-git"]
 
 
-async def test_git_download_of_a_missing_repo_fails_cleanly(
-    dirs: ModelDirs, tmp_path: Path
-) -> None:
+async def test_git_download_of_a_missing_repo_fails_cleanly(dirs: ModelDirs, tmp_path: Path) -> None:
     """A git URL that leads nowhere ends in download_failed with a plain message and no leftovers."""
     rec = Recorder()
-    await DownloadManager(dirs, min_free_bytes=0).start(
-        (tmp_path / "nope.git").as_uri(), "nope", rec
-    )
+    await DownloadManager(dirs, min_free_bytes=0).start((tmp_path / "nope.git").as_uri(), "nope", rec)
     err = await rec.wait_for(lambda e: e["type"] in ("download_done", "error"))
     assert err["code"] == "download_failed" and "not found" in err["message"]
     assert str(tmp_path) not in err["message"]

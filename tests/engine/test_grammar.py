@@ -66,7 +66,11 @@ def test_schema_grammar_keeps_whitespace_and_strings_strict() -> None:
 
 def test_const_and_any_of_become_alternatives_of_literals() -> None:
     """`const` is a literal and `anyOf` an alternative (how forced tool calls are built)."""
-    call = {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": {"type": "object"}}, "required": ["name", "arguments"]}
+    call = {
+        "type": "object",
+        "properties": {"name": {"const": "get_weather"}, "arguments": {"type": "object"}},
+        "required": ["name", "arguments"],
+    }
     other = {**call, "properties": {**call["properties"], "name": {"const": "add"}}}
     gbnf = grammar_for(schema_format({"anyOf": [call, other]})) or ""
     assert r'"\"get_weather\""' in gbnf and r'"\"add\""' in gbnf
@@ -78,14 +82,17 @@ def test_same_schema_gives_the_same_grammar() -> None:
     assert grammar_for(schema_format(PERSON)) == grammar_for(schema_format(dict(PERSON)))
 
 
-@pytest.mark.parametrize("schema", [
-    {"type": 5},
-    {"type": "object", "properties": {"a": 5}},
-    {"type": "strin"},
-    {"$ref": "https://example.com/schema.json"},
-    {"type": "object", "properties": {"a": {"$ref": "other.json#/a"}}},
-    {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},
-])
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": 5},
+        {"type": "object", "properties": {"a": 5}},
+        {"type": "strin"},
+        {"$ref": "https://example.com/schema.json"},
+        {"type": "object", "properties": {"a": {"$ref": "other.json#/a"}}},
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},
+    ],
+)
 def test_bad_schemas_are_bad_requests_with_a_safe_message(schema: object) -> None:
     """A schema no grammar can be made of is a BadRequest whose message names the problem, not the converter's internals."""
     with pytest.raises(errors.BadRequest) as bad:
@@ -95,12 +102,15 @@ def test_bad_schemas_are_bad_requests_with_a_safe_message(schema: object) -> Non
     assert "Unrecognized" not in message and "Traceback" not in message and "KeyError" not in message
 
 
-@pytest.mark.parametrize("fmt", [
-    {"type": "json_schema"},
-    {"type": "json_schema", "json_schema": {"name": "x"}},
-    {"type": "json_schema", "json_schema": {"schema": "not an object"}},
-    {"type": "yaml"},
-])
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"name": "x"}},
+        {"type": "json_schema", "json_schema": {"schema": "not an object"}},
+        {"type": "yaml"},
+    ],
+)
 def test_malformed_response_formats_are_bad_requests(fmt: dict[str, object]) -> None:
     """A response_format without a usable schema, or of an unknown type, is a BadRequest."""
     with pytest.raises(errors.BadRequest):

@@ -72,7 +72,9 @@ async def test_a_full_queue_refuses_with_busy() -> None:
 
 async def test_a_swap_waits_for_the_running_generation(tmp_path: Path) -> None:
     """A switch loads the new model while the old one finishes its reply, then swaps."""
-    settings = Settings.model_validate({"paths": {"var_dir": str(tmp_path / "var"), "models_dir": str(tmp_path / "models")}})
+    settings = Settings.model_validate(
+        {"paths": {"var_dir": str(tmp_path / "var"), "models_dir": str(tmp_path / "models")}}
+    )
     gate = threading.Event()
     old = ScriptedBackend(["a", "b"], gate=gate)
     manager = await scripted_manager(settings, old, settings.models_dir)
@@ -89,7 +91,9 @@ async def test_a_swap_waits_for_the_running_generation(tmp_path: Path) -> None:
     await asyncio.sleep(0.05)
     path = settings.models_dir / "other.gguf"
     path.write_bytes(b"GGUF")
-    switch = asyncio.create_task(manager.load(ModelEntry("other", path, "models/other.gguf", "gguf", "scripted", 0.0, "models")))
+    switch = asyncio.create_task(
+        manager.load(ModelEntry("other", path, "models/other.gguf", "gguf", "scripted", 0.0, "models"))
+    )
     await asyncio.sleep(0.1)
     assert manager.backend is old and not switch.done()  # still serving the reply in flight
     gate.set()

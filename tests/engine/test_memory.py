@@ -46,9 +46,7 @@ def test_llama3_8b_bf16_takes_128_kib_per_token() -> None:
 
 def test_hf_config_defaults_and_nested_text_config() -> None:
     """Without num_key_value_heads/head_dim the config means full attention and hidden/heads wide heads."""
-    arch = arch_from_hf_config(
-        {"num_hidden_layers": 12, "num_attention_heads": 12, "hidden_size": 768}
-    )
+    arch = arch_from_hf_config({"num_hidden_layers": 12, "num_attention_heads": 12, "hidden_size": 768})
     assert (arch.n_kv_heads, arch.head_dim, arch.n_ctx_train) == (12, 64, None)
     # Multimodal configs (Gemma 3, Llava) keep the language model under text_config.
     nested = {"model_type": "gemma3", "text_config": {**LLAMA3_8B, "head_dim": 256}}

@@ -114,9 +114,7 @@ def test_resolve_by_name_relative_and_absolute_path(root: Path, dirs: ModelDirs)
     assert dirs.resolve("var/models/hf").format == "safetensors"
 
 
-@pytest.mark.parametrize(
-    "name", ["../x", "../../etc/passwd", "models/../../x", "/etc/passwd", "/", "a\x00b", "..\\x"]
-)
+@pytest.mark.parametrize("name", ["../x", "../../etc/passwd", "models/../../x", "/etc/passwd", "/", "a\x00b", "..\\x"])
 def test_resolve_refuses_paths_that_escape(dirs: ModelDirs, name: str) -> None:
     """`..`, NUL and absolute paths outside the folders are refused as forbidden."""
     with pytest.raises(Forbidden):
@@ -183,9 +181,7 @@ def test_delete_from_models_needs_the_config_switch(root: Path) -> None:
     with pytest.raises(Forbidden):
         ModelDirs(root / "models", root / "var" / "models").delete("m.gguf", None)
     assert path.exists()
-    ModelDirs(root / "models", root / "var" / "models", allow_delete_from_models=True).delete(
-        "m.gguf", None
-    )
+    ModelDirs(root / "models", root / "var" / "models", allow_delete_from_models=True).delete("m.gguf", None)
     assert not path.exists()
 
 
@@ -204,9 +200,7 @@ def test_delete_refuses_escapes(dirs: ModelDirs) -> None:
         dirs.delete("../../etc/passwd", None)
 
 
-@pytest.mark.parametrize(
-    "name", ["../evil", "a/b", "..", ".hidden", "", "x\x00y", "a\\b", " lead", "x" * 300]
-)
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "x\x00y", "a\\b", " lead", "x" * 300])
 def test_target_dir_accepts_only_plain_folder_names(dirs: ModelDirs, name: str) -> None:
     """Download targets must be one plain folder name inside var/models/."""
     with pytest.raises(Forbidden):
@@ -283,7 +277,9 @@ def test_embedded_embedding_model_is_found_without_importing_its_package(tmp_pat
     assert "all_minilm_l6_v2" not in sys.modules
 
 
-def test_delete_through_a_symlinked_folder_chain_touches_nothing_outside(root: Path, dirs: ModelDirs, tmp_path: Path) -> None:
+def test_delete_through_a_symlinked_folder_chain_touches_nothing_outside(
+    root: Path, dirs: ModelDirs, tmp_path: Path
+) -> None:
     """`models/evil -> /outside` and `/outside/chain.gguf -> var/models/victim.gguf`: deleting "evil/chain.gguf" is forbidden; the link outside and the model it names stay."""
     victim = _write(root / "var" / "models" / "victim.gguf", tiny_gguf())
     outside = tmp_path / "outside"

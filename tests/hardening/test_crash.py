@@ -67,9 +67,7 @@ async def _backlog(daemon: DaemonProcess, sid: str) -> tuple[Peer, list[dict[str
     return peer, [e for e in events if "seq" in e]
 
 
-def _check_buffer(
-    sid: str, backlog: list[dict[str, Any]], received: dict[int, dict[str, Any]], last_seq: int
-) -> None:
+def _check_buffer(sid: str, backlog: list[dict[str, Any]], received: dict[int, dict[str, Any]], last_seq: int) -> None:
     """The replay is 1..last_seq with no hole or repeat, holds every event the client saw, and closes every reply once."""
     seqs = [e["seq"] for e in backlog]
     assert seqs == list(range(1, last_seq + 1)), f"session {sid}: gap or duplicate in {seqs}"
@@ -124,13 +122,10 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(daemon_factor
         for sid, peer in zip(sids, peers, strict=True):
             for e in peer.events:
                 if "seq" in e:
-                    assert e["seq"] not in received[sid] or received[sid][e["seq"]] == e, (
-                        "a seq was reused"
-                    )
+                    assert e["seq"] not in received[sid] or received[sid][e["seq"]] == e, "a seq was reused"
                     received[sid][e["seq"]] = e
             kills_mid_reply += any(e["type"] == "token" for e in peer.events) and not any(
-                e["type"] == "done" and e["request_id"] == f"g{rnd}-{sids.index(sid)}"
-                for e in peer.events
+                e["type"] == "done" and e["request_id"] == f"g{rnd}-{sids.index(sid)}" for e in peer.events
             )
             peer.ws.transport.abort()
         daemon.start()
@@ -153,12 +148,7 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(daemon_factor
         await peer.close()
     assert (
         kills_mid_reply
-        + sum(
-            1
-            for r in received.values()
-            for e in r.values()
-            if e.get("finish_reason") == "interrupted"
-        )
+        + sum(1 for r in received.values() for e in r.values() if e.get("finish_reason") == "interrupted")
         > 0
     ), f"no kill landed inside a reply (seed {seed}): the test did not test crashes"
 
@@ -166,9 +156,7 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(daemon_factor
 @pytest.mark.slow
 async def test_sigterm_drains_generations_and_flushes_every_buffer(daemon_factory) -> None:
     """SIGTERM while 3 sessions generate: the daemon exits 0 and each reply is on disk through its done."""
-    daemon = daemon_factory(
-        config={"server": {"drain_seconds": 60}, "model": {"max_context_cap": 2048}}
-    )
+    daemon = daemon_factory(config={"server": {"drain_seconds": 60}, "model": {"max_context_cap": 2048}})
     peers = [await Peer.open(daemon.ws_url) for _ in range(3)]
     for i, peer in enumerate(peers):
         await peer.send(
@@ -217,6 +205,7 @@ async def _two_replies_then_kill(daemon: DaemonProcess, first_tokens: int) -> tu
                 "config": {"temperature": 0, "max_new_tokens": tokens},
             }
         )
+
     # Which of two concurrent replies announces its start first is not fixed (they prefill
     # in one batch): wait for what each needs, in whatever order it comes.
     def got(kind: str, rid: str) -> bool:

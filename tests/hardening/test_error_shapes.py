@@ -15,8 +15,20 @@ from ..wire import Peer
 
 #: Every client message type, each with a lone surrogate as its request_id.
 TYPES = [
-    "inference", "ack", "cancel", "config", "list_models", "switch_model", "download_model",
-    "cancel_download", "delete_model", "estimate_model", "get_resources", "reset", "get_status", "ping",
+    "inference",
+    "ack",
+    "cancel",
+    "config",
+    "list_models",
+    "switch_model",
+    "download_model",
+    "cancel_download",
+    "delete_model",
+    "estimate_model",
+    "get_resources",
+    "reset",
+    "get_status",
+    "ping",
 ]
 LONE = '"\\ud800"'  # JSON text for a lone high surrogate
 
@@ -79,7 +91,8 @@ def _chat_body(**extra: object) -> dict[str, object]:
 async def test_http_bad_inputs_are_client_errors_on_every_chat_route(shared_daemon: DaemonProcess) -> None:
     """A string tool_calls, a lone surrogate, booleans for numbers and max_tokens/top_k past any bound are 4xx answers on the three chat routes, never 500."""
     string_calls = {
-        "model": "x", "max_tokens": 2,
+        "model": "x",
+        "max_tokens": 2,
         "messages": [
             {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "", "tool_calls": "call everything"},

@@ -114,8 +114,10 @@ async def test_one_client_cannot_fill_the_shared_queue(daemon_factory) -> None:
         for i in range(4):
             await peer.send(
                 {
-                    "type": "inference", "prompt": "Write a long poem about the sea.",
-                    "request_id": f"h{s}-{i}", "config": {"temperature": 0, "max_new_tokens": 60},
+                    "type": "inference",
+                    "prompt": "Write a long poem about the sea.",
+                    "request_id": f"h{s}-{i}",
+                    "config": {"temperature": 0, "max_new_tokens": 60},
                 }
             )
     other = await Peer.open(d.ws_url, {"api_key": key})

@@ -51,9 +51,7 @@ async def test_oversized_frame_is_refused_and_connection_serves(limited: DaemonP
     """A frame over limits.max_frame_bytes (text or binary, counted in bytes) gets frame_too_large; the connection goes on."""
     peer = await Peer.open(limited.ws_url)
     over = json.dumps({"type": "inference", "prompt": "x" * (MAX_FRAME + 10)})
-    multibyte = json.dumps(
-        {"type": "inference", "prompt": "\u4e2d" * (MAX_FRAME // 3 + 10)}, ensure_ascii=False
-    )
+    multibyte = json.dumps({"type": "inference", "prompt": "\u4e2d" * (MAX_FRAME // 3 + 10)}, ensure_ascii=False)
     assert len(multibyte) < MAX_FRAME < len(multibyte.encode())
     for frame in (over, over.encode(), multibyte):
         await peer.ws.send(frame)
@@ -115,9 +113,7 @@ async def test_connections_per_daemon_over_the_limit_are_refused(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Past limits.max_connections the handshake is refused (HTTP 503) and the daemon keeps serving."""
-    d = DaemonProcess(
-        tmp_path_factory.mktemp("maxconn"), [], None, {"limits": {"max_connections": 3}}
-    )
+    d = DaemonProcess(tmp_path_factory.mktemp("maxconn"), [], None, {"limits": {"max_connections": 3}})
     d.start()
     try:
         peers = [await Peer.open(d.ws_url) for _ in range(3)]
@@ -135,9 +131,7 @@ async def test_handshake_deadline_is_total_not_per_frame(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """A peer that keeps sending bad handshake frames is still cut off at the handshake deadline (1008), cleanly."""
-    d = DaemonProcess(
-        tmp_path_factory.mktemp("hs"), [], None, {"limits": {"handshake_timeout": 1.5}}
-    )
+    d = DaemonProcess(tmp_path_factory.mktemp("hs"), [], None, {"limits": {"handshake_timeout": 1.5}})
     d.start()
     try:
         async with connect(d.ws_url) as ws:
@@ -169,9 +163,7 @@ async def test_long_unacknowledged_session_can_still_be_resumed_from_zero(
     root = tmp_path_factory.mktemp("long")
     d = DaemonProcess(root, [], None, {"model": {"max_context_cap": 1024}})
     (d.var_dir / "keys").mkdir(parents=True)
-    store = SessionStore(
-        d.var_dir / "sessions", Sealer(load_or_create_master_key(d.var_dir / "keys"))
-    )
+    store = SessionStore(d.var_dir / "sessions", Sealer(load_or_create_master_key(d.var_dir / "keys")))
     session = store.create()
     session.state.update({"history": [], "config": {}})
     total = MAX_OUTBOX + 500

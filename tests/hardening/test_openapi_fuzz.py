@@ -48,19 +48,9 @@ def _clamp(value: Any) -> Any:
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            if (
-                key in TOKEN_FIELDS
-                and isinstance(item, (int, float))
-                and not isinstance(item, bool)
-                and item > 2
-            ):
+            if key in TOKEN_FIELDS and isinstance(item, (int, float)) and not isinstance(item, bool) and item > 2:
                 item = 2
-            elif (
-                key in TOKEN_FIELDS
-                and isinstance(item, str)
-                and item.strip().isdigit()
-                and int(item) > 2
-            ):
+            elif key in TOKEN_FIELDS and isinstance(item, str) and item.strip().isdigit() and int(item) > 2:
                 item = "2"
             elif key == "n" and isinstance(item, int) and not isinstance(item, bool) and item > 1:
                 item = 1
@@ -75,9 +65,7 @@ def _describe(case: Any) -> str:
     return f"body={json.dumps(case.body, default=str)[:200]} query={str(case.query)[:200]}"
 
 
-def _fuzz_operation(
-    daemon: DaemonProcess, operation: Any, mode: Any, examples: int, failures: list[str]
-) -> int:
+def _fuzz_operation(daemon: DaemonProcess, operation: Any, mode: Any, examples: int, failures: list[str]) -> int:
     """Run `examples` cases of one operation; record any 5xx. Returns the number of calls."""
     calls = [0]
 
@@ -97,9 +85,7 @@ def _fuzz_operation(
         try:
             response = case.call(base_url=daemon.http_url, timeout=scaled(90))
         except requests.exceptions.Timeout:
-            failures.append(
-                f"{operation.label} [{mode.value}] -> no answer in time\n  case: {_describe(case)}"
-            )
+            failures.append(f"{operation.label} [{mode.value}] -> no answer in time\n  case: {_describe(case)}")
             return
         except requests.exceptions.RequestException as exc:  # the server cut the response off
             failures.append(
@@ -130,9 +116,7 @@ def test_no_request_to_the_http_adapter_gets_a_5xx(http_daemon: DaemonProcess) -
     timings: list[tuple[float, str, str]] = []
     total = 0
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert any(op.path == "/v1/chat/completions" for op in operations), [
-        op.label for op in operations
-    ]
+    assert any(op.path == "/v1/chat/completions" for op in operations), [op.label for op in operations]
     for op in operations:
         generating = any(word in op.path for word in GENERATING)
         for mode, examples in (
@@ -149,9 +133,7 @@ def test_no_request_to_the_http_adapter_gets_a_5xx(http_daemon: DaemonProcess) -
 
 
 @pytest.mark.parametrize("path", ["/chat/stream", "/v1/chat/completions/stream"])
-def test_invalid_history_on_a_stream_route_is_a_4xx_not_a_cut_stream(
-    http_daemon: DaemonProcess, path: str
-) -> None:
+def test_invalid_history_on_a_stream_route_is_a_4xx_not_a_cut_stream(http_daemon: DaemonProcess, path: str) -> None:
     """A streaming request with a malformed history gets a 4xx answer, not a 200 whose body breaks off (found by the fuzzer)."""
     body = (
         {"prompt": "0", "history": [{}]}

@@ -47,12 +47,8 @@ class Corpus:
         a.sync()
         b.sync()
         self.sid = a.id
-        self.lines_a = (
-            (root / "sessions" / a.id / BUFFER_NAME).read_bytes().splitlines(keepends=True)
-        )
-        self.lines_b = (
-            (root / "sessions" / b.id / BUFFER_NAME).read_bytes().splitlines(keepends=True)
-        )
+        self.lines_a = (root / "sessions" / a.id / BUFFER_NAME).read_bytes().splitlines(keepends=True)
+        self.lines_b = (root / "sessions" / b.id / BUFFER_NAME).read_bytes().splitlines(keepends=True)
         store.close_all()
         self.session_dir = root / "sessions" / a.id
 
@@ -141,9 +137,7 @@ def decoded(data: bytes) -> list[Any]:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(ops=st.lists(mutation, min_size=1, max_size=3))
-def test_damaged_buffer_never_yields_garbage_and_is_detected(
-    corpus: Corpus, ops: list[tuple[Any, ...]]
-) -> None:
+def test_damaged_buffer_never_yields_garbage_and_is_detected(corpus: Corpus, ops: list[tuple[Any, ...]]) -> None:
     """Any damage to a session's buffer file is detected on resume; no altered text is ever replayed, nothing twice."""
     original = b"".join(corpus.lines_a)
     data = original
@@ -158,22 +152,16 @@ def test_damaged_buffer_never_yields_garbage_and_is_detected(
         session = store.get(corpus.sid)
         replay = session.replay(0)
 
-        corrupt = [
-            e for e in replay if e.get("type") == "error" and e.get("code") == "corrupt_record"
-        ]
+        corrupt = [e for e in replay if e.get("type") == "error" and e.get("code") == "corrupt_record"]
         authentic = [e for e in replay if e not in corrupt]
         for ev in authentic:
-            assert ev == corpus.originals.get(ev["seq"]), (
-                f"replayed an event that was never written: {ev}"
-            )
+            assert ev == corpus.originals.get(ev["seq"]), f"replayed an event that was never written: {ev}"
         seqs = [e["seq"] for e in authentic]
         assert seqs == sorted(set(seqs)), f"an event replayed twice or out of order: {seqs}"
         for ev in corrupt:
             assert SECRET not in json.dumps(ev)
         if set(seqs) != set(corpus.originals):
-            assert corrupt, (
-                f"events {sorted(set(corpus.originals) - set(seqs))} vanished silently after {ops}"
-            )
+            assert corrupt, f"events {sorted(set(corpus.originals) - set(seqs))} vanished silently after {ops}"
         if decoded(data) != decoded(original):
             assert corrupt or session.integrity_problems, f"damage {ops} went unnoticed"
         else:

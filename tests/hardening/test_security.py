@@ -50,9 +50,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 @pytest.fixture(scope="module")
 def open_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """A default loopback daemon (no keys) that allows pages opened from disk."""
-    d = DaemonProcess(
-        tmp_path_factory.mktemp("open"), [], None, {"security": {"allow_file_origin": True}}
-    )
+    d = DaemonProcess(tmp_path_factory.mktemp("open"), [], None, {"security": {"allow_file_origin": True}})
     d.start()
     yield d
     d.kill()
@@ -110,9 +108,7 @@ async def test_file_origin_only_when_configured(open_daemon: DaemonProcess) -> N
     peer = await Peer.open(open_daemon.ws_url, additional_headers=[("Origin", "null")])
     assert peer.welcome["type"] == "welcome"
     await peer.close()
-    assert (
-        await _status_of_handshake(open_daemon.ws_url, [("Origin", "https://evil.example")]) == 403
-    )
+    assert await _status_of_handshake(open_daemon.ws_url, [("Origin", "https://evil.example")]) == 403
 
 
 # ------------------------------------------------------------------ keys
@@ -256,9 +252,7 @@ async def test_http_requires_key_and_checks_host(keyed: DaemonProcess) -> None:
         assert rebinding.status_code in (400, 403, 421)
         assert (await http.get("/v1/models")).status_code == 401
         assert (await http.get("/v1/models", headers={"X-API-Key": WRONG_KEY})).status_code == 401
-        forbidden = await http.post(
-            "/setModel", headers={"X-API-Key": USER_KEY}, json={"model": "nope.gguf"}
-        )
+        forbidden = await http.post("/setModel", headers={"X-API-Key": USER_KEY}, json={"model": "nope.gguf"})
         assert forbidden.status_code == 403
 
 
@@ -275,9 +269,7 @@ async def test_http_cors_is_off_by_default(open_daemon: DaemonProcess) -> None:
         )
         assert "access-control-allow-origin" not in {k.lower() for k in pre.headers}
         got = await http.get("/health", headers={"Origin": "https://evil.example"})
-        assert got.status_code == 200 and "access-control-allow-origin" not in {
-            k.lower() for k in got.headers
-        }
+        assert got.status_code == 200 and "access-control-allow-origin" not in {k.lower() for k in got.headers}
 
 
 # ------------------------------------------------------------------ local users
@@ -310,10 +302,21 @@ def test_var_folder_of_another_user_is_refused_with_a_clear_message(tmp_path: Pa
     os.chown(var / "sessions", 4242, 4242)
     proc = subprocess.run(
         [
-            sys.executable, str(REPO / "llmws.py"), "--port", "0", "--http-port", "0",
-            "--var-dir", str(var), "--models-dir", str(tmp_path / "models"),
+            sys.executable,
+            str(REPO / "llmws.py"),
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--var-dir",
+            str(var),
+            "--models-dir",
+            str(tmp_path / "models"),
         ],
-        cwd=tmp_path, capture_output=True, text=True, timeout=scaled(120),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=scaled(120),
     )
     assert proc.returncode != 0
     assert "belongs to another user" in proc.stderr and "sessions" in proc.stderr, proc.stderr[-2000:]
@@ -386,7 +389,8 @@ async def test_cross_site_requests_that_generate_or_change_state_are_refused(ope
             got = await http.get("/chat/stream", params={"prompt": "hi", "max_tokens": 2}, headers=headers)
             assert got.status_code == 403, headers
             got = await http.post(
-                "/v1/chat/completions", headers=headers,
+                "/v1/chat/completions",
+                headers=headers,
                 json={"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
             )
             assert got.status_code == 403 and got.json()["error"]["type"], (headers, got.text)
@@ -444,10 +448,25 @@ def _start_fails(tmp_path: Path, config: dict[str, Any], *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("LLMWS_API_KEYS", "LLMWS_ADMIN_KEYS")}
     proc = subprocess.run(
         [
-            sys.executable, str(REPO / "llmws.py"), "--config", str(tmp_path / "c.json"), "--port", "0",
-            "--http-port", "0", "--var-dir", str(tmp_path / "var"), "--models-dir", str(tmp_path / "models"), *args,
+            sys.executable,
+            str(REPO / "llmws.py"),
+            "--config",
+            str(tmp_path / "c.json"),
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--var-dir",
+            str(tmp_path / "var"),
+            "--models-dir",
+            str(tmp_path / "models"),
+            *args,
         ],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=scaled(120),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=scaled(120),
     )
     assert proc.returncode != 0, proc.stderr[-2000:]
     return proc.stderr

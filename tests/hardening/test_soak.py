@@ -65,9 +65,7 @@ class Stats:
 class SoakClient:
     """One simulated user: one session, two requests at a time (often), random disconnects."""
 
-    def __init__(
-        self, index: int, url: str, stats: Stats, in_flight: list[int], deadline: float
-    ) -> None:
+    def __init__(self, index: int, url: str, stats: Stats, in_flight: list[int], deadline: float) -> None:
         self.rng = random.Random(index * 7919 + 17)
         self.url = url
         self.stats = stats
@@ -85,12 +83,8 @@ class SoakClient:
     async def connect(self) -> None:
         for attempt in range(20):
             try:
-                ws = await connect(
-                    self.url, max_size=None, open_timeout=scaled(60), ping_interval=None
-                )
-                hs: dict[str, Any] = (
-                    {} if self.sid is None else {"session_id": self.sid, "last_seq": self.last_seq}
-                )
+                ws = await connect(self.url, max_size=None, open_timeout=scaled(60), ping_interval=None)
+                hs: dict[str, Any] = {} if self.sid is None else {"session_id": self.sid, "last_seq": self.last_seq}
                 hs["protocol"] = 1
                 await ws.send(json.dumps(hs))
                 welcome = json.loads(await asyncio.wait_for(ws.recv(), scaled(60)))
@@ -158,11 +152,7 @@ class SoakClient:
             if event.get("type") == "token" and self.rng.random() < 0.04:
                 await self.disconnect()
                 return
-            if (
-                event.get("type") == "done"
-                and event.get("request_id") in self.requests
-                and self.rng.random() < 0.5
-            ):
+            if event.get("type") == "done" and event.get("request_id") in self.requests and self.rng.random() < 0.5:
                 with contextlib.suppress(ConnectionClosed):
                     await self.ws.send(json.dumps({"type": "ack", "seq": self.last_seq}))
 
@@ -243,9 +233,7 @@ def _rss_mb(pid: int) -> float:
 @pytest.mark.slow
 async def test_soak_200_clients_reconnecting_lose_and_repeat_nothing(daemon_factory) -> None:
     """200 clients disconnecting and resuming for 2 minutes: zero lost or duplicated events, every request done once, memory flat."""
-    d = daemon_factory(
-        config={"model": {"max_context_cap": 1024}, "limits": {"max_connections_per_ip": 2000}}
-    )
+    d = daemon_factory(config={"model": {"max_context_cap": 1024}, "limits": {"max_connections_per_ip": 2000}})
     assert d.proc is not None
     rss_start = _rss_mb(d.proc.pid)
     stats = Stats()

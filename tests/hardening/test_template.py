@@ -41,8 +41,7 @@ def embedded_model() -> Path:
 
 def evil_template(markers: Path) -> str:
     branches = "".join(
-        f"{{% elif u == '{name}' %}}{body.replace('MARKER', str(markers / name))}"
-        for name, body in PAYLOADS.items()
+        f"{{% elif u == '{name}' %}}{body.replace('MARKER', str(markers / name))}" for name, body in PAYLOADS.items()
     )
     return (
         "{% set u = messages[-1]['content'] %}"

@@ -72,9 +72,7 @@ JSON_SCALAR = st.one_of(
 )
 JSON_VALUE = st.recursive(
     JSON_SCALAR,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)
-    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
     max_leaves=12,
 )
 
@@ -85,9 +83,7 @@ def _config(*, max_tokens: bool) -> st.SearchStrategy[dict[str, Any]]:
         "temperature": st.floats(0, 5),
         "top_p": st.floats(0.01, 1),
         "top_k": st.integers(0, 100),
-        "stop": st.one_of(
-            st.text(min_size=1, max_size=8), st.lists(st.text(min_size=1, max_size=8), max_size=3)
-        ),
+        "stop": st.one_of(st.text(min_size=1, max_size=8), st.lists(st.text(min_size=1, max_size=8), max_size=3)),
         "seed": st.integers(0, 2**32 - 1),
         "repeat_penalty": st.floats(0.5, 2),
         "system": st.text(max_size=40),
@@ -153,10 +149,7 @@ BASES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "delete_session": st.just({}),
 }
 assert set(BASES) == set(protocol.CLIENT_TYPES), "a new message type needs a fuzz strategy"
-MODELS = {
-    get_args(m.model_fields["type"].annotation)[0]: m
-    for m in get_args(get_args(protocol.ClientMessage)[0])
-}
+MODELS = {get_args(m.model_fields["type"].annotation)[0]: m for m in get_args(get_args(protocol.ClientMessage)[0])}
 
 
 @st.composite
@@ -168,11 +161,7 @@ def well_formed(draw: st.DrawFn) -> dict[str, Any]:
     if rid is not None and "request_id" in MODELS[kind].model_fields:
         msg["request_id"] = rid
     fields = sorted(MODELS[kind].model_fields)
-    how = draw(
-        st.sampled_from(
-            ["valid", "wrong_value", "wrong_value", "drop", "unknown_field", "wrong_nested"]
-        )
-    )
+    how = draw(st.sampled_from(["valid", "wrong_value", "wrong_value", "drop", "unknown_field", "wrong_nested"]))
     if how == "wrong_value":
         msg[draw(st.sampled_from(fields))] = draw(JSON_VALUE)
     elif how == "drop":
@@ -231,10 +220,7 @@ class Fuzzer:
         error, if any, must be seen by this step, not a later one)."""
         if not isinstance(parsed, protocol.Inference) or not parsed.request_id:
             return False
-        return not any(
-            e.get("request_id") == parsed.request_id and e.get("type") in ("done", "error")
-            for e in got
-        )
+        return not any(e.get("request_id") == parsed.request_id and e.get("type") in ("done", "error") for e in got)
 
     def step(self, frame: str | bytes) -> list[dict[str, Any]]:
         """Send `frame` then a ping; return everything received up to the pong."""
@@ -245,9 +231,7 @@ class Fuzzer:
         if isinstance(parsed, protocol.Inference):  # bounded already; end it at once
             self.ws.send(
                 json.dumps(
-                    {"type": "cancel", "request_id": parsed.request_id}
-                    if parsed.request_id
-                    else {"type": "cancel"}
+                    {"type": "cancel", "request_id": parsed.request_id} if parsed.request_id else {"type": "cancel"}
                 )
             )
         pid = f"fuzz-ping-{next(self.ids)}"
@@ -255,9 +239,7 @@ class Fuzzer:
         got: list[dict[str, Any]] = []
         while True:
             event = json.loads(self.ws.recv(timeout=scaled(60)))
-            assert isinstance(event, dict) and event.get("type") in protocol.SERVER_EVENT_TYPES, (
-                event
-            )
+            assert isinstance(event, dict) and event.get("type") in protocol.SERVER_EVENT_TYPES, event
             self.kinds[event["type"]] = self.kinds.get(event["type"], 0) + 1
             if event.get("type") == "error":
                 self.codes[event["code"]] = self.codes.get(event["code"], 0) + 1
@@ -273,9 +255,7 @@ class Fuzzer:
         if parsed is None:
             direct = [e for e in got if e.get("type") == "error" and "seq" not in e]
             assert direct, f"no error for a bad message {frame!r}: {got}"
-        elif isinstance(
-            parsed, (protocol.EstimateModel, protocol.SwitchModel, protocol.DeleteModel)
-        ):
+        elif isinstance(parsed, (protocol.EstimateModel, protocol.SwitchModel, protocol.DeleteModel)):
             path = getattr(parsed, "model_path", None) or getattr(parsed, "model_name", "")
             if path in TRAVERSAL:
                 assert any(e.get("type") == "error" for e in got), f"{path!r} was accepted"

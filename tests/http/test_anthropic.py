@@ -33,7 +33,9 @@ WEATHER_TOOL = {
 @pytest.fixture
 def client(module_daemon: DaemonProcess) -> Iterator[anthropic.Anthropic]:
     """The official SDK pointed at the daemon (no key configured: any api_key works)."""
-    with anthropic.Anthropic(base_url=module_daemon.http_url, api_key="unused", timeout=scaled(120), max_retries=0) as c:
+    with anthropic.Anthropic(
+        base_url=module_daemon.http_url, api_key="unused", timeout=scaled(120), max_retries=0
+    ) as c:
         yield c
 
 
@@ -56,7 +58,9 @@ def test_create_returns_a_message_with_text_and_real_usage(client: anthropic.Ant
 def test_system_prompt_string_and_blocks_are_the_same_prompt(client: anthropic.Anthropic) -> None:
     """A system prompt given as a string or as text blocks reaches the model identically."""
     as_text = client.messages.count_tokens(model="x", system="You are terse.", messages=HELLO)
-    as_blocks = client.messages.count_tokens(model="x", system=[{"type": "text", "text": "You are terse."}], messages=HELLO)
+    as_blocks = client.messages.count_tokens(
+        model="x", system=[{"type": "text", "text": "You are terse."}], messages=HELLO
+    )
     without = client.messages.count_tokens(model="x", messages=HELLO)
     assert as_text.input_tokens == as_blocks.input_tokens != without.input_tokens
 
@@ -117,8 +121,12 @@ def test_forced_tool_use_and_its_result_round_trip(client: anthropic.Anthropic) 
     """tool_choice naming a tool yields a tool_use block matching its schema; the tool_result is answered."""
     question = {"role": "user", "content": "What is the weather in Paris?"}
     m = client.messages.create(
-        model="x", max_tokens=64, messages=[question], tools=[WEATHER_TOOL],
-        tool_choice={"type": "tool", "name": "get_weather"}, extra_body=GREEDY,
+        model="x",
+        max_tokens=64,
+        messages=[question],
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        extra_body=GREEDY,
     )
     assert m.stop_reason == "tool_use"
     uses = [b for b in m.content if b.type == "tool_use"]
@@ -127,7 +135,10 @@ def test_forced_tool_use_and_its_result_round_trip(client: anthropic.Anthropic) 
     assert use.name == "get_weather" and use.id.startswith("toolu_")
     assert isinstance(use.input, dict) and isinstance(use.input.get("city"), str)
     reply = client.messages.create(
-        model="x", max_tokens=32, tools=[WEATHER_TOOL], extra_body=GREEDY,
+        model="x",
+        max_tokens=32,
+        tools=[WEATHER_TOOL],
+        extra_body=GREEDY,
         messages=[
             question,
             {"role": "assistant", "content": [b.model_dump() for b in m.content]},
@@ -140,8 +151,12 @@ def test_forced_tool_use_and_its_result_round_trip(client: anthropic.Anthropic) 
 def test_tool_choice_any_streams_the_call_as_input_json(client: anthropic.Anthropic) -> None:
     """With tool_choice any, the stream carries a tool_use block whose input arrives as input_json_delta."""
     with client.messages.stream(
-        model="x", max_tokens=64, messages=[{"role": "user", "content": "Weather in Rome?"}],
-        tools=[WEATHER_TOOL], tool_choice={"type": "any"}, extra_body=GREEDY,
+        model="x",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "Weather in Rome?"}],
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "any"},
+        extra_body=GREEDY,
     ) as stream:
         kinds = [(e.type, getattr(getattr(e, "delta", None), "type", None)) for e in stream]
         final = stream.get_final_message()
@@ -154,7 +169,12 @@ def test_tool_choice_any_streams_the_call_as_input_json(client: anthropic.Anthro
 def test_tool_choice_none_answers_in_prose(client: anthropic.Anthropic) -> None:
     """tool_choice none keeps the tools away from the model: the reply is text."""
     m = client.messages.create(
-        model="x", max_tokens=16, messages=HELLO, tools=[WEATHER_TOOL], tool_choice={"type": "none"}, extra_body=GREEDY,
+        model="x",
+        max_tokens=16,
+        messages=HELLO,
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "none"},
+        extra_body=GREEDY,
     )
     assert [b.type for b in m.content] == ["text"]
     assert m.stop_reason in ("end_turn", "max_tokens")
@@ -169,12 +189,14 @@ def test_output_config_format_constrains_the_reply_to_a_schema(client: anthropic
         "additionalProperties": False,
     }
     m = client.messages.create(
-        model="x", max_tokens=48, messages=[{"role": "user", "content": "Bob is 30 years old. Give his name and age."}],
-        output_config={"format": {"type": "json_schema", "schema": schema}}, extra_body=GREEDY,
+        model="x",
+        max_tokens=48,
+        messages=[{"role": "user", "content": "Bob is 30 years old. Give his name and age."}],
+        output_config={"format": {"type": "json_schema", "schema": schema}},
+        extra_body=GREEDY,
     )
     data = json.loads(text_of(m))
     assert isinstance(data["name"], str) and isinstance(data["age"], int)
-
 
 
 class Person(pydantic.BaseModel):
@@ -187,8 +209,11 @@ class Person(pydantic.BaseModel):
 def test_messages_parse_returns_the_pydantic_object(client: anthropic.Anthropic) -> None:
     """The SDK's messages.parse(output_format=Model) gets JSON it can validate into the model."""
     m = client.messages.parse(
-        model="x", max_tokens=48, messages=[{"role": "user", "content": "Bob is 30 years old. Give his name and age."}],
-        output_format=Person, extra_body=GREEDY,
+        model="x",
+        max_tokens=48,
+        messages=[{"role": "user", "content": "Bob is 30 years old. Give his name and age."}],
+        output_format=Person,
+        extra_body=GREEDY,
     )
     assert isinstance(m.parsed_output, Person)
 
@@ -203,7 +228,9 @@ def test_count_tokens_matches_the_prompt_a_reply_reports(client: anthropic.Anthr
     assert with_tools.input_tokens == m2.usage.input_tokens > counted.input_tokens
 
 
-def test_errors_are_anthropic_error_objects_and_the_server_keeps_serving(client: anthropic.Anthropic, module_daemon: DaemonProcess) -> None:
+def test_errors_are_anthropic_error_objects_and_the_server_keeps_serving(
+    client: anthropic.Anthropic, module_daemon: DaemonProcess
+) -> None:
     """Bad requests get Anthropic's error shape and status; the next good request is answered."""
     with httpx.Client(base_url=module_daemon.http_url, timeout=scaled(60)) as http:
         r = http.post("/v1/messages", json={"model": "x", "messages": HELLO})
@@ -222,8 +249,13 @@ def test_errors_are_anthropic_error_objects_and_the_server_keeps_serving(client:
     assert bad.value.body["error"]["type"] == "invalid_request_error"
     assert "text only" in bad.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError) as unknown:
-        client.messages.create(model="x", max_tokens=8, messages=HELLO, tools=[WEATHER_TOOL],
-                               tool_choice={"type": "tool", "name": "no_such_tool"})
+        client.messages.create(
+            model="x",
+            max_tokens=8,
+            messages=HELLO,
+            tools=[WEATHER_TOOL],
+            tool_choice={"type": "tool", "name": "no_such_tool"},
+        )
     assert "tool" in unknown.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError) as long:
         client.messages.create(model="x", max_tokens=8, messages=[{"role": "user", "content": "word " * 40_000}])

@@ -7,11 +7,24 @@ import httpx
 from tests.conftest import DaemonProcess
 
 EVERY_ROUTE = {
-    ("GET", "/health"), ("GET", "/metrics"), ("GET", "/ui"), ("GET", "/ping"),
-    ("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
-    ("GET", "/"), ("GET", "/models"), ("POST", "/setModel"), ("POST", "/chat/completions"), ("POST", "/restore_cache"),
-    ("POST", "/v1/chat/completions/stream"), ("POST", "/v1/chat/summarize"), ("GET", "/v1/sessions/{session_id}/events"),
-    ("POST", "/chat/blocking"), ("GET", "/chat/blocking"), ("POST", "/chat/stream"), ("GET", "/chat/stream"),
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("GET", "/ui"),
+    ("GET", "/ping"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/chat/completions"),
+    ("GET", "/"),
+    ("GET", "/models"),
+    ("POST", "/setModel"),
+    ("POST", "/chat/completions"),
+    ("POST", "/restore_cache"),
+    ("POST", "/v1/chat/completions/stream"),
+    ("POST", "/v1/chat/summarize"),
+    ("GET", "/v1/sessions/{session_id}/events"),
+    ("POST", "/chat/blocking"),
+    ("GET", "/chat/blocking"),
+    ("POST", "/chat/stream"),
+    ("GET", "/chat/stream"),
     ("POST", "/v1/mcp/{method}"),
 }
 
@@ -27,19 +40,30 @@ def test_health_reports_model_and_ports(module_daemon: DaemonProcess, http: http
 
 def test_metrics_expose_prometheus_series(http: httpx.Client) -> None:
     """/metrics is Prometheus text with requests, tokens, TTFT, decode rate, queue, sessions and memory."""
-    http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0})
+    http.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0},
+    )
     r = http.get("/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     text = r.text
     for name in (
-        "llmws_http_requests_total", "llmws_generations_total", "llmws_completion_tokens_total",
-        "llmws_prompt_tokens_total", "llmws_time_to_first_token_seconds_bucket",
-        "llmws_decode_tokens_per_second_bucket", "llmws_queue_depth", "llmws_sessions",
-        "llmws_model_weights_bytes", "llmws_process_resident_memory_bytes",
+        "llmws_http_requests_total",
+        "llmws_generations_total",
+        "llmws_completion_tokens_total",
+        "llmws_prompt_tokens_total",
+        "llmws_time_to_first_token_seconds_bucket",
+        "llmws_decode_tokens_per_second_bucket",
+        "llmws_queue_depth",
+        "llmws_sessions",
+        "llmws_model_weights_bytes",
+        "llmws_process_resident_memory_bytes",
     ):
         assert name in text, name
-    values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines() if line and not line.startswith("#")}
+    values = {
+        line.split()[0]: float(line.split()[-1]) for line in text.splitlines() if line and not line.startswith("#")
+    }
     assert values["llmws_generations_total"] >= 1
     assert values["llmws_time_to_first_token_seconds_count"] >= 1
     assert values['llmws_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}'] >= 1

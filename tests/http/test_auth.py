@@ -44,10 +44,14 @@ def test_every_way_of_sending_a_key_works(http: httpx.Client) -> None:
 
 def test_the_openai_sdk_sends_its_key_as_bearer(module_daemon: DaemonProcess) -> None:
     """The official SDK works with the configured key and fails cleanly without it."""
-    with openai.OpenAI(base_url=module_daemon.http_url + "/v1", api_key="user-key-k1-0123456789", timeout=scaled(60), max_retries=0) as ok:
+    with openai.OpenAI(
+        base_url=module_daemon.http_url + "/v1", api_key="user-key-k1-0123456789", timeout=scaled(60), max_retries=0
+    ) as ok:
         r = ok.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
         assert r.choices[0].message.content is not None
-    with openai.OpenAI(base_url=module_daemon.http_url + "/v1", api_key="wrong", timeout=scaled(60), max_retries=0) as bad:
+    with openai.OpenAI(
+        base_url=module_daemon.http_url + "/v1", api_key="wrong", timeout=scaled(60), max_retries=0
+    ) as bad:
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
 
@@ -61,11 +65,16 @@ def test_set_model_needs_the_admin_key(http: httpx.Client) -> None:
     assert r.status_code == 200, r.text
 
 
-def test_a_user_key_cannot_switch_models_through_the_model_field(http: httpx.Client, module_daemon: DaemonProcess) -> None:
+def test_a_user_key_cannot_switch_models_through_the_model_field(
+    http: httpx.Client, module_daemon: DaemonProcess
+) -> None:
     """Naming another local model in a completion needs the admin key too."""
     (module_daemon.models_dir / "other.gguf").write_bytes(b"GGUF" + b"\0" * 64)
-    r = http.post("/v1/chat/completions", headers={"X-API-Key": "user-key-k1-0123456789"},
-                  json={"model": "other.gguf", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    r = http.post(
+        "/v1/chat/completions",
+        headers={"X-API-Key": "user-key-k1-0123456789"},
+        json={"model": "other.gguf", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    )
     assert r.status_code == 403
     assert r.json()["error"]["type"] == "permission_error"
 

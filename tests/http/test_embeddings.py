@@ -26,12 +26,16 @@ DAEMON_CONFIG = {"remote_models": [{"name": "cloud", "model": "openai/x", "api_b
 @pytest.fixture
 def client(module_daemon: DaemonProcess) -> Iterator[openai.OpenAI]:
     """The official SDK pointed at the daemon."""
-    with openai.OpenAI(base_url=module_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0) as c:
+    with openai.OpenAI(
+        base_url=module_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0
+    ) as c:
         yield c
 
 
 def cosine(a: list[float], b: list[float]) -> float:
-    return sum(x * y for x, y in zip(a, b, strict=True)) / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+    return sum(x * y for x, y in zip(a, b, strict=True)) / (
+        math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    )
 
 
 def listed(http: httpx.Client) -> dict[str, dict[str, Any]]:
@@ -60,11 +64,14 @@ def test_sdk_single_input_gives_a_unit_vector_and_usage(client: openai.OpenAI) -
 
 def test_similar_sentences_score_higher_than_unrelated_ones(client: openai.OpenAI) -> None:
     """Real vectors: a paraphrase is nearer than an unrelated sentence."""
-    r = client.embeddings.create(model="x", input=[
-        "The cat sits on the mat.",
-        "A cat is sitting on a rug.",
-        "Quarterly revenue grew by eight percent.",
-    ])
+    r = client.embeddings.create(
+        model="x",
+        input=[
+            "The cat sits on the mat.",
+            "A cat is sitting on a rug.",
+            "Quarterly revenue grew by eight percent.",
+        ],
+    )
     a, b, c = (d.embedding for d in r.data)
     assert cosine(a, b) > cosine(a, c) + 0.3
 
@@ -167,8 +174,11 @@ def test_chat_and_embeddings_serve_concurrently(client: openai.OpenAI, http: htt
     def chat() -> None:
         try:
             stream = client.chat.completions.create(
-                model="x", messages=[{"role": "user", "content": "Count from one to twenty."}],
-                max_tokens=48, temperature=0, stream=True,
+                model="x",
+                messages=[{"role": "user", "content": "Count from one to twenty."}],
+                max_tokens=48,
+                temperature=0,
+                stream=True,
             )
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
@@ -205,8 +215,11 @@ def test_litellm_embedding_client(module_daemon: DaemonProcess) -> None:
     """LiteLLM's `embedding` (OpenAI-compatible provider) gets real vectors and usage from the daemon."""
     litellm = pytest.importorskip("litellm")
     r = litellm.embedding(
-        model="openai/text-embedding-3-small", input=["hello world", "good morning"],
-        api_base=module_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120),
+        model="openai/text-embedding-3-small",
+        input=["hello world", "good morning"],
+        api_base=module_daemon.http_url + "/v1",
+        api_key="unused",
+        timeout=scaled(120),
     )
     vectors = [d["embedding"] for d in r.data]
     assert len(vectors) == 2 and all(len(v) == 384 for v in vectors)

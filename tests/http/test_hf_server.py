@@ -24,10 +24,15 @@ def test_ping_answers(http: httpx.Client) -> None:
 
 def test_blocking_post_and_get(http: httpx.Client) -> None:
     """POST and GET /chat/blocking return the reply as JSON, with history taken into account."""
-    r = http.post("/chat/blocking", json={
-        "prompt": "What is my name?", "max_tokens": 12, "temperature": 0,
-        "history": [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada!"}],
-    })
+    r = http.post(
+        "/chat/blocking",
+        json={
+            "prompt": "What is my name?",
+            "max_tokens": 12,
+            "temperature": 0,
+            "history": [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada!"}],
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["reply"] and body["improvement"] is False
@@ -49,7 +54,13 @@ def test_stream_is_text_ending_with_end_mark(http: httpx.Client) -> None:
 @pytest.mark.slow
 def test_improvement_streams_every_stage_labelled(http: httpx.Client) -> None:
     """With improvement and intermediate_steps, the stream shows draft, review, revision, second review and final, in order."""
-    body = {"prompt": "Name a fruit.", "improvement": True, "intermediate_steps": True, "max_tokens": 12, "temperature": 0}
+    body = {
+        "prompt": "Name a fruit.",
+        "improvement": True,
+        "intermediate_steps": True,
+        "max_tokens": 12,
+        "temperature": 0,
+    }
     with http.stream("POST", "/chat/stream", json=body) as r:
         text = "".join(r.iter_text())
     assert text.endswith("[[END]]")
@@ -61,7 +72,13 @@ def test_improvement_streams_every_stage_labelled(http: httpx.Client) -> None:
 @pytest.mark.slow
 def test_improvement_blocking_returns_every_pass(http: httpx.Client) -> None:
     """Blocking improvement returns the draft, both reviews, both revisions and the final reply."""
-    body = {"prompt": "Name a colour.", "improvement": True, "intermediate_steps": True, "max_tokens": 10, "temperature": 0}
+    body = {
+        "prompt": "Name a colour.",
+        "improvement": True,
+        "intermediate_steps": True,
+        "max_tokens": 10,
+        "temperature": 0,
+    }
     out = http.post("/chat/blocking", json=body).json()
     for key in ("draft_answer", "suggestions1", "revision1", "suggestions2", "revision2"):
         assert isinstance(out[key], str) and out[key], key
@@ -76,8 +93,17 @@ def test_websocket_improve_mode_emits_stages_and_records_history(module_daemon: 
         ws.send(json.dumps({"protocol": 1}))
         welcome = json.loads(ws.recv(timeout=scaled(10)))
         sid = welcome["session_id"]
-        ws.send(json.dumps({"type": "inference", "prompt": "Name an animal.", "mode": "improve",
-                            "request_id": "imp1", "config": {"max_new_tokens": 10, "temperature": 0}}))
+        ws.send(
+            json.dumps(
+                {
+                    "type": "inference",
+                    "prompt": "Name an animal.",
+                    "mode": "improve",
+                    "request_id": "imp1",
+                    "config": {"max_new_tokens": 10, "temperature": 0},
+                }
+            )
+        )
         events = []
         deadline = time.monotonic() + scaled(240)
         while time.monotonic() < deadline:

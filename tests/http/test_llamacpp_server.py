@@ -40,8 +40,28 @@ def test_set_model_switches_and_refuses_unknown_names(http: httpx.Client) -> Non
 
 def _document(seed: int, words: int = 700) -> str:
     rng = random.Random(seed)
-    vocab = ["river", "stone", "garden", "window", "engine", "cloud", "silver", "market", "lamp", "forest",
-             "paper", "bridge", "winter", "harbor", "violin", "orange", "castle", "signal", "thunder", "mirror"]
+    vocab = [
+        "river",
+        "stone",
+        "garden",
+        "window",
+        "engine",
+        "cloud",
+        "silver",
+        "market",
+        "lamp",
+        "forest",
+        "paper",
+        "bridge",
+        "winter",
+        "harbor",
+        "violin",
+        "orange",
+        "castle",
+        "signal",
+        "thunder",
+        "mirror",
+    ]
     return f"Document {seed}. " + " ".join(rng.choice(vocab) for _ in range(words))
 
 

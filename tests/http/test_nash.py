@@ -95,7 +95,9 @@ def test_nash_client_reads_the_warning_and_keeps_the_reply(http: httpx.Client) -
 
 def test_stream_errors_are_chunks_and_the_stream_still_ends(http: httpx.Client) -> None:
     """A failing request yields an {"error"} chunk, then the session id and [DONE]."""
-    data = [e["data"] for e in _stream(http, {"messages": [{"role": "user", "content": "x " * 30000}], "max_tokens": 4})]
+    data = [
+        e["data"] for e in _stream(http, {"messages": [{"role": "user", "content": "x " * 30000}], "max_tokens": 4})
+    ]
     errors = [d["error"] for d in data if isinstance(d, dict) and "error" in d]
     assert errors and "Context too long" in errors[0]
     assert "session_id" in data[-2] and data[-1] == "[DONE]"
@@ -107,8 +109,14 @@ def test_summarize_shortens_with_real_token_counts(http: httpx.Client) -> None:
     messages = [{"role": "system", "content": "You are a travel assistant."}]
     for city in ("Oslo", "Bergen", "Tromso", "Stavanger"):
         messages += [
-            {"role": "user", "content": f"Tell me about visiting {city} in winter, with details about museums and food."},
-            {"role": "assistant", "content": f"{city} in winter is cold but lovely. Visit the museums in the old town, try the fish soup and warm waffles, and walk by the harbour when the light is low."},
+            {
+                "role": "user",
+                "content": f"Tell me about visiting {city} in winter, with details about museums and food.",
+            },
+            {
+                "role": "assistant",
+                "content": f"{city} in winter is cold but lovely. Visit the museums in the old town, try the fish soup and warm waffles, and walk by the harbour when the light is low.",
+            },
         ]
     r = http.post("/v1/chat/summarize", json={"messages": messages, "max_tokens": 48})
     assert r.status_code == 200, r.text
@@ -120,7 +128,10 @@ def test_summarize_shortens_with_real_token_counts(http: httpx.Client) -> None:
     assert body["messages"][0] == messages[0]
     assert len(body["messages"]) < len(messages)
     # The counts are the real tokenizer's: the count of the returned history is `after`.
-    again = http.post("/v1/chat/summarize", json={"messages": body["messages"] + [{"role": "user", "content": "ok"}], "max_tokens": 16})
+    again = http.post(
+        "/v1/chat/summarize",
+        json={"messages": body["messages"] + [{"role": "user", "content": "ok"}], "max_tokens": 16},
+    )
     assert again.json()["token_reduction"]["before"] > after
 
 
@@ -136,8 +147,12 @@ def _ws_session(daemon: DaemonProcess) -> str:
 def test_session_backed_stream_resumes_with_last_event_id(module_daemon: DaemonProcess, http: httpx.Client) -> None:
     """On an LLMWS session, a dropped stream re-sent with Last-Event-ID continues without loss or repeats."""
     sid = _ws_session(module_daemon)
-    body = {"messages": [{"role": "user", "content": "Count from 1 to 30, separated by commas."}],
-            "session_id": sid, "max_tokens": 48, "temperature": 0}
+    body = {
+        "messages": [{"role": "user", "content": "Count from 1 to 30, separated by commas."}],
+        "session_id": sid,
+        "max_tokens": 48,
+        "temperature": 0,
+    }
     first_part: list[str] = []
     last_id = None
     with http.stream("POST", "/v1/chat/completions/stream", json=body) as r:
@@ -157,7 +172,11 @@ def test_session_backed_stream_resumes_with_last_event_id(module_daemon: DaemonP
     assert resumed[-1]["data"] == "[DONE]" and resumed[-2]["data"] == {"session_id": sid}
     # The whole reply, replayed from the session's sealed buffer, is the two parts joined.
     with http.stream("GET", f"/v1/sessions/{sid}/events", params={"after": 0}) as r:
-        whole = [e["data"]["content"] for e in sse_events(r.iter_lines()) if isinstance(e["data"], dict) and "content" in e["data"]]
+        whole = [
+            e["data"]["content"]
+            for e in sse_events(r.iter_lines())
+            if isinstance(e["data"], dict) and "content" in e["data"]
+        ]
     assert "".join(first_part) + "".join(rest) == "".join(whole)
     assert len(whole) > 3
 

@@ -83,7 +83,9 @@ def test_stop_option_ends_the_reply_before_the_stop_string(client: ollama.Client
     full = client.chat(model=local_name, messages=COUNT, options={"temperature": 0, "num_predict": 40}, stream=False)
     text = full.message.content or ""
     stop = pick_stop(text)
-    cut = client.chat(model=local_name, messages=COUNT, options={"temperature": 0, "num_predict": 40, "stop": [stop]}, stream=False)
+    cut = client.chat(
+        model=local_name, messages=COUNT, options={"temperature": 0, "num_predict": 40, "stop": [stop]}, stream=False
+    )
     assert cut.message.content == text[: text.index(stop)]
     assert cut.done_reason == "stop"
 
@@ -92,7 +94,9 @@ def test_generate_answers_a_prompt_streamed_and_not(client: ollama.Client, local
     """/api/generate returns `response`, and its stream joins to the same text."""
     r = client.generate(model=local_name, prompt="Say hello.", system="You are terse.", options=GREEDY)
     assert r.response and r.done and r.eval_count
-    parts = list(client.generate(model=local_name, prompt="Say hello.", system="You are terse.", options=GREEDY, stream=True))
+    parts = list(
+        client.generate(model=local_name, prompt="Say hello.", system="You are terse.", options=GREEDY, stream=True)
+    )
     assert "".join(p.response or "" for p in parts) == r.response
     assert parts[-1].done and parts[-1].eval_count == r.eval_count
 
@@ -106,27 +110,47 @@ def test_an_empty_prompt_loads_the_model(client: ollama.Client, local_name: str)
 def test_format_json_and_schema_constrain_the_reply(client: ollama.Client, local_name: str) -> None:
     """format "json" yields a JSON object; a schema format yields its required keys and types."""
     msgs = [{"role": "user", "content": "Bob is 30 years old. Give his name and age."}]
-    r = client.chat(model=local_name, messages=msgs, format="json", options={"temperature": 0, "num_predict": 48}, stream=False)
+    r = client.chat(
+        model=local_name, messages=msgs, format="json", options={"temperature": 0, "num_predict": 48}, stream=False
+    )
     assert isinstance(json.loads(r.message.content or ""), dict)
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
         "required": ["name", "age"],
     }
-    r = client.chat(model=local_name, messages=msgs, format=schema, options={"temperature": 0, "num_predict": 48}, stream=False)
+    r = client.chat(
+        model=local_name, messages=msgs, format=schema, options={"temperature": 0, "num_predict": 48}, stream=False
+    )
     data = json.loads(r.message.content or "")
     assert isinstance(data["name"], str) and isinstance(data["age"], int)
 
 
 def test_tool_history_round_trip_is_answered(client: ollama.Client, local_name: str) -> None:
     """A conversation with an assistant tool call and the tool's result gets a reply."""
-    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-    r = client.chat(model=local_name, tools=[tool], options=GREEDY, stream=False, messages=[
-        {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-        {"role": "tool", "content": "Sunny, 25 C", "tool_name": "get_weather"},
-    ])
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    r = client.chat(
+        model=local_name,
+        tools=[tool],
+        options=GREEDY,
+        stream=False,
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+            },
+            {"role": "tool", "content": "Sunny, 25 C", "tool_name": "get_weather"},
+        ],
+    )
     assert r.done
     assert r.message.content or r.message.tool_calls
     for call in r.message.tool_calls or []:
@@ -162,10 +186,14 @@ def test_unknown_models_are_404_for_show_and_served_by_the_loaded_model_for_chat
     assert r.message.content and r.model == "llama3.2"
 
 
-def test_errors_are_ollama_error_objects_and_the_server_keeps_serving(client: ollama.Client, local_name: str, module_daemon: DaemonProcess) -> None:
+def test_errors_are_ollama_error_objects_and_the_server_keeps_serving(
+    client: ollama.Client, local_name: str, module_daemon: DaemonProcess
+) -> None:
     """Bad requests get {"error": ...} with a 4xx status; the next good request is answered."""
     with pytest.raises(ollama.ResponseError) as images:
-        client.chat(model=local_name, messages=[{"role": "user", "content": "What is this?", "images": ["iVBORw0KGgo="]}])
+        client.chat(
+            model=local_name, messages=[{"role": "user", "content": "What is this?", "images": ["iVBORw0KGgo="]}]
+        )
     assert images.value.status_code == 400 and "text only" in images.value.error
     with httpx.Client(base_url=module_daemon.http_url, timeout=scaled(60)) as http:
         r = http.post("/api/chat", json={"model": local_name, "messages": HELLO, "options": {"temperature": "hot"}})
@@ -187,7 +215,9 @@ def test_errors_are_ollama_error_objects_and_the_server_keeps_serving(client: ol
 
 def test_embed_returns_unit_vectors_that_rank_by_meaning(client: ollama.Client) -> None:
     """embed gives one unit-length vector per input from the embedding model; related texts are closer."""
-    r = client.embed(model="all-minilm", input=["The cat sat on the mat.", "A kitten rests on a rug.", "Stock markets fell sharply."])
+    r = client.embed(
+        model="all-minilm", input=["The cat sat on the mat.", "A kitten rests on a rug.", "Stock markets fell sharply."]
+    )
     vectors = r.embeddings
     assert len(vectors) == 3 and len(vectors[0]) == 384
     assert all(abs(sum(x * x for x in v) - 1) < 1e-3 for v in vectors)
@@ -228,11 +258,14 @@ def test_ollama_port_serves_the_same_api_on_a_second_port(daemon_factory) -> Non
 def test_pull_downloads_a_hugging_face_repo_with_ollama_progress(daemon_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """pull of hf.co/org/repo:QUANT streams status/digest/total/completed objects, ends in success and
     lists the model; delete removes it again (and refuses the loaded model)."""
-    repo = FakeRepo("acme/tiny-GGUF", {
-        "tiny.Q4_K_M.gguf": tiny_gguf(padding=2_000_000),
-        "tiny.Q8_0.gguf": tiny_gguf(padding=3_000_000),
-        "README.md": b"hi",
-    })
+    repo = FakeRepo(
+        "acme/tiny-GGUF",
+        {
+            "tiny.Q4_K_M.gguf": tiny_gguf(padding=2_000_000),
+            "tiny.Q8_0.gguf": tiny_gguf(padding=3_000_000),
+            "README.md": b"hi",
+        },
+    )
     with FakeHub([repo]) as hub:
         d = daemon_factory(env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"})
         c = ollama.Client(host=d.http_url, timeout=scaled(180))

@@ -22,7 +22,9 @@ HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
 @pytest.fixture
 def client(module_daemon: DaemonProcess) -> Iterator[openai.OpenAI]:
     """The official SDK pointed at the daemon (no key configured: any api_key works)."""
-    with openai.OpenAI(base_url=module_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0) as c:
+    with openai.OpenAI(
+        base_url=module_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0
+    ) as c:
         yield c
 
 
@@ -44,7 +46,11 @@ def test_sdk_stream_matches_blocking_and_reports_usage(client: openai.OpenAI) ->
     """Streaming at temperature 0 yields the same text as non-streaming, then a usage chunk."""
     full = client.chat.completions.create(model="x", messages=HELLO, max_tokens=16, temperature=0)
     stream = client.chat.completions.create(
-        model="x", messages=HELLO, max_tokens=16, temperature=0, stream=True,
+        model="x",
+        messages=HELLO,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     text, finish, usage = [], None, None
@@ -78,7 +84,9 @@ def test_sdk_raises_openai_error_objects(client: openai.OpenAI) -> None:
     assert "n" in (body.get("param") or "")
     with pytest.raises(openai.BadRequestError) as long:
         client.chat.completions.create(
-            model="x", messages=[{"role": "user", "content": "word " * 20000}], max_tokens=4,
+            model="x",
+            messages=[{"role": "user", "content": "word " * 20000}],
+            max_tokens=4,
         )
     assert long.value.body["code"] == "context_too_long"  # type: ignore[index]
     assert "Traceback" not in str(long.value)
@@ -110,22 +118,44 @@ def test_legacy_chat_completions_route_is_the_same(http: httpx.Client) -> None:
     assert a["usage"] == b["usage"]
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]},
-}}
-ADD = {"type": "function", "function": {
-    "name": "add", "description": "Add two numbers",
-    "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]},
-}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+        },
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two numbers",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+            "required": ["a", "b"],
+        },
+    },
+}
 REQUIRED_ARGS = {"get_weather": {"city": str}, "add": {"a": (int, float), "b": (int, float)}}
 PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
-PERSON = {"type": "json_schema", "json_schema": {"name": "person", "schema": {
-    "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"}},
-    "required": ["name", "age"],
-}}}
+PERSON = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "person",
+        "schema": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"}},
+            "required": ["name", "age"],
+        },
+    },
+}
 BOB = [{"role": "user", "content": "Bob is 30 years old. Give his name and age."}]
 
 
@@ -149,7 +179,11 @@ def assert_call(name: str, arguments: str, offered: set[str]) -> None:
 def test_json_schema_reply_is_json_matching_the_schema(client: openai.OpenAI) -> None:
     """With a json_schema response_format the content parses as JSON with the schema's keys and types."""
     r = client.chat.completions.create(
-        model="x", messages=BOB, response_format=PERSON, max_tokens=128, temperature=0,  # type: ignore[arg-type]
+        model="x",
+        messages=BOB,
+        response_format=PERSON,
+        max_tokens=128,
+        temperature=0,  # type: ignore[arg-type]
     )
     assert r.choices[0].finish_reason == "stop"
     assert_person(r.choices[0].message.content)
@@ -158,10 +192,19 @@ def test_json_schema_reply_is_json_matching_the_schema(client: openai.OpenAI) ->
 def test_json_schema_stream_joins_into_the_same_json(client: openai.OpenAI) -> None:
     """Streamed json_schema deltas join into the same schema-valid JSON as the non-streamed reply."""
     full = client.chat.completions.create(
-        model="x", messages=BOB, response_format=PERSON, max_tokens=128, temperature=0,  # type: ignore[arg-type]
+        model="x",
+        messages=BOB,
+        response_format=PERSON,
+        max_tokens=128,
+        temperature=0,  # type: ignore[arg-type]
     )
     stream = client.chat.completions.create(
-        model="x", messages=BOB, response_format=PERSON, max_tokens=128, temperature=0, stream=True,  # type: ignore[arg-type]
+        model="x",
+        messages=BOB,
+        response_format=PERSON,
+        max_tokens=128,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
     )
     parts, finish = [], None
     for chunk in stream:
@@ -175,7 +218,11 @@ def test_json_schema_stream_joins_into_the_same_json(client: openai.OpenAI) -> N
 def test_json_object_reply_is_a_json_object(client: openai.OpenAI) -> None:
     """With response_format json_object the content parses as a JSON object."""
     r = client.chat.completions.create(
-        model="x", messages=BOB, response_format={"type": "json_object"}, max_tokens=128, temperature=0,
+        model="x",
+        messages=BOB,
+        response_format={"type": "json_object"},
+        max_tokens=128,
+        temperature=0,
     )
     assert r.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
@@ -185,7 +232,9 @@ def test_invalid_schema_is_a_400_and_the_server_keeps_serving(http: httpx.Client
     """A schema no grammar can follow is a 400 OpenAI error, and the next request is served normally."""
     bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": 5}}}
     for stream in (False, True):
-        r = http.post("/v1/chat/completions", json={"messages": BOB, "response_format": bad, "max_tokens": 8, "stream": stream})
+        r = http.post(
+            "/v1/chat/completions", json={"messages": BOB, "response_format": bad, "max_tokens": 8, "stream": stream}
+        )
         assert r.status_code == 400
         error = r.json()["error"]
         assert error["type"] == "invalid_request_error" and "schema" in error["message"]
@@ -200,7 +249,11 @@ def test_invalid_schema_is_a_400_and_the_server_keeps_serving(http: httpx.Client
 def test_named_tool_choice_always_calls_that_tool(client: openai.OpenAI) -> None:
     """tool_choice naming a function makes the answer a call of it, with arguments matching its schema."""
     r = client.chat.completions.create(
-        model="x", messages=PARIS, tools=[ADD, WEATHER], max_tokens=128, temperature=0,  # type: ignore[list-item]
+        model="x",
+        messages=PARIS,
+        tools=[ADD, WEATHER],
+        max_tokens=128,
+        temperature=0,  # type: ignore[list-item]
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
     choice = r.choices[0]
@@ -214,7 +267,12 @@ def test_named_tool_choice_always_calls_that_tool(client: openai.OpenAI) -> None
 def test_required_tool_choice_calls_an_offered_tool(client: openai.OpenAI) -> None:
     """tool_choice "required" makes the answer a call of one of the offered tools, with valid arguments."""
     r = client.chat.completions.create(
-        model="x", messages=PARIS, tools=[WEATHER, ADD], tool_choice="required", max_tokens=128, temperature=0,  # type: ignore[list-item]
+        model="x",
+        messages=PARIS,
+        tools=[WEATHER, ADD],
+        tool_choice="required",
+        max_tokens=128,
+        temperature=0,  # type: ignore[list-item]
     )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -226,8 +284,13 @@ def test_required_tool_choice_calls_an_offered_tool(client: openai.OpenAI) -> No
 def test_forced_tool_call_streams_as_tool_call_deltas(client: openai.OpenAI) -> None:
     """A streamed forced call arrives as OpenAI tool_call deltas and ends with finish_reason tool_calls."""
     stream = client.chat.completions.create(
-        model="x", messages=PARIS, tools=[WEATHER, ADD], tool_choice="required", max_tokens=128,  # type: ignore[list-item]
-        temperature=0, stream=True,
+        model="x",
+        messages=PARIS,
+        tools=[WEATHER, ADD],
+        tool_choice="required",
+        max_tokens=128,  # type: ignore[list-item]
+        temperature=0,
+        stream=True,
     )
     calls: dict[int, dict[str, str]] = {}
     content, finish = [], None
@@ -261,8 +324,13 @@ def test_auto_tool_choice_answers_with_text_or_valid_tool_calls(http: httpx.Clie
 
 def test_client_disconnect_cancels_the_generation(module_daemon: DaemonProcess, http: httpx.Client) -> None:
     """Closing a stateless stream stops its generation: the model is free again at once."""
-    body = {"messages": [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
-            "max_tokens": 4000, "temperature": 0.8, "seed": 1, "stream": True}
+    body = {
+        "messages": [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
+        "max_tokens": 4000,
+        "temperature": 0.8,
+        "seed": 1,
+        "stream": True,
+    }
     with httpx.Client(base_url=module_daemon.http_url, timeout=scaled(60)) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
@@ -276,7 +344,9 @@ def test_client_disconnect_cancels_the_generation(module_daemon: DaemonProcess, 
     running = None
     while time.monotonic() < deadline:
         text = http.get("/metrics").text
-        running = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("llmws_generations_running "))
+        running = next(
+            float(line.split()[-1]) for line in text.splitlines() if line.startswith("llmws_generations_running ")
+        )
         if running == 0:
             break
         time.sleep(0.1)

@@ -17,12 +17,16 @@ EMBEDDER = "all-MiniLM-L6-v2"
 @pytest.fixture
 def client(module_daemon: DaemonProcess) -> Iterator[openai.OpenAI]:
     """The official SDK pointed at the daemon."""
-    with openai.OpenAI(base_url=module_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0) as c:
+    with openai.OpenAI(
+        base_url=module_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0
+    ) as c:
         yield c
 
 
 def chat_model(client: openai.OpenAI) -> str:
-    return next(m.id for m in client.models.list() if getattr(m, "kind", None) == "chat" and getattr(m, "loaded", False))
+    return next(
+        m.id for m in client.models.list() if getattr(m, "kind", None) == "chat" and getattr(m, "loaded", False)
+    )
 
 
 def test_sdk_retrieves_one_model(client: openai.OpenAI) -> None:
@@ -42,12 +46,17 @@ def test_unknown_model_is_an_openai_404(client: openai.OpenAI, http: httpx.Clien
     assert info.value.status_code == 404
 
 
-@pytest.mark.parametrize(("method", "path", "status"), [
-    ("POST", "/v1/no-such-route", 404),
-    ("GET", "/v1/chat/completions", 405),
-    ("DELETE", "/v1/embeddings", 405),
-])
-def test_unknown_routes_and_methods_answer_in_openai_shape(http: httpx.Client, method: str, path: str, status: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("POST", "/v1/no-such-route", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("DELETE", "/v1/embeddings", 405),
+    ],
+)
+def test_unknown_routes_and_methods_answer_in_openai_shape(
+    http: httpx.Client, method: str, path: str, status: int
+) -> None:
     """A wrong URL or method under /v1 is an OpenAI error object, not FastAPI's {"detail": ...}."""
     r = http.request(method, path, json={})
     assert r.status_code == status
@@ -57,7 +66,10 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(http: httpx.Client, m
 
 def test_sdk_sees_a_missing_route_as_not_found(module_daemon: DaemonProcess) -> None:
     """The SDK raises NotFoundError with the server's message for a route the server lacks."""
-    with openai.OpenAI(base_url=module_daemon.http_url + "/v1/nowhere", api_key="x", max_retries=0) as c, pytest.raises(openai.NotFoundError) as info:
+    with (
+        openai.OpenAI(base_url=module_daemon.http_url + "/v1/nowhere", api_key="x", max_retries=0) as c,
+        pytest.raises(openai.NotFoundError) as info,
+    ):
         c.models.list()
     assert "Unknown request URL" in info.value.message
 
@@ -85,7 +97,12 @@ def test_fingerprint_on_responses_and_every_chunk(client: openai.OpenAI) -> None
     r = client.chat.completions.create(model="x", messages=HELLO, max_tokens=4, temperature=0)
     assert r.system_fingerprint and r.system_fingerprint.startswith("fp_")
     stream = client.chat.completions.create(
-        model="x", messages=HELLO, max_tokens=4, temperature=0, stream=True, stream_options={"include_usage": True},
+        model="x",
+        messages=HELLO,
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     prints = {chunk.system_fingerprint for chunk in stream}
     assert prints == {r.system_fingerprint}
@@ -94,14 +111,20 @@ def test_fingerprint_on_responses_and_every_chunk(client: openai.OpenAI) -> None
 def test_n_choices_differ_with_a_seed_and_count_usage(client: openai.OpenAI) -> None:
     """n=3 gives three indexed choices; sampled with a seed they are not all the same; usage sums them."""
     r = client.chat.completions.create(
-        model="x", messages=[{"role": "user", "content": "Name a colour."}], n=3, max_tokens=12,
-        temperature=1.5, seed=7,
+        model="x",
+        messages=[{"role": "user", "content": "Name a colour."}],
+        n=3,
+        max_tokens=12,
+        temperature=1.5,
+        seed=7,
     )
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert all(c.message.content for c in r.choices)
     assert len({c.message.content for c in r.choices}) > 1
     assert r.usage is not None and r.usage.completion_tokens <= 36
-    single = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12, temperature=0)
+    single = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12, temperature=0
+    )
     assert r.usage.prompt_tokens == single.usage.prompt_tokens
 
 
@@ -127,7 +150,9 @@ def test_n_choices_stream_with_their_indexes(client: openai.OpenAI) -> None:
 
 def test_logprobs_non_stream(client: openai.OpenAI) -> None:
     """logprobs + top_logprobs give one entry per generated token, alternatives sorted, the greedy token first."""
-    r = client.chat.completions.create(model="x", messages=HELLO, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model="x", messages=HELLO, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
     choice = r.choices[0]
     assert choice.logprobs is not None and choice.logprobs.content
     entries = choice.logprobs.content
@@ -142,15 +167,21 @@ def test_logprobs_non_stream(client: openai.OpenAI) -> None:
 
 def test_logprobs_stream_match_non_stream(client: openai.OpenAI) -> None:
     """Streamed chunks carry the logprobs of their own tokens; together they equal the non-streamed list."""
-    full = client.chat.completions.create(model="x", messages=HELLO, max_tokens=8, temperature=0, logprobs=True, top_logprobs=1)
-    stream = client.chat.completions.create(model="x", messages=HELLO, max_tokens=8, temperature=0, logprobs=True, top_logprobs=1, stream=True)
+    full = client.chat.completions.create(
+        model="x", messages=HELLO, max_tokens=8, temperature=0, logprobs=True, top_logprobs=1
+    )
+    stream = client.chat.completions.create(
+        model="x", messages=HELLO, max_tokens=8, temperature=0, logprobs=True, top_logprobs=1, stream=True
+    )
     streamed = []
     for chunk in stream:
         for c in chunk.choices:
             if c.logprobs is not None and c.logprobs.content:
                 streamed.extend(c.logprobs.content)
     assert [e.token for e in streamed] == [e.token for e in full.choices[0].logprobs.content]  # type: ignore[union-attr]
-    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, full.choices[0].logprobs.content, strict=True))  # type: ignore[union-attr]
+    assert all(
+        abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, full.choices[0].logprobs.content, strict=True)
+    )  # type: ignore[union-attr]
 
 
 def test_top_logprobs_without_logprobs_is_a_400(http: httpx.Client) -> None:
@@ -163,7 +194,11 @@ def test_invalid_tool_call_arguments_are_a_400(http: httpx.Client) -> None:
     """An assistant tool call whose arguments are not JSON is a 400 naming the field."""
     messages = [
         {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{not json"}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{not json"}}],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
     ]
     r = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4})
@@ -178,7 +213,10 @@ def test_json_object_with_a_schema_follows_it(client: openai.OpenAI) -> None:
 
     schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
     r = client.chat.completions.create(
-        model="x", messages=[{"role": "user", "content": "Bob is 30. Give his age."}], max_tokens=40, temperature=0,
+        model="x",
+        messages=[{"role": "user", "content": "Bob is 30. Give his age."}],
+        max_tokens=40,
+        temperature=0,
         response_format={"type": "json_object", "schema": schema},  # type: ignore[typeddict-unknown-key]
     )
     value = json.loads(r.choices[0].message.content or "")
@@ -218,7 +256,9 @@ def test_completions_prompt_list_echo_and_n(client: openai.OpenAI) -> None:
 
 def test_completions_logprobs_in_the_legacy_shape(client: openai.OpenAI) -> None:
     """Completion logprobs come as tokens, token_logprobs, top_logprobs and text_offset that spell the text."""
-    text = client.completions.create(model="x", prompt="Paris is the capital of", max_tokens=4, temperature=0, logprobs=2)
+    text = client.completions.create(
+        model="x", prompt="Paris is the capital of", max_tokens=4, temperature=0, logprobs=2
+    )
     lp = text.choices[0].logprobs
     assert lp is not None and lp.tokens and len(lp.tokens) == len(lp.token_logprobs or []) == len(lp.top_logprobs or [])
     assert "".join(lp.tokens) == text.choices[0].text
@@ -230,7 +270,12 @@ def test_completions_stream_matches_non_stream(client: openai.OpenAI) -> None:
     """The streamed text equals the non-streamed text; a usage chunk comes last when asked."""
     full = client.completions.create(model="x", prompt="The rain in Spain", max_tokens=10, temperature=0)
     stream = client.completions.create(
-        model="x", prompt="The rain in Spain", max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True},
+        model="x",
+        prompt="The rain in Spain",
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     parts, usage, finish = [], None, None
     for chunk in stream:
@@ -243,15 +288,18 @@ def test_completions_stream_matches_non_stream(client: openai.OpenAI) -> None:
     assert usage is not None and usage.completion_tokens == full.usage.completion_tokens  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("body", [
-    {"prompt": []},
-    {"prompt": [1.5]},
-    {"prompt": {"x": 1}},
-    {"prompt": "a", "suffix": "b"},
-    {"prompt": [1, 2], "echo": True},
-    {"prompt": [10**9]},
-    {"prompt": "word " * 20000, "max_tokens": 2},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": []},
+        {"prompt": [1.5]},
+        {"prompt": {"x": 1}},
+        {"prompt": "a", "suffix": "b"},
+        {"prompt": [1, 2], "echo": True},
+        {"prompt": [10**9]},
+        {"prompt": "word " * 20000, "max_tokens": 2},
+    ],
+)
 def test_completions_bad_requests_are_openai_400s(http: httpx.Client, body: dict) -> None:
     """Bad prompts, unsupported suffix/echo combinations, unknown token ids and too-long prompts are OpenAI 400s."""
     r = http.post("/v1/completions", json=body)
@@ -261,16 +309,33 @@ def test_completions_bad_requests_are_openai_400s(http: httpx.Client, body: dict
 
 import json  # noqa: E402
 
-PERSON = [{"type": "function", "function": {"name": "Person", "parameters": {
-    "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name", "age"]}}}]
+PERSON = [
+    {
+        "type": "function",
+        "function": {
+            "name": "Person",
+            "parameters": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                "required": ["name", "age"],
+            },
+        },
+    }
+]
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_forced_call_cut_by_max_tokens_is_a_partial_tool_call(client: openai.OpenAI, stream: bool) -> None:
     """A forced call cut by max_tokens comes back as a partial tool call with finish_reason "length",
     never as the call's JSON text in the content (what LangChain's structured output reads)."""
-    kw = {"model": "x", "messages": [{"role": "user", "content": "Bob is thirty years old."}], "tools": PERSON,
-          "tool_choice": {"type": "function", "function": {"name": "Person"}}, "max_tokens": 16, "temperature": 0}
+    kw = {
+        "model": "x",
+        "messages": [{"role": "user", "content": "Bob is thirty years old."}],
+        "tools": PERSON,
+        "tool_choice": {"type": "function", "function": {"name": "Person"}},
+        "max_tokens": 16,
+        "temperature": 0,
+    }
     if not stream:
         r = client.chat.completions.create(**kw)  # type: ignore[call-overload]
         choice = r.choices[0]
@@ -302,8 +367,13 @@ def test_litellm_text_completion_client(module_daemon: DaemonProcess) -> None:
     """LiteLLM's `text_completion` (OpenAI-compatible provider) continues raw text through /v1/completions."""
     litellm = pytest.importorskip("litellm")
     r = litellm.text_completion(
-        model="openai/local", prompt="1, 2, 3, 4,", max_tokens=6, temperature=0,
-        api_base=module_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120),
+        model="openai/local",
+        prompt="1, 2, 3, 4,",
+        max_tokens=6,
+        temperature=0,
+        api_base=module_daemon.http_url + "/v1",
+        api_key="unused",
+        timeout=scaled(120),
     )
     assert "5" in r.choices[0].text
     assert r.usage.completion_tokens <= 6

@@ -20,11 +20,14 @@ from tests.wire import Peer
 
 STORY = "Write a long story about a lighthouse keeper and the sea."
 WEATHER = {
-    "type": "function", "name": "get_weather", "description": "Weather for a city",
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]},
 }
 PERSON = {
-    "type": "json_schema", "name": "person",
+    "type": "json_schema",
+    "name": "person",
     "schema": {
         "type": "object",
         "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"}},
@@ -64,7 +67,9 @@ def prefix_reused(client: openai.OpenAI) -> float:
 
 def test_create_returns_a_completed_stored_response(client: openai.OpenAI) -> None:
     """A plain create answers with a completed response in OpenAI's shape, retrievable by its id."""
-    r = client.responses.create(model="x", input="Say hello in one short sentence.", max_output_tokens=64, temperature=0)
+    r = client.responses.create(
+        model="x", input="Say hello in one short sentence.", max_output_tokens=64, temperature=0
+    )
     assert r.id.startswith("resp_") and r.object == "response"
     assert r.status == "completed" and r.incomplete_details is None
     assert r.output[0].type == "message" and r.output[0].role == "assistant"
@@ -89,19 +94,29 @@ def test_previous_response_id_continues_the_conversation(client: openai.OpenAI) 
     completions builds from turn 1's messages spelled out, token for token, and that prefix
     comes from the model's cache."""
     first = client.responses.create(
-        model="x", input="My name is Ada. Say hello to me.", instructions="Be brief.", max_output_tokens=32, temperature=0,
+        model="x",
+        input="My name is Ada. Say hello to me.",
+        instructions="Be brief.",
+        max_output_tokens=32,
+        temperature=0,
     )
     reused = prefix_reused(client)
     second = client.responses.create(
-        model="x", input="What is my name?", previous_response_id=first.id, instructions="Be brief.",
-        max_output_tokens=32, temperature=0,
+        model="x",
+        input="What is my name?",
+        previous_response_id=first.id,
+        instructions="Be brief.",
+        max_output_tokens=32,
+        temperature=0,
     )
     # The prompt prefix (turn 1 and its reply) came from the model's cache, not a new prefill.
     assert first.usage is not None
     assert prefix_reused(client) - reused >= first.usage.input_tokens
     assert second.previous_response_id == first.id
     explicit = client.chat.completions.create(
-        model="x", max_tokens=1, temperature=0,
+        model="x",
+        max_tokens=1,
+        temperature=0,
         messages=[
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "My name is Ada. Say hello to me."},
@@ -118,12 +133,24 @@ def test_previous_response_id_continues_the_conversation(client: openai.OpenAI) 
 def test_streamed_events_follow_openais_sequence(client: openai.OpenAI) -> None:
     """client.responses.stream yields OpenAI's event sequence with consecutive sequence
     numbers, and its final response holds the streamed text."""
-    with client.responses.stream(model="x", input="Say hello in one short sentence.", max_output_tokens=64, temperature=0) as s:
+    with client.responses.stream(
+        model="x", input="Say hello in one short sentence.", max_output_tokens=64, temperature=0
+    ) as s:
         events = list(s)
         final = s.get_final_response()
     kinds = [e.type for e in events]
-    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text and text == final.output_text
@@ -173,7 +200,9 @@ def test_dropped_stream_resumes_with_starting_after(client: openai.OpenAI) -> No
 def test_retrieve_stream_starts_exactly_after_the_given_number(client: openai.OpenAI) -> None:
     """GET ?stream=true&starting_after=N sends the stored events after N, in order, ending
     with the response's last event."""
-    r = client.responses.create(model="x", input="Say hello in one short sentence.", max_output_tokens=32, temperature=0)
+    r = client.responses.create(
+        model="x", input="Say hello in one short sentence.", max_output_tokens=32, temperature=0
+    )
     whole = list(client.responses.retrieve(r.id, stream=True))
     tail = list(client.responses.retrieve(r.id, stream=True, starting_after=3))
     assert [e.sequence_number for e in whole] == list(range(len(whole)))
@@ -185,16 +214,30 @@ def test_function_call_round_trip(client: openai.OpenAI) -> None:
     """A forced call comes as a function_call item; its function_call_output sent with
     previous_response_id gets a text answer, and input_items lists that output."""
     r = client.responses.create(
-        model="x", input="What is the weather in Paris?", tools=[WEATHER], tool_choice="required",  # type: ignore[list-item]
-        max_output_tokens=128, temperature=0,
+        model="x",
+        input="What is the weather in Paris?",
+        tools=[WEATHER],
+        tool_choice="required",  # type: ignore[list-item]
+        max_output_tokens=128,
+        temperature=0,
     )
     calls = [item for item in r.output if item.type == "function_call"]
     assert r.status == "completed" and len(calls) == 1
     call = calls[0]
     assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
     follow = client.responses.create(
-        model="x", previous_response_id=r.id, tools=[WEATHER], max_output_tokens=64, temperature=0,  # type: ignore[list-item]
-        input=[{"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({"temp_c": 21, "sky": "clear"})}],
+        model="x",
+        previous_response_id=r.id,
+        tools=[WEATHER],
+        max_output_tokens=64,
+        temperature=0,  # type: ignore[list-item]
+        input=[
+            {
+                "type": "function_call_output",
+                "call_id": call.call_id,
+                "output": json.dumps({"temp_c": 21, "sky": "clear"}),
+            }
+        ],
     )
     assert follow.status in ("completed", "incomplete")
     assert follow.output and follow.output[0].type in ("message", "function_call")
@@ -206,8 +249,12 @@ def test_function_call_round_trip(client: openai.OpenAI) -> None:
 def test_streamed_function_call_has_argument_events(client: openai.OpenAI) -> None:
     """A streamed call comes as output_item.added, function_call_arguments.delta/.done and output_item.done."""
     with client.responses.stream(
-        model="x", input="What is the weather in Paris?", tools=[WEATHER], tool_choice="required",  # type: ignore[list-item]
-        max_output_tokens=128, temperature=0,
+        model="x",
+        input="What is the weather in Paris?",
+        tools=[WEATHER],
+        tool_choice="required",  # type: ignore[list-item]
+        max_output_tokens=128,
+        temperature=0,
     ) as s:
         kinds = [e.type for e in s]
         final = s.get_final_response()
@@ -219,8 +266,11 @@ def test_streamed_function_call_has_argument_events(client: openai.OpenAI) -> No
 def test_text_format_json_schema(client: openai.OpenAI) -> None:
     """text.format json_schema makes the output JSON with the schema's keys and types."""
     r = client.responses.create(
-        model="x", input="Bob is 30 years old. Give his name and age.", text={"format": PERSON},  # type: ignore[typeddict-item]
-        max_output_tokens=128, temperature=0,
+        model="x",
+        input="Bob is 30 years old. Give his name and age.",
+        text={"format": PERSON},  # type: ignore[typeddict-item]
+        max_output_tokens=128,
+        temperature=0,
     )
     data = json.loads(r.output_text)
     assert set(data) == {"name", "age"} and isinstance(data["name"], str) and isinstance(data["age"], int)
@@ -252,8 +302,11 @@ def test_sdk_parse_with_a_pydantic_text_format(client: openai.OpenAI) -> None:
         age: int
 
     r = client.responses.parse(
-        model="x", input="Bob is 30 years old. Give his name and age.", text_format=Person,
-        max_output_tokens=128, temperature=0,
+        model="x",
+        input="Bob is 30 years old. Give his name and age.",
+        text_format=Person,
+        max_output_tokens=128,
+        temperature=0,
     )
     assert isinstance(r.output_parsed, Person) and isinstance(r.output_parsed.age, int)
 
@@ -275,11 +328,21 @@ def test_cancel_stops_a_background_response(client: openai.OpenAI) -> None:
 def test_delete_and_input_items(client: openai.OpenAI) -> None:
     """input_items lists the input messages; after DELETE the response is gone (404)."""
     r = client.responses.create(
-        model="x", max_output_tokens=8, temperature=0,
-        input=[{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye."}],
+        model="x",
+        max_output_tokens=8,
+        temperature=0,
+        input=[
+            {"role": "user", "content": "Hi."},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye."},
+        ],
     )
     items = client.responses.input_items.list(r.id, order="asc")
-    assert [(i.role, i.content[0].text) for i in items.data] == [("user", "Hi."), ("assistant", "Hello."), ("user", "Bye.")]  # type: ignore[union-attr]
+    assert [(i.role, i.content[0].text) for i in items.data] == [
+        ("user", "Hi."),
+        ("assistant", "Hello."),
+        ("user", "Bye."),
+    ]  # type: ignore[union-attr]
     client.responses.delete(r.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)
@@ -345,7 +408,9 @@ def test_langchain_chat_openai_with_the_responses_api(module_daemon: DaemonProce
     assert reply.usage_metadata is not None and reply.usage_metadata["output_tokens"] > 0
     assert "".join(chunk.text for chunk in llm.stream("Say hello in one short sentence.")) == reply.text
     call = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
-    assert [c["name"] for c in call.tool_calls] == ["get_weather"] and isinstance(call.tool_calls[0]["args"]["city"], str)
+    assert [c["name"] for c in call.tool_calls] == ["get_weather"] and isinstance(
+        call.tool_calls[0]["args"]["city"], str
+    )
     chained = ChatOpenAI(use_responses_api=True, use_previous_response_id=True, max_tokens=16, **common)
     first = chained.invoke([HumanMessage("My name is Ada.")])
     second = chained.invoke([HumanMessage("My name is Ada."), first, HumanMessage("What is my name?")])
@@ -361,7 +426,12 @@ def test_langchain_chat_openai_with_the_responses_api(module_daemon: DaemonProce
 
 def test_another_key_cannot_read_a_response(tmp_path: Path) -> None:
     """With API keys configured, a response is visible only to the key that created it."""
-    d = DaemonProcess(tmp_path, [], None, {"security": {"api_keys": ["key-one-0123456789", "key-two-0123456789"], "require_api_key": True}})
+    d = DaemonProcess(
+        tmp_path,
+        [],
+        None,
+        {"security": {"api_keys": ["key-one-0123456789", "key-two-0123456789"], "require_api_key": True}},
+    )
     d.start()
     try:
         with sdk(d, "key-one-0123456789") as one, sdk(d, "key-two-0123456789") as two:
@@ -391,7 +461,9 @@ def test_sigkill_mid_generation_then_restart(tmp_path: Path) -> None:
     d.start()
     try:
         with sdk(d) as client:
-            done = client.responses.create(model="x", input="Say hello in one short sentence.", max_output_tokens=32, temperature=0)
+            done = client.responses.create(
+                model="x", input="Say hello in one short sentence.", max_output_tokens=32, temperature=0
+            )
             r = client.responses.create(model="x", input=STORY, max_output_tokens=4000, background=True)
             seen: list[str] = []
             with client.responses.retrieve(r.id, stream=True) as stream:

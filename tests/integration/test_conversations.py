@@ -46,7 +46,14 @@ async def test_history_rebuilds_a_conversation_on_a_new_connection(shared_daemon
 async def test_history_carries_the_reply_being_generated(shared_daemon) -> None:
     """While a reply streams, the history holds its prompt and the text so far."""
     peer = await Peer.open(shared_daemon.ws_url)
-    await peer.send({"type": "inference", "prompt": "Count from 1 to 200.", "request_id": "long", "config": {"temperature": 0, "max_new_tokens": 400}})
+    await peer.send(
+        {
+            "type": "inference",
+            "prompt": "Count from 1 to 200.",
+            "request_id": "long",
+            "config": {"temperature": 0, "max_new_tokens": 400},
+        }
+    )
     await peer.until("token", request_id="long")
     await peer.send({"type": "get_history"})
     events = await peer.until("history")
@@ -79,7 +86,14 @@ async def test_rewind_takes_back_turns_for_regenerate_and_edit(shared_daemon) ->
     error = (await peer.until("error"))[-1]
     assert error["code"] == "not_found" and error["request_id"] == "too-far"
 
-    await peer.send({"type": "inference", "prompt": "Count to 100.", "request_id": "busy", "config": {"temperature": 0, "max_new_tokens": 300}})
+    await peer.send(
+        {
+            "type": "inference",
+            "prompt": "Count to 100.",
+            "request_id": "busy",
+            "config": {"temperature": 0, "max_new_tokens": 300},
+        }
+    )
     await peer.until("token", request_id="busy")
     await peer.send({"type": "rewind", "request_id": "while-busy"})
     error = (await peer.until("error", request_id="while-busy"))[-1]

@@ -120,7 +120,14 @@ async def test_sigkill_mid_generation_replays_everything_seen(daemon) -> None:
     and the interrupted reply is closed out with finish_reason 'interrupted'."""
     peer = await Peer.open(daemon.ws_url)
     sid = peer.welcome["session_id"]
-    await peer.send({"type": "inference", "prompt": "Tell me a long story about a dragon and a knight.", "request_id": "k", "config": {"temperature": 0, "max_new_tokens": 400}})
+    await peer.send(
+        {
+            "type": "inference",
+            "prompt": "Tell me a long story about a dragon and a knight.",
+            "request_id": "k",
+            "config": {"temperature": 0, "max_new_tokens": 400},
+        }
+    )
     seen: list[dict] = []
     while len([e for e in seen if e["type"] == "token"]) < 10:
         seen.append(await peer.recv())
@@ -144,7 +151,15 @@ async def test_on_disconnect_cancel_stops_generation(shared_daemon) -> None:
     """With on_disconnect 'cancel', dropping the socket ends the reply as cancelled."""
     peer = await Peer.open(shared_daemon.ws_url)
     sid = peer.welcome["session_id"]
-    await peer.send({"type": "inference", "prompt": "Write a very long essay about rivers.", "request_id": "c", "on_disconnect": "cancel", "config": {"temperature": 0, "max_new_tokens": 1500}})
+    await peer.send(
+        {
+            "type": "inference",
+            "prompt": "Write a very long essay about rivers.",
+            "request_id": "c",
+            "on_disconnect": "cancel",
+            "config": {"temperature": 0, "max_new_tokens": 1500},
+        }
+    )
     await peer.until("token")
     await peer.close()
     await asyncio.sleep(1.0)
@@ -158,7 +173,14 @@ async def test_on_disconnect_cancel_stops_generation(shared_daemon) -> None:
 async def test_cancel_message_and_pings_during_generation(shared_daemon) -> None:
     """Pings are answered during a long generation, and cancel ends it as cancelled."""
     peer = await Peer.open(shared_daemon.ws_url)
-    await peer.send({"type": "inference", "prompt": "Write a very long essay about mountains.", "request_id": "g", "config": {"temperature": 0, "max_new_tokens": 1500}})
+    await peer.send(
+        {
+            "type": "inference",
+            "prompt": "Write a very long essay about mountains.",
+            "request_id": "g",
+            "config": {"temperature": 0, "max_new_tokens": 1500},
+        }
+    )
     await peer.until("token")
     await peer.send({"type": "ping", "request_id": "p"})
     await peer.until("pong", request_id="p")
@@ -201,7 +223,7 @@ async def test_bad_input_gets_typed_error_and_connection_keeps_serving(shared_da
     await peer.send(frame)
     err = await peer.recv()
     assert err["type"] == "error" and err["code"] == code, err
-    assert "Traceback" not in err["message"] and "File \"" not in err["message"]
+    assert "Traceback" not in err["message"] and 'File "' not in err["message"]
     await peer.send({"type": "ping", "request_id": "still"})
     assert (await peer.until("pong"))[-1]["request_id"] == "still"
     await peer.close()
@@ -226,7 +248,9 @@ async def test_old_turns_dropped_with_warning_when_history_overflows(daemon_fact
     peer = await Peer.open(d.ws_url)
     warned = False
     for i in range(6):
-        _, events = await peer.infer("Please repeat this sentence back to me: " + "blue sky " * 60, f"t{i}", temperature=0, max_new_tokens=40)
+        _, events = await peer.infer(
+            "Please repeat this sentence back to me: " + "blue sky " * 60, f"t{i}", temperature=0, max_new_tokens=40
+        )
         warned |= any(e["type"] == "warning" and e.get("code") == "history_truncated" for e in events)
     assert warned
     await peer.close()
@@ -266,7 +290,14 @@ async def test_fifo_queue_reports_position(daemon_factory) -> None:
     daemon = daemon_factory(config={"model": {"max_batch": 1}})
     a = await Peer.open(daemon.ws_url)
     b = await Peer.open(daemon.ws_url)
-    await a.send({"type": "inference", "prompt": "Write a long essay about the ocean.", "request_id": "long", "config": {"temperature": 0, "max_new_tokens": 200}})
+    await a.send(
+        {
+            "type": "inference",
+            "prompt": "Write a long essay about the ocean.",
+            "request_id": "long",
+            "config": {"temperature": 0, "max_new_tokens": 200},
+        }
+    )
     await a.until("token")
     await b.send({"type": "inference", "prompt": "Hi", "request_id": "wait", "config": GREEDY})
     events = await b.until("done", request_id="wait")
@@ -296,7 +327,14 @@ async def test_sigterm_drains_and_flushes(daemon) -> None:
     """SIGTERM lets a running generation finish (within the drain time) and exits cleanly."""
     peer = await Peer.open(daemon.ws_url)
     sid = peer.welcome["session_id"]
-    await peer.send({"type": "inference", "prompt": "Say something.", "request_id": "d", "config": {"temperature": 0, "max_new_tokens": 40}})
+    await peer.send(
+        {
+            "type": "inference",
+            "prompt": "Say something.",
+            "request_id": "d",
+            "config": {"temperature": 0, "max_new_tokens": 40},
+        }
+    )
     await peer.until("start")
     code = daemon.stop()
     assert code == 0, daemon.log()
@@ -333,7 +371,9 @@ async def test_session_prefix_survives_a_restart(daemon) -> None:
     sealed store instead of evaluating its whole history again."""
     peer = await Peer.open(daemon.ws_url)
     sid = peer.welcome["session_id"]
-    first, _ = await peer.infer("Tell me a short story about a lighthouse keeper.", "t1", temperature=0, max_new_tokens=48)
+    first, _ = await peer.infer(
+        "Tell me a short story about a lighthouse keeper.", "t1", temperature=0, max_new_tokens=48
+    )
     last = peer.events[-1]["seq"]
     await peer.close()
     assert daemon.stop() == 0
@@ -362,10 +402,15 @@ def test_restore_cache_is_on_disk_before_it_answers(daemon) -> None:
     body = r.json()
     assert body["persistent"] is True and body["cached_tokens"] > 300
     daemon.restart()  # SIGKILL, then start
-    r = httpx.post(f"{daemon.http_url}/v1/chat/completions", timeout=120, json={
-        "messages": [*prefix, {"role": "user", "content": "What do keepers write?"}],
-        "max_tokens": 4, "temperature": 0,
-    })
+    r = httpx.post(
+        f"{daemon.http_url}/v1/chat/completions",
+        timeout=120,
+        json={
+            "messages": [*prefix, {"role": "user", "content": "What do keepers write?"}],
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+    )
     assert r.status_code == 200, r.text
     assert _metric(daemon, "llmws_prefix_restored_tokens_total") >= body["cached_tokens"] - 8
 

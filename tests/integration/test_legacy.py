@@ -242,10 +242,14 @@ async def test_a_reply_the_original_client_was_not_given_survives_its_ack(shared
     """A reply started by an earlier connection and still running is not trimmed by the original client's ack."""
     peer = await Peer.open(shared_daemon.ws_url)
     sid = peer.welcome["session_id"]
-    await peer.send({
-        "type": "inference", "prompt": "Count from one to forty.", "request_id": "long",
-        "config": {"temperature": 0, "max_new_tokens": 60},
-    })
+    await peer.send(
+        {
+            "type": "inference",
+            "prompt": "Count from one to forty.",
+            "request_id": "long",
+            "config": {"temperature": 0, "max_new_tokens": 60},
+        }
+    )
     await peer.until("token", request_id="long")
     await peer.close()  # the reply runs on without its client
 
@@ -316,9 +320,7 @@ async def test_null_origin_resumes_only_sessions_such_pages_started(shared_daemo
     mine = await Peer.open(shared_daemon.ws_url)
     other_sid = mine.welcome["session_id"]
     await mine.close()
-    page = await Peer.open(
-        shared_daemon.ws_url, {"session_id": other_sid}, additional_headers=headers
-    )
+    page = await Peer.open(shared_daemon.ws_url, {"session_id": other_sid}, additional_headers=headers)
     assert page.welcome["resumed"] is False and page.welcome["session_id"] != other_sid
     page_sid = page.welcome["session_id"]
     await page.close()
@@ -330,9 +332,7 @@ async def test_null_origin_resumes_only_sessions_such_pages_started(shared_daemo
 async def test_null_origin_with_the_admin_key_may_manage_models(daemon_factory) -> None:
     """Origin: null with the admin key gets model management (the key, not the page, decides)."""
     d = daemon_factory(config={"security": {"admin_keys": ["admin-key-123456"]}})
-    page = await Peer.open(
-        d.ws_url, {"api_key": "admin-key-123456"}, additional_headers=[("Origin", "null")]
-    )
+    page = await Peer.open(d.ws_url, {"api_key": "admin-key-123456"}, additional_headers=[("Origin", "null")])
     await page.send({"type": "delete_model", "model_name": "no-such-model", "request_id": "d"})
     err = (await page.until("error"))[-1]
     assert err["code"] == "model_not_found", err  # past the admin check

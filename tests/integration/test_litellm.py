@@ -75,9 +75,13 @@ class Upstream:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 with upstream.lock:
-                    upstream.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+                    upstream.requests.append(
+                        {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}
+                    )
                 if upstream.status != 200:
-                    data = json.dumps(upstream.error_body or {"error": {"message": "nope", "type": "server_error"}}).encode()
+                    data = json.dumps(
+                        upstream.error_body or {"error": {"message": "nope", "type": "server_error"}}
+                    ).encode()
                     self.send_response(upstream.status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
@@ -96,7 +100,16 @@ class Upstream:
                         if upstream.delay:
                             time.sleep(upstream.delay)
                     self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-                    self._event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": len(upstream.reply), "total_tokens": 7 + len(upstream.reply)}})
+                    self._event(
+                        {
+                            "choices": [],
+                            "usage": {
+                                "prompt_tokens": 7,
+                                "completion_tokens": len(upstream.reply),
+                                "total_tokens": 7 + len(upstream.reply),
+                            },
+                        }
+                    )
                     self.wfile.write(b"data: [DONE]\n\n")
                     self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
@@ -126,7 +139,9 @@ def upstream() -> Iterator[Upstream]:
     up.server.server_close()
 
 
-def make_backend(up: Upstream, *, name: str = "rec", key_env: str | None = None, env: dict[str, str] | None = None) -> LiteLLMBackend:
+def make_backend(
+    up: Upstream, *, name: str = "rec", key_env: str | None = None, env: dict[str, str] | None = None
+) -> LiteLLMBackend:
     backend = LiteLLMBackend(
         RemoteModel(name=name, model="openai/rec", api_base=up.base, api_key_env=key_env, max_context=4096),
         env=env if env is not None else {},
@@ -189,7 +204,10 @@ def test_cancel_closes_the_upstream_stream(upstream: Upstream) -> None:
     backend = make_backend(upstream)
     got: list[str] = []
     result = backend.generate(
-        [{"role": "user", "content": PROMPT}], GenerationParams(max_new_tokens=16, temperature=0), got.append, lambda: len(got) >= 2
+        [{"role": "user", "content": PROMPT}],
+        GenerationParams(max_new_tokens=16, temperature=0),
+        got.append,
+        lambda: len(got) >= 2,
     )
     assert result.finish_reason == "cancelled"
     assert len(got) == 2
@@ -200,14 +218,42 @@ def test_cancel_closes_the_upstream_stream(upstream: Upstream) -> None:
 @pytest.mark.parametrize(
     ("status", "body", "expected", "code"),
     [
-        (401, {"error": {"message": "Incorrect API key sk-secret", "type": "invalid_request_error"}}, errors.GenerationError, "generation_failed"),
+        (
+            401,
+            {"error": {"message": "Incorrect API key sk-secret", "type": "invalid_request_error"}},
+            errors.GenerationError,
+            "generation_failed",
+        ),
         (429, {"error": {"message": "slow down", "type": "rate_limit"}}, errors.Busy, "busy"),
-        (404, {"error": {"message": "model rec does not exist", "type": "invalid_request_error"}}, errors.ModelNotFound, "model_not_found"),
-        (400, {"error": {"message": "This model's maximum context length is 4096 tokens", "type": "invalid_request_error", "code": "context_length_exceeded"}}, errors.ContextTooLong, "context_too_long"),
-        (500, {"error": {"message": "boom at /srv/secret", "type": "server_error"}}, errors.GenerationError, "generation_failed"),
+        (
+            404,
+            {"error": {"message": "model rec does not exist", "type": "invalid_request_error"}},
+            errors.ModelNotFound,
+            "model_not_found",
+        ),
+        (
+            400,
+            {
+                "error": {
+                    "message": "This model's maximum context length is 4096 tokens",
+                    "type": "invalid_request_error",
+                    "code": "context_length_exceeded",
+                }
+            },
+            errors.ContextTooLong,
+            "context_too_long",
+        ),
+        (
+            500,
+            {"error": {"message": "boom at /srv/secret", "type": "server_error"}},
+            errors.GenerationError,
+            "generation_failed",
+        ),
     ],
 )
-def test_upstream_errors_become_safe_project_errors(upstream: Upstream, status: int, body: dict[str, Any], expected: type, code: str) -> None:
+def test_upstream_errors_become_safe_project_errors(
+    upstream: Upstream, status: int, body: dict[str, Any], expected: type, code: str
+) -> None:
     """An upstream failure reaches the client as the project's error, without the provider's text."""
     upstream.status, upstream.error_body = status, body
     backend = make_backend(upstream)
@@ -220,7 +266,9 @@ def test_upstream_errors_become_safe_project_errors(upstream: Upstream, status: 
 
 def test_unreachable_upstream_is_a_generation_error() -> None:
     """A remote model whose server is down fails with a clear error, not a traceback."""
-    backend = LiteLLMBackend(RemoteModel(name="down", model="openai/x", api_base="http://127.0.0.1:9/v1", max_context=2048), env={})
+    backend = LiteLLMBackend(
+        RemoteModel(name="down", model="openai/x", api_base="http://127.0.0.1:9/v1", max_context=2048), env={}
+    )
     backend.load()
     with pytest.raises(errors.GenerationError) as info:
         run(backend)
@@ -245,7 +293,10 @@ def test_helicone_gateway_for_openai_models(upstream: Upstream) -> None:
     """OpenAI-type models without their own base URL go through Helicone's gateway."""
     assert helicone_call_settings("openai/gpt-4o-mini", None, "s", {"HELICONE_API_KEY": "k"})[0] == HELICONE_OPENAI_BASE
     assert helicone_call_settings("openai/gpt-4o-mini", None, "s", {})[0] is None
-    assert helicone_call_settings("hosted_vllm/m", "http://vllm:8000/v1", "s", {"HELICONE_API_KEY": "k"})[0] == "http://vllm:8000/v1"
+    assert (
+        helicone_call_settings("hosted_vllm/m", "http://vllm:8000/v1", "s", {"HELICONE_API_KEY": "k"})[0]
+        == "http://vllm:8000/v1"
+    )
     # HELICONE_BASE_URL (a self-hosted Helicone) replaces the public gateway: here, the recorder.
     env = {"HELICONE_API_KEY": "hk", "HELICONE_BASE_URL": upstream.base, "OPENAI_KEY": "sk-o"}
     backend = LiteLLMBackend(RemoteModel(name="oai", model="openai/gpt-4o-mini", api_key_env="OPENAI_KEY"), env=env)
@@ -274,10 +325,12 @@ def test_context_limit_falls_back_to_8192(upstream: Upstream) -> None:
 
 async def test_manager_lists_and_serves_remote_models_per_request(upstream: Upstream, tmp_path: Any) -> None:
     """Remote models are listed with backend litellm and can serve one request without a switch."""
-    settings = Settings.model_validate({
-        "paths": {"var_dir": str(tmp_path / "var"), "models_dir": str(tmp_path / "models")},
-        "remote_models": [{"name": "rec", "model": "openai/rec", "api_base": upstream.base, "max_context": 4096}],
-    })
+    settings = Settings.model_validate(
+        {
+            "paths": {"var_dir": str(tmp_path / "var"), "models_dir": str(tmp_path / "models")},
+            "remote_models": [{"name": "rec", "model": "openai/rec", "api_base": upstream.base, "max_context": 4096}],
+        }
+    )
     manager = ModelManager(settings)
     listed = {m["name"]: m for m in manager.list_models()}
     assert listed["rec"]["backend"] == "litellm" and listed["rec"]["format"] == "remote"
@@ -293,24 +346,39 @@ async def test_manager_lists_and_serves_remote_models_per_request(upstream: Upst
     await manager.close()
 
 
-async def test_router_skips_a_dead_upstream_and_forwards_helicone_headers(upstream: Upstream, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_router_skips_a_dead_upstream_and_forwards_helicone_headers(
+    upstream: Upstream, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A router model retries on a live upstream when another is down, with Helicone's headers."""
     monkeypatch.setenv("HELICONE_API_KEY", "hk-r")
     router = {
         "model_list": [
-            {"model_name": "g", "litellm_params": {"model": "openai/dead", "api_base": "http://127.0.0.1:9/v1", "api_key": "x", "weight": 100}},
-            {"model_name": "g", "litellm_params": {"model": "openai/live", "api_base": upstream.base, "api_key": "x", "weight": 1}},
+            {
+                "model_name": "g",
+                "litellm_params": {
+                    "model": "openai/dead",
+                    "api_base": "http://127.0.0.1:9/v1",
+                    "api_key": "x",
+                    "weight": 100,
+                },
+            },
+            {
+                "model_name": "g",
+                "litellm_params": {"model": "openai/live", "api_base": upstream.base, "api_key": "x", "weight": 1},
+            },
         ],
         "num_retries": 3,
         "allowed_fails": 0,
         "cooldown_time": 300,
         "retry_after": 0,
     }
-    settings = Settings.model_validate({
-        "paths": {"var_dir": str(tmp_path / "var"), "models_dir": str(tmp_path / "models")},
-        "remote_models": [{"name": "g", "model": "router/g"}],
-        "router": router,
-    })
+    settings = Settings.model_validate(
+        {
+            "paths": {"var_dir": str(tmp_path / "var"), "models_dir": str(tmp_path / "models")},
+            "remote_models": [{"name": "g", "model": "router/g"}],
+            "router": router,
+        }
+    )
     manager = ModelManager(settings)
     backend = await manager.backend_for("g")
     assert backend.info.max_context == 8192  # no max_context and unknown to LiteLLM
@@ -349,7 +417,12 @@ def gateway_config(upstreams: list[DaemonProcess]) -> dict[str, Any]:
             "model_list": [
                 {
                     "model_name": "pool",
-                    "litellm_params": {"model": "openai/smollm2", "api_base": u.http_url + "/v1", "api_key": "unused", "weight": 100 if i == 0 else 1},
+                    "litellm_params": {
+                        "model": "openai/smollm2",
+                        "api_base": u.http_url + "/v1",
+                        "api_key": "unused",
+                        "weight": 100 if i == 0 else 1,
+                    },
                 }
                 for i, u in enumerate(upstreams)
             ],
@@ -388,7 +461,14 @@ async def test_gateway_streams_fails_over_and_resumes(daemon_factory: Callable[.
             assert text == first, "every upstream serves the same greedy reply"
             assert not [e for e in events if e["type"] in ("error", "warning")]
 
-        await peer.send({"type": "inference", "prompt": "Tell me about the sea.", "request_id": "sea", "config": {"max_new_tokens": 16, "temperature": 0}})
+        await peer.send(
+            {
+                "type": "inference",
+                "prompt": "Tell me about the sea.",
+                "request_id": "sea",
+                "config": {"max_new_tokens": 16, "temperature": 0},
+            }
+        )
         before = await peer.until("token", 180, request_id="sea")
         last_seq = before[-1]["seq"]
     finally:
@@ -417,7 +497,13 @@ async def test_gateway_streams_fails_over_and_resumes(daemon_factory: Callable[.
 async def test_per_request_remote_model_on_a_local_daemon(daemon_factory: Callable[..., DaemonProcess]) -> None:
     """A daemon serving its local model lists a remote model and can be switched to it."""
     up = daemon_factory()
-    gw = daemon_factory(config={"remote_models": [{"name": "up", "model": "openai/smollm2", "api_base": up.http_url + "/v1", "max_context": 2048}]})
+    gw = daemon_factory(
+        config={
+            "remote_models": [
+                {"name": "up", "model": "openai/smollm2", "api_base": up.http_url + "/v1", "max_context": 2048}
+            ]
+        }
+    )
     peer = await Peer.open(gw.ws_url)
     try:
         assert peer.welcome["model"]["backend"] == "llamacpp"
@@ -433,7 +519,6 @@ async def test_per_request_remote_model_on_a_local_daemon(daemon_factory: Callab
         await peer.close()
 
 
-
 def _per_request_model_wired() -> bool:
     """Whether the chat service routes a request's `model` (the diff in issue 6's report)."""
     import inspect
@@ -445,15 +530,31 @@ def _per_request_model_wired() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _per_request_model_wired(), reason="chat.py does not pass a request's model yet")
-async def test_request_model_selects_a_remote_model_for_one_request(daemon_factory: Callable[..., DaemonProcess]) -> None:
+async def test_request_model_selects_a_remote_model_for_one_request(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
     """A WebSocket or OpenAI request naming a remote model is served by it, and the local model stays loaded."""
     import httpx
 
     up = daemon_factory()
-    gw = daemon_factory(config={"remote_models": [{"name": "up", "model": "openai/smollm2", "api_base": up.http_url + "/v1", "max_context": 2048}]})
+    gw = daemon_factory(
+        config={
+            "remote_models": [
+                {"name": "up", "model": "openai/smollm2", "api_base": up.http_url + "/v1", "max_context": 2048}
+            ]
+        }
+    )
     peer = await Peer.open(gw.ws_url)
     try:
-        await peer.send({"type": "inference", "prompt": PROMPT, "request_id": "r", "model": "up", "config": {"max_new_tokens": 16, "temperature": 0}})
+        await peer.send(
+            {
+                "type": "inference",
+                "prompt": PROMPT,
+                "request_id": "r",
+                "model": "up",
+                "config": {"max_new_tokens": 16, "temperature": 0},
+            }
+        )
         events = await peer.until("done", 180, request_id="r")
         assert not [e for e in events if e["type"] == "error"] and text_of(events, "r")
         await peer.send({"type": "inference", "prompt": PROMPT, "request_id": "bad", "model": "nope"})
@@ -465,12 +566,18 @@ async def test_request_model_selects_a_remote_model_for_one_request(daemon_facto
     finally:
         await peer.close()
     async with httpx.AsyncClient(timeout=scaled(180)) as http:
-        r = await http.post(gw.http_url + "/v1/chat/completions", json={"model": "up", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "temperature": 0})
+        r = await http.post(
+            gw.http_url + "/v1/chat/completions",
+            json={"model": "up", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "up" and r.json()["choices"][0]["message"]["content"]
         # The nash streaming route too: the upstream daemon serves it.
         served = await _generations(http, up)
-        r = await http.post(gw.http_url + "/v1/chat/completions/stream", json={"model": "up", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "temperature": 0})
+        r = await http.post(
+            gw.http_url + "/v1/chat/completions/stream",
+            json={"model": "up", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         data = [line[5:].strip() for line in r.text.splitlines() if line.startswith("data:")]
         assert data[-1] == "[DONE]" and any("content" in json.loads(d) for d in data[:-1])

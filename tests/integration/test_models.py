@@ -54,7 +54,8 @@ async def test_failed_switch_keeps_old_model(daemon_factory) -> None:
     d = daemon_factory(start=False)
     (d.models_dir / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 64)
     shutil.copy(embedded_model_path(), d.models_dir / "good.gguf")
-    d.start(); peer = await Peer.open(d.ws_url)  # noqa: E702
+    d.start()
+    peer = await Peer.open(d.ws_url)  # noqa: E702
     await peer.send({"type": "switch_model", "model_path": "broken.gguf", "request_id": "b"})
     err = (await peer.until("error", timeout=120))[-1]
     assert err["code"] in ("model_load_failed", "model_not_found") and err["request_id"] == "b"

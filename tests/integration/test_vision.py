@@ -106,7 +106,9 @@ async def test_an_image_prompt_streams_and_counts_the_image(vlm_daemon: DaemonPr
     await peer.close()
 
 
-async def test_bad_images_get_typed_errors_and_the_connection_serves_on(vlm_daemon: DaemonProcess, tmp_path: Path) -> None:
+async def test_bad_images_get_typed_errors_and_the_connection_serves_on(
+    vlm_daemon: DaemonProcess, tmp_path: Path
+) -> None:
     """Corrupt data, a non-image file by path, too many images: invalid_image; then a normal reply."""
     secret = tmp_path / "notes.png"
     secret.write_text("the launch codes")
@@ -128,9 +130,7 @@ async def test_bad_images_get_typed_errors_and_the_connection_serves_on(vlm_daem
     await peer.close()
 
 
-async def test_history_keeps_images_across_reconnect_and_restart(
-    tmp_path: Path, vlm_folder: Path
-) -> None:
+async def test_history_keeps_images_across_reconnect_and_restart(tmp_path: Path, vlm_folder: Path) -> None:
     """A follow-up without images still sees the first turn's image, after a reconnect and a kill -9
     restart; the image is never on disk in plaintext."""
     d = start_vlm_daemon(tmp_path / "d", vlm_folder)
@@ -187,18 +187,28 @@ def sdk(vlm_daemon: DaemonProcess) -> Iterator[openai.OpenAI]:
 
 
 def image_message(text: str, url: str = DATA_URL) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]
+    return [
+        {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}
+    ]
 
 
 def test_openai_image_url_parts(sdk: openai.OpenAI) -> None:
     """The SDK's image_url data URL is read: prompt_tokens count it; streaming works; /v1/models says vision."""
-    plain = sdk.chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": "Describe it."}], max_tokens=4, temperature=0)
-    seen = sdk.chat.completions.create(model="tiny-llava", messages=image_message("Describe it."), max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    plain = sdk.chat.completions.create(
+        model="tiny-llava", messages=[{"role": "user", "content": "Describe it."}], max_tokens=4, temperature=0
+    )
+    seen = sdk.chat.completions.create(
+        model="tiny-llava", messages=image_message("Describe it."), max_tokens=4, temperature=0
+    )  # type: ignore[arg-type]
     assert seen.usage is not None and plain.usage is not None
     assert seen.usage.prompt_tokens > plain.usage.prompt_tokens
     stream = sdk.chat.completions.create(
-        model="tiny-llava", messages=image_message("Describe it."), max_tokens=4, temperature=0,  # type: ignore[arg-type]
-        stream=True, stream_options={"include_usage": True},
+        model="tiny-llava",
+        messages=image_message("Describe it."),
+        max_tokens=4,
+        temperature=0,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -210,12 +220,20 @@ def test_openai_image_url_parts(sdk: openai.OpenAI) -> None:
 def test_openai_bad_and_remote_images(sdk: openai.OpenAI, vlm_daemon: DaemonProcess) -> None:
     """A remote URL is refused (allow_image_urls is off), a corrupt image is invalid_image, as OpenAI errors."""
     with pytest.raises(openai.BadRequestError) as remote:
-        sdk.chat.completions.create(model="tiny-llava", messages=image_message("hi", "https://example.com/cat.png"), max_tokens=4)  # type: ignore[arg-type]
+        sdk.chat.completions.create(
+            model="tiny-llava", messages=image_message("hi", "https://example.com/cat.png"), max_tokens=4
+        )  # type: ignore[arg-type]
     assert remote.value.code == "unsupported" and "allow_image_urls" in remote.value.message
     with pytest.raises(openai.BadRequestError) as bad:
-        sdk.chat.completions.create(model="tiny-llava", messages=image_message("hi", "data:image/png;base64,AAAA"), max_tokens=4)  # type: ignore[arg-type]
+        sdk.chat.completions.create(
+            model="tiny-llava", messages=image_message("hi", "data:image/png;base64,AAAA"), max_tokens=4
+        )  # type: ignore[arg-type]
     assert bad.value.code == "invalid_image"
-    r = httpx.post(vlm_daemon.http_url + "/v1/chat/completions", json={"messages": image_message("hi"), "max_tokens": 2}, timeout=scaled(60))
+    r = httpx.post(
+        vlm_daemon.http_url + "/v1/chat/completions",
+        json={"messages": image_message("hi"), "max_tokens": 2},
+        timeout=scaled(60),
+    )
     assert r.status_code == 200
 
 
@@ -226,7 +244,9 @@ async def test_text_only_model_refuses_images(shared_daemon: DaemonProcess) -> N
     err = await error_of(peer, prompt("hi", B64), "x")
     assert err["code"] == "unsupported"
     await peer.close()
-    with openai.OpenAI(base_url=shared_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0) as c:
+    with openai.OpenAI(
+        base_url=shared_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0
+    ) as c:
         with pytest.raises(openai.BadRequestError) as refused:
             c.chat.completions.create(model="x", messages=image_message("hi"), max_tokens=4)  # type: ignore[arg-type]
         assert refused.value.code == "unsupported"
@@ -247,9 +267,24 @@ def test_repl_image_flag(vlm_daemon: DaemonProcess, tmp_path: Path) -> None:
 
     def one_shot(*extra: str) -> dict[str, Any]:
         result = subprocess.run(
-            [sys.executable, "llm.py", "--server", vlm_daemon.ws_url, "-p", "What is it?", "--json",
-             "--temperature", "0", "--max-new-tokens", "3", *extra],
-            cwd=REPO, capture_output=True, text=True, timeout=scaled(120),
+            [
+                sys.executable,
+                "llm.py",
+                "--server",
+                vlm_daemon.ws_url,
+                "-p",
+                "What is it?",
+                "--json",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "3",
+                *extra,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=scaled(120),
         )
         assert result.returncode == 0, result.stderr
         events = [json.loads(line) for line in result.stdout.splitlines()]
@@ -277,17 +312,32 @@ def test_images_reach_a_remote_vision_model(vlm_daemon: DaemonProcess, daemon_fa
     """A gateway daemon sends images to a remote model configured with vision (here the VLM daemon's
     /v1, through LiteLLM): the upstream reads them; a remote model without vision refuses them."""
     pytest.importorskip("litellm")
-    remote = {"model": "openai/tiny-llava", "api_base": vlm_daemon.http_url + "/v1", "api_key": None, "max_context": 512}
-    gw = daemon_factory(config={"remote_models": [
-        {"name": "seeing", **{k: v for k, v in remote.items() if v is not None}, "vision": True},
-        {"name": "blind", **{k: v for k, v in remote.items() if v is not None}},
-    ]})
+    remote = {
+        "model": "openai/tiny-llava",
+        "api_base": vlm_daemon.http_url + "/v1",
+        "api_key": None,
+        "max_context": 512,
+    }
+    gw = daemon_factory(
+        config={
+            "remote_models": [
+                {"name": "seeing", **{k: v for k, v in remote.items() if v is not None}, "vision": True},
+                {"name": "blind", **{k: v for k, v in remote.items() if v is not None}},
+            ]
+        }
+    )
     with openai.OpenAI(base_url=gw.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0) as c:
         listed = {m.id: m.model_dump() for m in c.models.list().data}
         assert listed["seeing"]["vision"] is True and listed["blind"]["vision"] is False
-        direct = openai.OpenAI(base_url=vlm_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0)
-        want = direct.chat.completions.create(model="tiny-llava", messages=image_message("Describe it."), max_tokens=4, temperature=0)  # type: ignore[arg-type]
-        got = c.chat.completions.create(model="seeing", messages=image_message("Describe it."), max_tokens=4, temperature=0)  # type: ignore[arg-type]
+        direct = openai.OpenAI(
+            base_url=vlm_daemon.http_url + "/v1", api_key="unused", timeout=scaled(120), max_retries=0
+        )
+        want = direct.chat.completions.create(
+            model="tiny-llava", messages=image_message("Describe it."), max_tokens=4, temperature=0
+        )  # type: ignore[arg-type]
+        got = c.chat.completions.create(
+            model="seeing", messages=image_message("Describe it."), max_tokens=4, temperature=0
+        )  # type: ignore[arg-type]
         assert got.choices[0].message.content == want.choices[0].message.content
         assert got.usage is not None and want.usage is not None
         assert got.usage.prompt_tokens == want.usage.prompt_tokens  # the upstream's count, image included
@@ -303,29 +353,54 @@ def test_anthropic_image_blocks_and_ollama_images(vlm_daemon: DaemonProcess) -> 
     block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": B64}}
 
     def anthropic(content: Any) -> dict[str, Any]:
-        r = httpx.post(base + "/v1/messages", json={
-            "model": "tiny-llava", "max_tokens": 3, "temperature": 0,
-            "messages": [{"role": "user", "content": content}],
-        }, timeout=scaled(120))
+        r = httpx.post(
+            base + "/v1/messages",
+            json={
+                "model": "tiny-llava",
+                "max_tokens": 3,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": content}],
+            },
+            timeout=scaled(120),
+        )
         assert r.status_code == 200, r.text
         return r.json()
 
     plain = anthropic([{"type": "text", "text": "Describe it."}])
     seen = anthropic([block, {"type": "text", "text": "Describe it."}])
     assert seen["usage"]["input_tokens"] > plain["usage"]["input_tokens"]
-    bad = httpx.post(base + "/v1/messages", json={
-        "model": "tiny-llava", "max_tokens": 3,
-        "messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}],
-    }, timeout=scaled(60))
+    bad = httpx.post(
+        base + "/v1/messages",
+        json={
+            "model": "tiny-llava",
+            "max_tokens": 3,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+                    ],
+                }
+            ],
+        },
+        timeout=scaled(60),
+    )
     assert bad.status_code == 400 and bad.json()["type"] == "error"
 
     def ollama(images: list[str] | None) -> dict[str, Any]:
         msg: dict[str, Any] = {"role": "user", "content": "Describe it."}
         if images:
             msg["images"] = images
-        r = httpx.post(base + "/api/chat", json={
-            "model": "tiny-llava", "stream": False, "messages": [msg], "options": {"temperature": 0, "num_predict": 3},
-        }, timeout=scaled(120))
+        r = httpx.post(
+            base + "/api/chat",
+            json={
+                "model": "tiny-llava",
+                "stream": False,
+                "messages": [msg],
+                "options": {"temperature": 0, "num_predict": 3},
+            },
+            timeout=scaled(120),
+        )
         assert r.status_code == 200, r.text
         return r.json()
 

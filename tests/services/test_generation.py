@@ -35,7 +35,9 @@ ADD = {"name": "add", "parameters": {"type": "object"}}
 
 
 async def _service(tmp_path: Path, backend: ScriptedBackend) -> GenerationService:
-    settings = Settings.model_validate({"paths": {"var_dir": str(tmp_path / "var"), "models_dir": str(tmp_path / "models")}})
+    settings = Settings.model_validate(
+        {"paths": {"var_dir": str(tmp_path / "var"), "models_dir": str(tmp_path / "models")}}
+    )
     manager = await scripted_manager(settings, backend, settings.models_dir)
     chat = ChatService(settings, SessionStore(tmp_path / "sessions", Sealer(b"k" * 32)), manager)
     return GenerationService(chat, ModelService(manager, chat, settings))
@@ -67,7 +69,9 @@ async def test_max_tokens_ends_the_reply_with_length(tmp_path: Path) -> None:
 
 async def test_a_tool_call_is_held_back_and_parsed(tmp_path: Path) -> None:
     """With tools offered, a reply that is a call never streams as text: one ToolCallEvent, then done."""
-    service = await _service(tmp_path, ScriptedBackend(["<tool_", 'call>{"name": "add", ', '"arguments": {"a": 1}}</tool_call>']))
+    service = await _service(
+        tmp_path, ScriptedBackend(["<tool_", 'call>{"name": "add", ', '"arguments": {"a": 1}}</tool_call>'])
+    )
     events = await _events(service, GenerationRequest(HI, tools=[ADD]))
     assert not any(isinstance(e, TokenEvent) for e in events)
     (call_event,) = [e for e in events if isinstance(e, ToolCallEvent)]
@@ -126,7 +130,10 @@ async def test_json_mode_with_a_grammar_streams(tmp_path: Path) -> None:
         gate.set()
         rest = [ev async for ev in events]
     assert isinstance(rest[-1], DoneEvent) and rest[-1].content == '{"a": 1}'
-    assert backend.seen[-1].response_format == {"type": "json_schema", "json_schema": {"name": "response", "schema": {"type": "object"}}}
+    assert backend.seen[-1].response_format == {
+        "type": "json_schema",
+        "json_schema": {"name": "response", "schema": {"type": "object"}},
+    }
 
 
 async def test_a_request_cancelled_while_queued_leaves_the_queue(tmp_path: Path) -> None:
@@ -183,15 +190,19 @@ async def test_dropped_turns_come_with_a_warning(tmp_path: Path) -> None:
     events = await _events(service, GenerationRequest([*history, *HI], Sampling(max_tokens=8), keep_reply_room=True))
     warnings = [e for e in events if isinstance(e, WarningEvent)]
     assert warnings and warnings[0].code == "history_truncated"
-    assert isinstance(events[0], StartEvent) and events[0].dropped_messages == warnings[0].details["dropped_messages"] > 0
+    assert (
+        isinstance(events[0], StartEvent) and events[0].dropped_messages == warnings[0].details["dropped_messages"] > 0
+    )
 
 
 def test_tool_traffic_is_rendered_as_text_every_template_accepts() -> None:
     """An assistant's calls and a tool's result become Hermes-style text in ordinary roles."""
-    out = render_messages([
-        {"role": "assistant", "content": "", "tool_calls": [{"name": "add", "arguments": '{"a": 1}'}]},
-        {"role": "tool", "content": "2"},
-    ])
+    out = render_messages(
+        [
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "add", "arguments": '{"a": 1}'}]},
+            {"role": "tool", "content": "2"},
+        ]
+    )
     assert out[0] == {"role": "assistant", "content": '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'}
     assert out[1] == {"role": "user", "content": "<tool_response>\n2\n</tool_response>"}
     with pytest.raises(errors.BadRequest):

@@ -45,7 +45,9 @@ class StepBackend(ScriptedBackend):
 
 
 async def _service(tmp_path: Path, backend: ScriptedBackend) -> ResponseService:
-    settings = Settings.model_validate({"paths": {"var_dir": str(tmp_path / "var"), "models_dir": str(tmp_path / "models")}})
+    settings = Settings.model_validate(
+        {"paths": {"var_dir": str(tmp_path / "var"), "models_dir": str(tmp_path / "models")}}
+    )
     (tmp_path / "models").mkdir(exist_ok=True)
     manager = await scripted_manager(settings, backend, settings.models_dir)
     chat = ChatService(settings, SessionStore(tmp_path / "sessions", Sealer(KEY)), manager)

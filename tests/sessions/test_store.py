@@ -44,10 +44,7 @@ def store(root: Path, sealer: Sealer) -> SessionStore:
 
 
 def _fill(session, n: int, start: int = 1) -> list[dict]:
-    return [
-        session.append({"type": "token", "data": f"tok{i} {SECRET}"})
-        for i in range(start, start + n)
-    ]
+    return [session.append({"type": "token", "data": f"tok{i} {SECRET}"}) for i in range(start, start + n)]
 
 
 def _reopen(root: Path, sealer: Sealer, sid: str, **kw):
@@ -384,9 +381,7 @@ def test_ack_keeps_reporting_unacked_corruption(root, sealer, store):
 # -- failures and durability ----------------------------------------------------
 
 
-def test_write_error_raises_storage_error_and_session_stays_readable(
-    root, sealer, store, monkeypatch
-):
+def test_write_error_raises_storage_error_and_session_stays_readable(root, sealer, store, monkeypatch):
     """A full disk fails the append with storage_error; earlier events still replay and the seq is not lost."""
     session = store.create()
     events = _fill(session, 2)
@@ -644,7 +639,7 @@ def test_buffer_line_is_the_json_of_its_record(store):
 def test_appended_event_carries_the_json_that_was_sealed(root, sealer, store):
     """What a socket sends for an event (`frame`) is exactly what the buffer holds sealed."""
     session = store.create()
-    event = session.append({"type": "token", "data": "héllo \"quoted\""})
+    event = session.append({"type": "token", "data": 'héllo "quoted"'})
     assert json.loads(event.frame) == event
     record = json.loads(_lines(root, session.id)[0])
     opened = sealer.open(session.id, "event", record["s"], base64.b64decode(record["n"]), base64.b64decode(record["c"]))
@@ -660,8 +655,10 @@ def _hold_fsync(monkeypatch, *, which: str) -> tuple[threading.Event, threading.
     def fsync(fd: int) -> None:
         import traceback
 
-        if not held and threading.current_thread() is not threading.main_thread() and any(
-            f.name == which for f in traceback.extract_stack()
+        if (
+            not held
+            and threading.current_thread() is not threading.main_thread()
+            and any(f.name == which for f in traceback.extract_stack())
         ):
             held.append(fd)
             entered.set()

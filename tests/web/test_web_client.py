@@ -58,9 +58,7 @@ def browser() -> Iterator[Any]:
 
 def _new_page(browser: Any, **viewport: int) -> Any:
     # bypass_csp: the page's CSP forbids eval, which Playwright's wait_for_function relies on.
-    context = browser.new_context(
-        bypass_csp=True, viewport={"width": 1280, "height": 860, **viewport}
-    )
+    context = browser.new_context(bypass_csp=True, viewport={"width": 1280, "height": 860, **viewport})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -139,9 +137,7 @@ def test_chat_streams_and_a_reload_mid_reply_completes_it(browser: Any, daemon: 
     assert (replies.first.locator(".bubble").text_content() or "").strip(), "the reply shows"
     final = page.evaluate("() => window.llmws.text(0)") or ""
     assert final.strip(), "the reply after reload is not empty"
-    assert final.startswith(before["text"]), (
-        "what was shown before the reload is kept, not repeated"
-    )
+    assert final.startswith(before["text"]), "what was shown before the reload is kept, not repeated"
     assert len(final) > len(before["text"])
     assert replies.first.get_attribute("data-finish-reason") in {"stop", "length"}
     assert _state(page)["lastSeq"] > seq_before
@@ -214,9 +210,7 @@ def test_resources_and_config_panels_talk_to_the_server(browser: Any, daemon: An
     assert page.js_errors == []
 
 
-def test_page_opened_from_disk_connects_with_the_server_field(
-    browser: Any, daemon_factory: Any
-) -> None:
+def test_page_opened_from_disk_connects_with_the_server_field(browser: Any, daemon_factory: Any) -> None:
     """Opened as a file (the seed's way), the page connects by default to the server typed in
     the Server field and chats."""
     # A page from disk sends `Origin: null`: allowed by default, to chat (not to manage models).
@@ -267,9 +261,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_the_page_reconnects_by_itself_after_the_daemon_restarts(
-    browser: Any, daemon_factory: Any
-) -> None:
+def test_the_page_reconnects_by_itself_after_the_daemon_restarts(browser: Any, daemon_factory: Any) -> None:
     """When the daemon dies and comes back, the page reconnects to the same session unaided."""
     # Fixed ports, so that the restarted daemon is where the page left it.
     ports = ["--port", str(_free_port()), "--http-port", str(_free_port())]
@@ -279,8 +271,7 @@ def test_the_page_reconnects_by_itself_after_the_daemon_restarts(
 
     daemon.kill()
     page.wait_for_function(
-        "() => !window.llmws.state.connected"
-        " && document.getElementById('status').dataset.state === 'reconnecting'",
+        "() => !window.llmws.state.connected && document.getElementById('status').dataset.state === 'reconnecting'",
         timeout=20 * MS,
     )
     daemon.start()

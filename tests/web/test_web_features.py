@@ -113,16 +113,26 @@ class ScriptedServer:
             await ws.send(json.dumps({**event, "seq": seq}))
 
         await ws.recv()
-        await ws.send(json.dumps({
-            "type": "welcome", "session_id": "5f0c6a52-3d8e-4c1b-9a55-2b7f8f0e7c11", "resumed": False,
-            "model": {"name": "scripted"}, "max_context": 2048, "last_seq": 0,
-        }))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "welcome",
+                    "session_id": "5f0c6a52-3d8e-4c1b-9a55-2b7f8f0e7c11",
+                    "resumed": False,
+                    "model": {"name": "scripted"},
+                    "max_context": 2048,
+                    "last_seq": 0,
+                }
+            )
+        )
         async for frame in ws:
             msg = json.loads(frame)
             if msg.get("type") != "inference" or not self.replies:
                 continue
             rid = msg["request_id"]
-            await emit({"type": "start", "request_id": rid, "tokens_in": 5, "max_tokens": 512, "prompt": msg["prompt"]["user"]})
+            await emit(
+                {"type": "start", "request_id": rid, "tokens_in": 5, "max_tokens": 512, "prompt": msg["prompt"]["user"]}
+            )
             tokens = self.replies.pop(0)
             pauses = iter(self.resumes)
             for token in tokens:
@@ -147,22 +157,24 @@ def _chunks(text: str, size: int = 3) -> list[str | None]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
-HOSTILE = "\n\n".join([
-    'Hello <img src=x onerror="window.pwned=\'img\'"> there',
-    "<script>window.pwned='script'</script>",
-    "[a javascript link](javascript:window.pwned='link')",
-    '<a href="javascript:window.pwned=\'rawlink\'">raw link</a>',
-    "<svg onload=\"window.pwned='svg'\"><circle r=5></circle></svg>",
-    '<iframe src="javascript:window.pwned=\'iframe\'"></iframe>',
-    '![pic](x" onerror="window.pwned=\'mdimg\')',
-    "[data](data:text/html,<script>window.pwned='data'</script>)",
-    "<details open ontoggle=\"window.pwned='details'\"><summary>x</summary></details>",
-    "<style>body{display:none}</style><form action=x><input autofocus onfocus=\"window.pwned='input'\"></form>",
-    "```html\n<script>window.pwned='code'</script>\n```",
-    "```js\" onmouseover=\"window.pwned='lang'\nlet a = 1;\n```",
-    "[ok](https://example.com/) and `<b>inline</b>`",
-    "$\\href{javascript:window.pwned='tex'}{click}$ and $\\htmlClass{x}{y}$",
-])
+HOSTILE = "\n\n".join(
+    [
+        "Hello <img src=x onerror=\"window.pwned='img'\"> there",
+        "<script>window.pwned='script'</script>",
+        "[a javascript link](javascript:window.pwned='link')",
+        "<a href=\"javascript:window.pwned='rawlink'\">raw link</a>",
+        "<svg onload=\"window.pwned='svg'\"><circle r=5></circle></svg>",
+        "<iframe src=\"javascript:window.pwned='iframe'\"></iframe>",
+        "![pic](x\" onerror=\"window.pwned='mdimg')",
+        "[data](data:text/html,<script>window.pwned='data'</script>)",
+        "<details open ontoggle=\"window.pwned='details'\"><summary>x</summary></details>",
+        "<style>body{display:none}</style><form action=x><input autofocus onfocus=\"window.pwned='input'\"></form>",
+        "```html\n<script>window.pwned='code'</script>\n```",
+        "```js\" onmouseover=\"window.pwned='lang'\nlet a = 1;\n```",
+        "[ok](https://example.com/) and `<b>inline</b>`",
+        "$\\href{javascript:window.pwned='tex'}{click}$ and $\\htmlClass{x}{y}$",
+    ]
+)
 
 
 def test_hostile_reply_is_rendered_inert(browser: Any) -> None:
@@ -202,7 +214,13 @@ def test_streaming_renders_finished_blocks_once(browser: Any) -> None:
     )
     code_start, code_more, code_end = "```js\nlet x = 1;\n", "let y = 2;\n", "```\n\nDone."
     tokens = [
-        *_chunks(first), None, *_chunks(rest), *_chunks(code_start), None, *_chunks(code_more), None,
+        *_chunks(first),
+        None,
+        *_chunks(rest),
+        *_chunks(code_start),
+        None,
+        *_chunks(code_more),
+        None,
         *_chunks(code_end),
     ]
     with ScriptedServer([tokens]) as server:
@@ -314,7 +332,10 @@ def test_conversations_survive_reload_restart_and_other_tabs(browser: Any, daemo
     first_reply = page.evaluate("() => window.llmws.text(0)")
 
     page.click("#newConv")
-    page.wait_for_function(f"() => window.llmws.state.connected && window.llmws.state.sessionId && window.llmws.state.sessionId !== '{first}'", timeout=20 * MS)
+    page.wait_for_function(
+        f"() => window.llmws.state.connected && window.llmws.state.sessionId && window.llmws.state.sessionId !== '{first}'",
+        timeout=20 * MS,
+    )
     assert page.locator(".msg").count() == 0, "a new conversation starts empty"
     _send(page, "Name a color.")
     _wait_done(page, 1)
@@ -323,7 +344,9 @@ def test_conversations_survive_reload_restart_and_other_tabs(browser: Any, daemo
     assert titles == ["Name a color.", "Name a fruit."], "titled by their first message, newest first"
 
     page.click(f"#convList .conv[data-id='{first}'] .open")
-    page.wait_for_function(f"() => window.llmws.state.connected && window.llmws.state.sessionId === '{first}'", timeout=20 * MS)
+    page.wait_for_function(
+        f"() => window.llmws.state.connected && window.llmws.state.sessionId === '{first}'", timeout=20 * MS
+    )
     assert page.locator(".msg.user .bubble").all_inner_texts() == ["Name a fruit."]
     assert page.locator("#convList .conv[aria-current='true']").get_attribute("data-id") == first
 
@@ -337,7 +360,9 @@ def test_conversations_survive_reload_restart_and_other_tabs(browser: Any, daemo
     tab.goto(daemon.http_url + "/ui")
     _wait_connected(tab)
     tab.click(f"#convList .conv[data-id='{second}'] .open")
-    tab.wait_for_function(f"() => window.llmws.state.connected && window.llmws.state.sessionId === '{second}'", timeout=20 * MS)
+    tab.wait_for_function(
+        f"() => window.llmws.state.connected && window.llmws.state.sessionId === '{second}'", timeout=20 * MS
+    )
     assert tab.locator(".msg.user .bubble").all_inner_texts() == ["Name a color."]
     second_reply = tab.evaluate("() => window.llmws.text(0)")
     tab.close()
@@ -388,7 +413,9 @@ def test_rename_search_and_delete_remove_the_session_from_disk(browser: Any, dae
     _wait_done(page, 1)
     first = _state(page)["sessionId"]
     page.click("#newConv")
-    page.wait_for_function(f"() => window.llmws.state.connected && window.llmws.state.sessionId !== '{first}'", timeout=20 * MS)
+    page.wait_for_function(
+        f"() => window.llmws.state.connected && window.llmws.state.sessionId !== '{first}'", timeout=20 * MS
+    )
     _send(page, "Good morning.")
     _wait_done(page, 1)
     second = _state(page)["sessionId"]
@@ -420,7 +447,10 @@ def test_rename_search_and_delete_remove_the_session_from_disk(browser: Any, dae
     row = page.locator(f"#convList .conv[data-id='{second}']")
     row.locator("button.delete").click()
     row.locator("button.delete").click()
-    page.wait_for_function(f"() => window.llmws.state.connected && window.llmws.state.sessionId && window.llmws.state.sessionId !== '{second}'", timeout=20 * MS)
+    page.wait_for_function(
+        f"() => window.llmws.state.connected && window.llmws.state.sessionId && window.llmws.state.sessionId !== '{second}'",
+        timeout=20 * MS,
+    )
     assert not (sessions / second).exists()
     assert page.locator(".msg").count() == 0
     assert all(c["id"] not in (first, second) for c in page.evaluate("() => window.llmws.conversations()"))
@@ -523,7 +553,10 @@ def test_export_theme_and_attachments(browser: Any, daemon: Any, tmp_path: Path)
     assert dark != light, "the theme follows the system"
     page.click("#themeToggle")  # system -> dark
     assert page.evaluate(bg) == dark and page.get_attribute("html", "data-theme") == "dark"
-    assert page.evaluate("() => getComputedStyle(document.querySelector('.msg.assistant .bubble')).color") != "rgb(27, 31, 42)"
+    assert (
+        page.evaluate("() => getComputedStyle(document.querySelector('.msg.assistant .bubble')).color")
+        != "rgb(27, 31, 42)"
+    )
     page.wait_for_timeout(300)  # let the buttons' colour transition end before the picture
     _shot(page, "dark")
     page.click("#themeToggle")  # dark -> light

@@ -312,9 +312,7 @@ class BatchScheduler:
                 a = pad(a, (0, 0, new_len - old_len, 0)) if new_len > old_len else a
                 b = pad(b, (0, 0, new_len - length, 0)) if new_len > length else b
                 setattr(mine, attr, torch.cat([a, b.to(a.device)], dim=0))
-        self._mask = torch.cat(
-            [pad(self._mask, (new_len - old_len, 0)), pad(mask, (new_len - length, 0))], dim=0
-        )
+        self._mask = torch.cat([pad(self._mask, (new_len - old_len, 0)), pad(mask, (new_len - length, 0))], dim=0)
         self._pos = torch.cat([self._pos, pos])
         self._active.append(seq)
 
@@ -364,9 +362,7 @@ class BatchScheduler:
         batch = len(self._active)
         self.stats["steps"] += 1
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], batch)
-        ids = torch.tensor(
-            [[s.last_token] for s in self._active], dtype=torch.long, device=self._input_device
-        )
+        ids = torch.tensor([[s.last_token] for s in self._active], dtype=torch.long, device=self._input_device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((batch, 1))], dim=1)
         try:
             out = self._decode_forward(

@@ -74,7 +74,9 @@ def helicone_call_settings(
     return api_base, headers
 
 
-def translate_error(exc: BaseException, model_name: str, *, tokens_in: int = 0, max_context: int = 0) -> errors.LLMWSError:
+def translate_error(
+    exc: BaseException, model_name: str, *, tokens_in: int = 0, max_context: int = 0
+) -> errors.LLMWSError:
     """Map a LiteLLM (or OpenAI SDK) exception to the project's own error, with a safe message.
 
     The real exception is logged by the caller; provider messages can echo keys,
@@ -97,7 +99,11 @@ def translate_error(exc: BaseException, model_name: str, *, tokens_in: int = 0, 
             f"{what} rejected this server's credentials; check the API key it is configured with.",
             reason="upstream_auth",
         )
-    if status == 429 or isinstance(exc, lx.RateLimitError) or type(exc).__name__ in ("RouterRateLimitError", "BudgetExceededError"):
+    if (
+        status == 429
+        or isinstance(exc, lx.RateLimitError)
+        or type(exc).__name__ in ("RouterRateLimitError", "BudgetExceededError")
+    ):
         return errors.Busy(f"{what} is rate-limited or all its upstreams are cooling down; try again shortly.")
     if status == 404 or isinstance(exc, lx.NotFoundError):
         return errors.ModelNotFound(f"{what}'s provider does not know the configured model.")
@@ -105,7 +111,10 @@ def translate_error(exc: BaseException, model_name: str, *, tokens_in: int = 0, 
         return errors.BadRequest(f"{what} refused the request as invalid.")
     if isinstance(exc, lx.Timeout):
         return errors.GenerationError(f"{what} timed out.", reason="upstream_timeout")
-    if isinstance(exc, (lx.APIConnectionError, lx.ServiceUnavailableError, lx.BadGatewayError, lx.InternalServerError, lx.APIError)):
+    if isinstance(
+        exc,
+        (lx.APIConnectionError, lx.ServiceUnavailableError, lx.BadGatewayError, lx.InternalServerError, lx.APIError),
+    ):
         return errors.GenerationError(f"{what} could not be reached or failed.", reason="upstream_unavailable")
     return errors.GenerationError(f"{what} failed.")
 
@@ -167,7 +176,7 @@ class LiteLLMBackend(Backend):
         self._router_factory = router
         self._router: Any = None
         self._env = env
-        self.group = remote.model[len(ROUTER_PREFIX):] if remote.model.startswith(ROUTER_PREFIX) else None
+        self.group = remote.model[len(ROUTER_PREFIX) :] if remote.model.startswith(ROUTER_PREFIX) else None
         # The model LiteLLM's data and tokenizer are looked up with.
         self.data_model = (list(group_models) or [remote.model])[0] if self.group else remote.model
         self._group_max_context = group_max_context
@@ -203,7 +212,9 @@ class LiteLLMBackend(Backend):
             )
         self.info.max_context = self._context_limit()
         self.info.n_ctx_train = self.info.max_context
-        logger.info("remote model %s (%s) ready, context %d", self.remote.name, self.remote.model, self.info.max_context)
+        logger.info(
+            "remote model %s (%s) ready, context %d", self.remote.name, self.remote.model, self.info.max_context
+        )
 
     def _context_limit(self) -> int:
         """The config's `max_context`, else the router's `model_info`, else LiteLLM's model data, else 8192."""
@@ -214,7 +225,9 @@ class LiteLLMBackend(Backend):
         try:
             data = self._litellm.get_model_info(self.data_model)
         except Exception:  # unknown to LiteLLM's map (a self-hosted model): the documented fallback
-            logger.info("LiteLLM has no context data for %s; assuming %d (set max_context)", self.data_model, DEFAULT_CONTEXT)
+            logger.info(
+                "LiteLLM has no context data for %s; assuming %d (set max_context)", self.data_model, DEFAULT_CONTEXT
+            )
             return DEFAULT_CONTEXT
         value = data.get("max_input_tokens") or data.get("max_tokens")
         return int(value) if isinstance(value, int) and value > 0 else DEFAULT_CONTEXT
@@ -263,7 +276,9 @@ class LiteLLMBackend(Backend):
             # retrying and failing over is what the router section is for.
             kwargs["num_retries"] = 0
             kwargs["max_retries"] = 0
-            api_base, headers = helicone_call_settings(self.remote.model, self.remote.api_base, params.cache_key, self.env)
+            api_base, headers = helicone_call_settings(
+                self.remote.model, self.remote.api_base, params.cache_key, self.env
+            )
             if api_base:
                 kwargs["api_base"] = api_base
             if self.remote.api_key_env:

@@ -162,7 +162,12 @@ class LlamaCppBackend(Backend):
         preamble = self._template_start()
         st = self.path.stat()
         self._engine = BatchEngine(
-            ll, self._model, self._ctx, n_slots=n_slots, n_batch=self._n_batch, max_context=n_ctx,
+            ll,
+            self._model,
+            self._ctx,
+            n_slots=n_slots,
+            n_batch=self._n_batch,
+            max_context=n_ctx,
             prefixes=self.prefixes,
             # A stored KV state loads only into the same file with the same slot context.
             model_id=f"llamacpp|{self.path.name}|{st.st_size}|{int(st.st_mtime)}|{n_ctx}",
@@ -184,7 +189,11 @@ class LlamaCppBackend(Backend):
         self.info.extra = {"architecture": arch, "n_threads": self._n_threads, "parallel": n_slots}
         logger.info(
             "loaded %s (context %d per request, %d slots, trained %s, %d threads)",
-            self.path.name, self.info.max_context, n_slots, trained, self._n_threads,
+            self.path.name,
+            self.info.max_context,
+            n_slots,
+            trained,
+            self._n_threads,
         )
 
     def _plan_context(self) -> tuple[int, int]:
@@ -369,8 +378,15 @@ class LlamaCppBackend(Backend):
         return len(self.prompt_tokens(prompt))
 
     def _submit(
-        self, engine: BatchEngine, tokens: list[int], stops: list[str], params: GenerationParams,
-        on_token: TokenCallback, cancelled: CancelCheck, *, persist: bool = False,
+        self,
+        engine: BatchEngine,
+        tokens: list[int],
+        stops: list[str],
+        params: GenerationParams,
+        on_token: TokenCallback,
+        cancelled: CancelCheck,
+        *,
+        persist: bool = False,
     ) -> GenerationResult:
         n_in = len(tokens)
         n_ctx = engine.max_context

@@ -122,8 +122,17 @@ class BatchEngine:
     """The scheduler thread and slots over one llama.cpp context."""
 
     def __init__(
-        self, llama_cpp: Any, model: Any, ctx: Any, *, n_slots: int, n_batch: int, max_context: int,
-        prefixes: PrefixStore | None = None, model_id: str = "", adaptive_threads: int = 0,
+        self,
+        llama_cpp: Any,
+        model: Any,
+        ctx: Any,
+        *,
+        n_slots: int,
+        n_batch: int,
+        max_context: int,
+        prefixes: PrefixStore | None = None,
+        model_id: str = "",
+        adaptive_threads: int = 0,
         preamble: list[int] | None = None,
     ) -> None:
         """Args:
@@ -312,8 +321,10 @@ class BatchEngine:
     def _store(self, slot: Slot) -> None:
         """Seal the slot's KV to disk for its owner (unless it is already there)."""
         if (
-            self.prefixes is None or slot.owner is None
-            or len(slot.cached) < MIN_STORED_PREFIX or slot.stored == len(slot.cached)
+            self.prefixes is None
+            or slot.owner is None
+            or len(slot.cached) < MIN_STORED_PREFIX
+            or slot.stored == len(slot.cached)
         ):
             return
         try:
@@ -387,7 +398,12 @@ class BatchEngine:
         slot.matcher = StopMatcher(req.stops)
         p = req.params
         slot.logprobs = [] if p.logprobs is not None else None
-        slot.greedy = self.fast_greedy and p.temperature <= 0 and not p.grammar and (not p.repeat_penalty or p.repeat_penalty == 1.0)
+        slot.greedy = (
+            self.fast_greedy
+            and p.temperature <= 0
+            and not p.grammar
+            and (not p.repeat_penalty or p.repeat_penalty == 1.0)
+        )
         slot.sampler = None if slot.greedy else self._sampler(p, req.tokens)
         logger.debug("slot %d: %d prompt tokens, %d reused", slot.seq_id, len(req.tokens), n_keep)
 
@@ -477,8 +493,11 @@ class BatchEngine:
             threads = self.governor.observe(n, time.perf_counter() - started)
             if threads != self.threads:
                 ll.llama_set_n_threads(self.ctx, threads, threads)
-                logger.info("decoding with %d threads (step times say the cores are %s)",
-                            threads, "contended" if threads < self.threads else "free")
+                logger.info(
+                    "decoding with %d threads (step times say the cores are %s)",
+                    threads,
+                    "contended" if threads < self.threads else "free",
+                )
                 self.threads = threads
         if rc != 0:
             logger.error("llama_decode returned %d for a batch of %d tokens", rc, n)
@@ -493,14 +512,21 @@ class BatchEngine:
         """Sample every slot that has a logits row this step, emit its text, end it
         when it stops."""
         ll = self.ll
-        sample, is_eog, to_piece, buf = ll.llama_sampler_sample, ll.llama_vocab_is_eog, ll.llama_token_to_piece, self._piece
+        sample, is_eog, to_piece, buf = (
+            ll.llama_sampler_sample,
+            ll.llama_vocab_is_eog,
+            ll.llama_token_to_piece,
+            self._piece,
+        )
         for slot in active:
             if slot.out_row < 0 or slot.req is None:
                 continue
             req = slot.req
             if slot.greedy:
                 row = ll.llama_get_logits_ith(self.ctx, slot.out_row)
-                t = int(np.frombuffer(self._logits_row.from_address(ctypes.addressof(row.contents)), np.float32).argmax())
+                t = int(
+                    np.frombuffer(self._logits_row.from_address(ctypes.addressof(row.contents)), np.float32).argmax()
+                )
             else:
                 t = sample(slot.sampler, self.ctx, slot.out_row)
             if is_eog(self.vocab, t):
@@ -546,7 +572,9 @@ class BatchEngine:
             for i in ids[np.argsort(-logits[ids], kind="stable")]:
                 raw = self._piece_of(int(i))
                 alternatives.append((raw.decode("utf-8", errors="replace"), float(logits[i]) - lse, list(raw)))
-        return TokenLogprob(piece.decode("utf-8", errors="replace"), float(logits[token]) - lse, list(piece), alternatives)
+        return TokenLogprob(
+            piece.decode("utf-8", errors="replace"), float(logits[token]) - lse, list(piece), alternatives
+        )
 
     def _piece_of(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)

@@ -103,7 +103,9 @@ class LlamaCppVisionBackend(Backend):
             import llama_cpp
             from llama_cpp.llama_chat_format import MTMDChatHandler
         except ImportError:
-            raise errors.ModelLoadError("The llama.cpp backend needs llama-cpp-python with multimodal support.") from None
+            raise errors.ModelLoadError(
+                "The llama.cpp backend needs llama-cpp-python with multimodal support."
+            ) from None
         n_ctx, trained = self._context()
         if trained:
             n_ctx = min(n_ctx, trained)

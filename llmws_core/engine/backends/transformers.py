@@ -70,8 +70,7 @@ def generation_error(exc: BaseException) -> errors.LLMWSError:
     if _is_oom(exc):
         _empty_cuda_cache()
         return errors.GenerationError(
-            "The model ran out of memory while generating; try a shorter prompt or fewer "
-            "concurrent requests."
+            "The model ran out of memory while generating; try a shorter prompt or fewer concurrent requests."
         )
     return errors.GenerationError("The model failed while generating; the server log has details.")
 
@@ -176,8 +175,7 @@ class TransformersBackend(Backend):
             import transformers
         except ImportError:
             raise errors.ModelLoadError(
-                "The transformers backend needs torch and transformers "
-                "(pip install 'llmws[transformers]')."
+                "The transformers backend needs torch and transformers (pip install 'llmws[transformers]')."
             ) from None
 
         caps = devmod.probe()
@@ -212,8 +210,11 @@ class TransformersBackend(Backend):
                 from .vision import VisionRunner
 
                 self._vision = VisionRunner(
-                    model, processor, decode=self._decode_ids,
-                    eos_ids=self._eos_ids(model, tokenizer), error_map=generation_error,
+                    model,
+                    processor,
+                    decode=self._decode_ids,
+                    eos_ids=self._eos_ids(model, tokenizer),
+                    error_map=generation_error,
                 )
                 self.info.vision = True
             else:
@@ -240,8 +241,13 @@ class TransformersBackend(Backend):
             ) from None
         logger.info(
             "loaded %s on %s (%s, %s attention, quantization %s, max_context %d, batch %d)",
-            self.info.name, self.info.device, dtype, self.info.attention, self._quantization,
-            self.info.max_context, self.max_batch,
+            self.info.name,
+            self.info.device,
+            dtype,
+            self.info.attention,
+            self._quantization,
+            self.info.max_context,
+            self.max_batch,
         )
 
     def _is_vision(self) -> bool:
@@ -515,10 +521,16 @@ class TransformersBackend(Backend):
         if self._vision is not None:
             self._require()
             return self._vision.generate(  # type: ignore[no-any-return]
-                messages, params, on_token, cancelled,
-                max_context=self.info.max_context, stops=list(params.stop) + self._template_stops,
+                messages,
+                params,
+                on_token,
+                cancelled,
+                max_context=self.info.max_context,
+                stops=list(params.stop) + self._template_stops,
             )
-        return self._run(self.prompt_ids(messages), list(params.stop) + self._template_stops, params, on_token, cancelled)
+        return self._run(
+            self.prompt_ids(messages), list(params.stop) + self._template_stops, params, on_token, cancelled
+        )
 
     def complete(
         self,
@@ -545,7 +557,12 @@ class TransformersBackend(Backend):
         return len(self.raw_prompt_ids(prompt))
 
     def _run(
-        self, ids: list[int], stops: list[str], params: GenerationParams, on_token: TokenCallback, cancelled: CancelCheck,
+        self,
+        ids: list[int],
+        stops: list[str],
+        params: GenerationParams,
+        on_token: TokenCallback,
+        cancelled: CancelCheck,
     ) -> GenerationResult:
         from .batching import Sequence as Request
 

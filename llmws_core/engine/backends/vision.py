@@ -74,9 +74,9 @@ class VisionRunner:
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt text (image placeholders not yet expanded)."""
         try:
-            return str(self.processor.apply_chat_template(
-                conversation(messages), add_generation_prompt=True, tokenize=False
-            ))
+            return str(
+                self.processor.apply_chat_template(conversation(messages), add_generation_prompt=True, tokenize=False)
+            )
         except Exception as exc:
             logger.warning("chat template failed: %s", exc)
             raise errors.BadRequest("The model's chat template rejected these messages.") from None
@@ -158,7 +158,12 @@ class _Stream:
     """A transformers streamer: tokens to text through the stop matcher, to `on_token`."""
 
     def __init__(
-        self, detok: Detokenizer, matcher: StopMatcher, eos_ids: set[int], on_token: TokenCallback, cancelled: CancelCheck
+        self,
+        detok: Detokenizer,
+        matcher: StopMatcher,
+        eos_ids: set[int],
+        on_token: TokenCallback,
+        cancelled: CancelCheck,
     ) -> None:
         self.detok, self.matcher, self.eos_ids = detok, matcher, eos_ids
         self.on_token, self.cancelled = on_token, cancelled

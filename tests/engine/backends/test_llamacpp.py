@@ -74,7 +74,9 @@ def test_matches_llama_cpp_python_non_streamed(backend: LlamaCppBackend) -> None
     """Streamed pieces concatenate to exactly what llama-cpp-python decodes in one go."""
     import llama_cpp
 
-    messages = [{"role": "user", "content": "Translate to French, with emoji: I love coffee and the café near the beach ☕🏖️"}]
+    messages = [
+        {"role": "user", "content": "Translate to French, with emoji: I love coffee and the café near the beach ☕🏖️"}
+    ]
     text, pieces, _ = run(backend, messages, greedy(48))
     tokens, _ = backend.tokenize_prompt(messages)
     ref = llama_cpp.Llama(str(MODEL), n_ctx=512, n_threads=backend.info.extra["n_threads"], verbose=False)
@@ -262,8 +264,11 @@ def test_response_format_constrains_the_reply_without_touching_the_params(backen
     """A json_schema response_format makes the reply schema-valid JSON; the caller's params keep no grammar."""
     import json
 
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"}},
-              "required": ["name", "age"]}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
     params = greedy(128, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
     messages = [{"role": "user", "content": "Bob is 30 years old. Give his name and age."}]
     text, _, res = run(backend, messages, params)
@@ -348,7 +353,9 @@ def test_logprobs_are_real_log_probabilities(backend: LlamaCppBackend) -> None:
     params = greedy(12, logprobs=3, on_logprob=seen.append)
     text, _, res = run(backend, PROMPTS[2], params)
     assert res.logprobs is not None and len(res.logprobs) == res.tokens_out == len(seen)
-    assert "".join(e.token for e in res.logprobs).startswith(text[:1]) and text.startswith("".join(e.token for e in res.logprobs)[:len(text)])
+    assert "".join(e.token for e in res.logprobs).startswith(text[:1]) and text.startswith(
+        "".join(e.token for e in res.logprobs)[: len(text)]
+    )
     for entry in res.logprobs:
         assert entry.logprob <= 0 and len(entry.top) == 3
         values = [lp for _, lp, _ in entry.top]

@@ -49,7 +49,12 @@ def test_several_projectors_pair_by_name(tmp_path: Path) -> None:
     """With two models and two projectors in one folder, each model gets the projector named like it."""
     folder = tmp_path / "m"
     folder.mkdir()
-    for name in ["gemma-3-4b-it-Q4_K_M.gguf", "llava-v1.6-7b-Q5_K_M.gguf", "mmproj-gemma-3-4b-it-f16.gguf", "mmproj-llava-v1.6-7b-f16.gguf"]:
+    for name in [
+        "gemma-3-4b-it-Q4_K_M.gguf",
+        "llava-v1.6-7b-Q5_K_M.gguf",
+        "mmproj-gemma-3-4b-it-f16.gguf",
+        "mmproj-llava-v1.6-7b-f16.gguf",
+    ]:
         (folder / name).write_bytes(tiny_gguf())
     assert find_mmproj(folder / "gemma-3-4b-it-Q4_K_M.gguf") == folder / "mmproj-gemma-3-4b-it-f16.gguf"
     assert find_mmproj(folder / "llava-v1.6-7b-Q5_K_M.gguf") == folder / "mmproj-llava-v1.6-7b-f16.gguf"
@@ -109,10 +114,12 @@ def test_request_shape_for_the_multimodal_handler() -> None:
     from llmws_core.images import openai_messages
 
     pic = images.check_bytes(png(), images.ImageLimits())
-    out = openai_messages([
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is it?", "images": [pic]},
-    ])
+    out = openai_messages(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is it?", "images": [pic]},
+        ]
+    )
     assert out[0] == {"role": "system", "content": "Be brief."}
     assert out[1]["content"][0] == {"type": "image_url", "image_url": {"url": "data:image/png;base64," + pic["data"]}}
     assert out[1]["content"][1] == {"type": "text", "text": "What is it?"}

@@ -24,8 +24,8 @@ def drive(gov: ThreadGovernor, clock: Clock, cost: dict[int, float], steps: int)
     return used
 
 
-QUIET = {2: 0.016, 1: 0.023}      # two threads are faster when the cores are free
-CONTENDED = {2: 0.5, 1: 0.033}    # a descheduled thread stalls the barrier
+QUIET = {2: 0.016, 1: 0.023}  # two threads are faster when the cores are free
+CONTENDED = {2: 0.5, 1: 0.033}  # a descheduled thread stalls the barrier
 
 
 def test_quiet_machine_stays_on_all_cores() -> None:

@@ -110,13 +110,17 @@ def greedy(n: int = 30, **kw: object) -> GenerationParams:
     return GenerationParams(max_new_tokens=n, temperature=0.0, **kw)  # type: ignore[arg-type]
 
 
-def run(b: TransformersBackend, messages: list[dict[str, str]], params: GenerationParams) -> tuple[str, GenerationResult]:
+def run(
+    b: TransformersBackend, messages: list[dict[str, str]], params: GenerationParams
+) -> tuple[str, GenerationResult]:
     pieces: list[str] = []
     result = b.generate(messages, params, pieces.append, lambda: False)
     return "".join(pieces), result
 
 
-def run_concurrently(b: TransformersBackend, jobs: list[tuple[list[dict[str, str]], GenerationParams]], stagger: float = 0.0) -> list[str]:
+def run_concurrently(
+    b: TransformersBackend, jobs: list[tuple[list[dict[str, str]], GenerationParams]], stagger: float = 0.0
+) -> list[str]:
     """Start one thread per job (optionally staggered so later ones join a running batch)."""
     texts = [""] * len(jobs)
 
@@ -388,6 +392,7 @@ def test_library_failure_becomes_a_safe_generation_error(tiny_dir: Path) -> None
     b = TransformersBackend(tiny_dir)
     b.load()
     try:
+
         def broken(**_kw: object) -> None:
             raise RuntimeError("secret internal detail")
 

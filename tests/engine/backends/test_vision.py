@@ -52,7 +52,9 @@ def ask(text: str, *pics: images.CheckedImage) -> list[dict[str, object]]:
     return [msg]
 
 
-def run(b: TransformersBackend, messages: list[dict[str, object]], params: GenerationParams) -> tuple[str, GenerationResult]:
+def run(
+    b: TransformersBackend, messages: list[dict[str, object]], params: GenerationParams
+) -> tuple[str, GenerationResult]:
     pieces: list[str] = []
     result = b.generate(messages, params, pieces.append, lambda: False)
     return "".join(pieces), result
@@ -90,7 +92,10 @@ def test_generates_from_an_image(backend: TransformersBackend) -> None:
 def test_the_image_changes_the_reply(backend: TransformersBackend) -> None:
     """The pixels reach the model: the same prompt with two different images gives different logits-driven replies."""
     params = GenerationParams(max_new_tokens=12, temperature=0.0)
-    replies = {run(backend, ask("Describe it.", picture(c)), params)[0] for c in [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)]}
+    replies = {
+        run(backend, ask("Describe it.", picture(c)), params)[0]
+        for c in [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)]
+    }
     assert len(replies) > 1
 
 
@@ -109,7 +114,9 @@ def test_cancel_stops_within_a_token(backend: TransformersBackend) -> None:
         polls[0] += 1
         return polls[0] > 3
 
-    result = backend.generate(ask("Go on.", picture()), GenerationParams(max_new_tokens=200, temperature=0.0), lambda _t: None, cancelled)
+    result = backend.generate(
+        ask("Go on.", picture()), GenerationParams(max_new_tokens=200, temperature=0.0), lambda _t: None, cancelled
+    )
     assert result.finish_reason == "cancelled"
     assert result.tokens_out < 10
 
